@@ -1,0 +1,1 @@
+"""The operator: reconciles ContinualLearningJob resources into pods and drives version rollout."""

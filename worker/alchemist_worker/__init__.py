@@ -1,0 +1,1 @@
+"""The worker: one process per GPU pod that serves a model and trains it on feedback."""
