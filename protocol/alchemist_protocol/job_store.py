@@ -1,0 +1,96 @@
+"""Reads and writes of a job's shared state in Redis (requests, versions, replicas, rollout pointer).
+
+Keys come from `JobKeys`, payloads from `schemas`; this is the only place that turns one into the other.
+Synchronous on purpose: callers in async code (the operator) run it in a thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from alchemist_protocol.keys import JobKeys
+from alchemist_protocol.schemas import (
+    FeedbackLabel,
+    ReplicaState,
+    RequestRecord,
+    RolloutPointer,
+    VersionInfo,
+)
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, keys: JobKeys) -> None:
+        self.client = client
+        self.keys = keys
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str, job: str) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), JobKeys(namespace, job))
+
+    # Requests: what any replica needs to recompute a sample.
+    def put_request(self, record: RequestRecord, ttl_seconds: int) -> None:
+        self.client.set(self.keys.request(record.request_id), record.model_dump_json(), ex=ttl_seconds)
+
+    def get_request(self, request_id: str) -> RequestRecord | None:
+        raw = self.client.get(self.keys.request(request_id))
+        return None if raw is None else RequestRecord.model_validate_json(raw)
+
+    # Versions.
+    def publish_version(self, info: VersionInfo) -> None:
+        """Metadata, index and event in one transaction: readers never see half a version."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.version(info.version), info.model_dump_json())
+        pipe.zadd(self.keys.versions, {str(info.version): info.version})
+        pipe.xadd(self.keys.version_events, {"version": str(info.version), "parent": str(info.parent)})
+        pipe.execute()
+
+    def get_version(self, number: int) -> VersionInfo | None:
+        raw = self.client.get(self.keys.version(number))
+        return None if raw is None else VersionInfo.model_validate_json(raw)
+
+    def latest_version(self) -> int:
+        """Highest published version, 0 (the base model) when none."""
+        top = self.client.zrevrange(self.keys.versions, 0, 0)
+        return int(top[0]) if top else 0
+
+    def version_numbers(self) -> list[int]:
+        return [int(v) for v in self.client.zrange(self.keys.versions, 0, -1)]
+
+    def forget_version(self, number: int) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.version(number), self.keys.version_feedback(number))
+        pipe.zrem(self.keys.versions, str(number))
+        pipe.execute()
+
+    # Per-version feedback counters, for canary gates.
+    def count_feedback(self, version: int, label: FeedbackLabel) -> None:
+        self.client.hincrby(self.keys.version_feedback(version), label.value, 1)
+
+    def feedback_counts(self, version: int) -> dict[FeedbackLabel, int]:
+        raw: dict[str, Any] = self.client.hgetall(self.keys.version_feedback(version))
+        return {label: int(raw.get(label.value, 0)) for label in FeedbackLabel}
+
+    # Replicas.
+    def report_replica(self, state: ReplicaState, ttl_seconds: int) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.replica(state.replica), state.model_dump_json(), ex=ttl_seconds)
+        pipe.sadd(self.keys.replicas, state.replica)
+        pipe.execute()
+
+    def live_replicas(self) -> list[ReplicaState]:
+        """Replicas whose last heartbeat has not expired, sorted by name."""
+        names = sorted(self.client.smembers(self.keys.replicas))
+        if not names:
+            return []
+        raws = self.client.mget([self.keys.replica(n) for n in names])
+        return [ReplicaState.model_validate_json(raw) for raw in raws if raw is not None]
+
+    # Rollout pointer.
+    def get_rollout(self) -> RolloutPointer:
+        raw = self.client.get(self.keys.rollout)
+        return RolloutPointer() if raw is None else RolloutPointer.model_validate_json(raw)
+
+    def set_rollout(self, pointer: RolloutPointer) -> None:
+        self.client.set(self.keys.rollout, pointer.model_dump_json())

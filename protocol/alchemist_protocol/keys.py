@@ -1,0 +1,77 @@
+"""Every Redis key name of a job, in one place.
+
+All keys of a job share the prefix `alchemist:{namespace}:{job}:`, so one Redis can serve many jobs and a job's
+keys can be listed or deleted together. Worker, operator and applications all build names here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FEEDBACK_GROUP = "trainers"
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    namespace: str
+    job: str
+
+    def __post_init__(self) -> None:
+        for field, value in (("namespace", self.namespace), ("job", self.job)):
+            if not value or ":" in value or any(c.isspace() for c in value):
+                raise ValueError(f"{field} must be a non-empty name without ':' or whitespace, got {value!r}")
+
+    @property
+    def prefix(self) -> str:
+        return f"alchemist:{self.namespace}:{self.job}:"
+
+    @property
+    def feedback(self) -> str:
+        """Stream written by applications (XADD), read by trainers through the FEEDBACK_GROUP consumer group."""
+        return self.prefix + "feedback"
+
+    @property
+    def dead_letters(self) -> str:
+        """Stream of feedback entries that failed validation, with the reason and the original fields."""
+        return self.prefix + "feedback:dead"
+
+    @property
+    def trained_feedback(self) -> str:
+        """Set of feedback ids already trained on: makes training idempotent under redelivery."""
+        return self.prefix + "feedback:trained"
+
+    def request(self, request_id: str) -> str:
+        """A served request's tokens, replica and version (JSON, with a TTL), for recomputation anywhere."""
+        return self.prefix + f"request:{request_id}"
+
+    @property
+    def versions(self) -> str:
+        """Sorted set of published version numbers (score = version)."""
+        return self.prefix + "versions"
+
+    def version(self, number: int) -> str:
+        """JSON metadata of one published version."""
+        return self.prefix + f"version:{number}"
+
+    @property
+    def version_events(self) -> str:
+        """Stream with one entry per published version, so the operator can react without polling."""
+        return self.prefix + "versions:events"
+
+    @property
+    def replicas(self) -> str:
+        """Set of replica names that have ever reported."""
+        return self.prefix + "replicas"
+
+    def replica(self, name: str) -> str:
+        """JSON state of one replica (loaded version, heartbeat time); expires when heartbeats stop."""
+        return self.prefix + f"replica:{name}"
+
+    @property
+    def rollout(self) -> str:
+        """JSON rollout pointer: which version each replica must serve. Written by the operator only."""
+        return self.prefix + "rollout"
+
+    def version_feedback(self, number: int) -> str:
+        """Hash of per-version feedback counters (label -> count), for canary gates."""
+        return self.prefix + f"version:{number}:feedback"

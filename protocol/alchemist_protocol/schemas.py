@@ -1,0 +1,155 @@
+"""Message schemas of the Redis protocol, validated with pydantic.
+
+Stream entries are flat string maps (that is what XADD stores); everything else is JSON. Parsing never crashes a
+consumer: `parse_feedback` raises `InvalidFeedback` with a reason that goes to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class FeedbackLabel(enum.StrEnum):
+    POSITIVE = "positive"
+    NEGATIVE = "negative"
+    CORRECTION = "correction"
+
+
+class InvalidFeedback(ValueError):
+    """A feedback entry that cannot be trained on; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Feedback(BaseModel):
+    """One user reaction to one served response (its id is the response id the API returned)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str = Field(min_length=1, max_length=256)
+    label: FeedbackLabel
+    correction: str | None = Field(default=None, max_length=100_000)
+    rating: float | None = Field(default=None, ge=-1.0, le=1.0)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+    timestamp: float = Field(default_factory=time.time, gt=0)
+
+    @model_validator(mode="after")
+    def _correction_matches_label(self) -> Feedback:
+        if self.label is FeedbackLabel.CORRECTION and not self.correction:
+            raise ValueError("label 'correction' needs a non-empty 'correction' text")
+        if self.label is not FeedbackLabel.CORRECTION and self.correction is not None:
+            raise ValueError(
+                f"'correction' text is only allowed with label 'correction', not {self.label.value!r}"
+            )
+        return self
+
+    def feedback_id(self, entry_id: str) -> str:
+        """Identity for deduplication: the application's idempotency key, else the stream entry id."""
+        return self.idempotency_key or f"entry:{entry_id}"
+
+    def to_fields(self) -> dict[str, str]:
+        fields = {"request_id": self.request_id, "label": self.label.value, "timestamp": repr(self.timestamp)}
+        if self.correction is not None:
+            fields["correction"] = self.correction
+        if self.rating is not None:
+            fields["rating"] = repr(self.rating)
+        if self.idempotency_key is not None:
+            fields["idempotency_key"] = self.idempotency_key
+        return fields
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def parse_feedback(fields: dict[Any, Any]) -> Feedback:
+    """Validates a raw stream entry; raises InvalidFeedback with a one-line reason."""
+    try:
+        data = {_text(k): _text(v) for k, v in fields.items()}
+        return Feedback.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidFeedback(problems) from None
+    except (UnicodeError, TypeError, AttributeError) as exc:
+        raise InvalidFeedback(f"undecodable entry: {exc}") from None
+
+
+def dead_letter_fields(entry_id: str, fields: dict[Any, Any], reason: str) -> dict[str, str]:
+    """A dead-letter entry: the reason, where it came from, and the original fields under `orig.`."""
+    out = {"reason": reason, "source_id": entry_id, "dead_at": repr(time.time())}
+    for key, value in fields.items():
+        out[f"orig.{_text(key)}"] = _text(value)
+    return out
+
+
+class RequestRecord(BaseModel):
+    """What any replica needs to recompute a served request's training sample."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    prompt_tokens: list[int]
+    response_tokens: list[int]
+    replica: str
+    version: int = Field(ge=0)
+    model: str
+    recorded: bool = False
+    created_at: float = Field(default_factory=time.time)
+
+
+class ArtifactKind(enum.StrEnum):
+    LORA = "lora"
+    FULL = "full"
+
+
+class VersionInfo(BaseModel):
+    """A published model version: a PEFT adapter or full safetensors weights, and its lineage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+    parent: int = Field(ge=0)
+    kind: ArtifactKind
+    path: str
+    created_at: float = Field(default_factory=time.time)
+    loss: float | None = None
+    samples: int = Field(default=0, ge=0)
+    training: dict[str, Any] = Field(default_factory=dict)
+    feedback_ranges: list[tuple[str, str]] = Field(default_factory=list)
+    trained_by: str = ""
+
+
+class ReplicaState(BaseModel):
+    """What a replica reports on each heartbeat."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replica: str
+    loaded_version: int = Field(ge=0)
+    ready: bool
+    heartbeat_at: float = Field(default_factory=time.time)
+    feedback_lag: int = Field(default=0, ge=0)
+
+
+class RolloutPointer(BaseModel):
+    """Which version each replica must serve. Version 0 is the base model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stable_version: int = Field(default=0, ge=0)
+    canary_version: int | None = Field(default=None, ge=1)
+    canary_replicas: list[str] = Field(default_factory=list)
+    updated_at: float = Field(default_factory=time.time)
+
+    def version_for(self, replica: str) -> int:
+        if self.canary_version is not None and replica in self.canary_replicas:
+            return self.canary_version
+        return self.stable_version
