@@ -113,3 +113,15 @@ class LocalRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def reachable_or_started(url: str | None, workdir: Path | None = None) -> tuple[str, LocalRedis | None]:
+    """The Redis URL to use: `url` when a server answers there, else a freshly started private server.
+
+    Returns the URL and the server we started (the caller stops it), or None when an existing one answered.
+    """
+    if url and is_reachable(url):
+        return url, None
+    server = LocalRedis(workdir=workdir)
+    server.start()
+    return server.url, server
