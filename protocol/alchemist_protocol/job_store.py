@@ -15,6 +15,7 @@ from alchemist_protocol.schemas import (
     FeedbackLabel,
     ReplicaState,
     RequestRecord,
+    RollbackRequest,
     RolloutPointer,
     VersionInfo,
 )
@@ -94,3 +95,22 @@ class JobStore:
 
     def set_rollout(self, pointer: RolloutPointer) -> None:
         self.client.set(self.keys.rollout, pointer.model_dump_json())
+
+    def has_rollout(self) -> bool:
+        """Whether anyone (the operator) manages the rollout pointer of this job."""
+        return bool(self.client.exists(self.keys.rollout))
+
+    # Rollback command.
+    def request_rollback(self, version: int, reason: str = "") -> RollbackRequest:
+        """Asks the trainer to continue from `version`; raises ValueError for a version never published."""
+        if version != 0 and self.get_version(version) is None:
+            raise ValueError(
+                f"version {version} is not published (or no longer kept); known: {self.version_numbers()}"
+            )
+        request = RollbackRequest(version=version, superseded_up_to=self.latest_version(), reason=reason)
+        self.client.set(self.keys.rollback, request.model_dump_json())
+        return request
+
+    def get_rollback(self) -> RollbackRequest | None:
+        raw = self.client.get(self.keys.rollback)
+        return None if raw is None else RollbackRequest.model_validate_json(raw)

@@ -75,3 +75,13 @@ class JobKeys:
     def version_feedback(self, number: int) -> str:
         """Hash of per-version feedback counters (label -> count), for canary gates."""
         return self.prefix + f"version:{number}:feedback"
+
+    @property
+    def trainer_lease(self) -> str:
+        """Holder of the right to train and publish versions (one trainer per job keeps one lineage); has a TTL."""
+        return self.prefix + "trainer:lease"
+
+    @property
+    def rollback(self) -> str:
+        """JSON rollback request: the trainer continues from that version and `latest` serving returns to it."""
+        return self.prefix + "rollback"

@@ -153,3 +153,32 @@ class RolloutPointer(BaseModel):
         if self.canary_version is not None and replica in self.canary_replicas:
             return self.canary_version
         return self.stable_version
+
+
+class RollbackRequest(BaseModel):
+    """A command to return to a kept version.
+
+    `superseded_up_to` is the latest published version when the command was given: the trainer honours the
+    request while its own head is at most that number (it reloads `version`, and its next version has `version`
+    as parent), and stops once it has published past it. So a restart mid-way honours it again, and an old
+    request never drags a newer lineage back.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=0)
+    superseded_up_to: int = Field(ge=0)
+    reason: str = ""
+    requested_at: float = Field(default_factory=time.time)
+
+    @model_validator(mode="after")
+    def _not_forward(self) -> RollbackRequest:
+        if self.version > self.superseded_up_to:
+            raise ValueError(
+                f"cannot roll back to version {self.version}: the latest published is {self.superseded_up_to}"
+            )
+        return self
+
+    def applies_to(self, head_version: int) -> bool:
+        """True while a trainer whose newest published version is `head_version` must honour it."""
+        return head_version <= self.superseded_up_to

@@ -1,0 +1,1 @@
+"""Feedback from applications: the consumer-group reader, sample resolution and the HTTP route."""
