@@ -1,0 +1,162 @@
+"""The thread that owns a `ServingEngine` and drives it: one iteration after another, then hooks in between.
+
+Every engine call happens on this thread, so the engine needs no locks. Other threads (the HTTP server's event
+loop) talk to it through `submit` and `abort`, which only enqueue commands; outputs go back through each
+request's sink callback, called on this thread (the caller makes it thread-safe, e.g. call_soon_threadsafe).
+
+`between_iterations` callbacks run after each iteration and while idle: that is where the runtime will run
+bounded training slices, so serving never waits on training for more than one slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alchemist_worker.engine.serving_engine import (
+    EngineStats,
+    GenerationRequest,
+    RequestOutput,
+    ServingEngine,
+)
+
+log = logging.getLogger(__name__)
+
+OutputSink = Callable[[RequestOutput | BaseException], None]
+StepObserver = Callable[[list[RequestOutput], float], None]
+
+
+@dataclass
+class _Submit:
+    request: GenerationRequest
+    sink: OutputSink
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class EngineLoop:
+    def __init__(self, engine: ServingEngine, idle_wait_s: float = 0.05) -> None:
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue[_Submit | _Abort] = queue.SimpleQueue()
+        self._sinks: dict[str, OutputSink] = {}
+        self._step_observers: list[StepObserver] = []
+        self._between_iterations: list[Callable[[], None]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats: EngineStats = engine.stats()
+        self.iterations = 0
+        self.failed_iterations = 0
+
+    # Wiring (before start) -------------------------------------------------------------------------------
+
+    def add_step_observer(self, observer: StepObserver) -> None:
+        """Called on the loop thread with each iteration's outputs and its duration in seconds."""
+        self._step_observers.append(observer)
+
+    def add_between_iterations(self, callback: Callable[[], None]) -> None:
+        self._between_iterations.append(callback)
+
+    # Thread-safe API ---------------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: OutputSink) -> None:
+        self._commands.put(_Submit(request, sink))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted and not yet finished (including those still in the command queue)."""
+        return len(self._sinks) + self._commands.qsize()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine loop is already started")
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # Loop thread -------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = self.engine.has_unfinished()
+            self._drain_commands(block=not busy)
+            if self.engine.has_unfinished():
+                self._iterate()
+            for callback in self._between_iterations:
+                callback()
+        for request_id, sink in list(self._sinks.items()):
+            sink(RuntimeError(f"the engine stopped before request {request_id} finished"))
+        self._sinks.clear()
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=self.idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._execute(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _execute(self, command: _Submit | _Abort) -> None:
+        if isinstance(command, _Submit):
+            rid = command.request.request_id
+            if rid in self._sinks:
+                command.sink(ValueError(f"request id {rid} is already in flight"))
+                return
+            try:
+                self.engine.add_request(command.request)
+            except ValueError as exc:
+                command.sink(exc)
+                return
+            self._sinks[rid] = command.sink
+        elif command.request_id in self._sinks:
+            self.engine.abort(command.request_id)
+
+    def _iterate(self) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a failed forward pass must not kill the server: fail its requests
+            log.exception("engine iteration failed; failing %d in-flight requests", len(self._sinks))
+            self.failed_iterations += 1
+            for request_id, failed_sink in list(self._sinks.items()):
+                self.engine.abort(request_id)
+                failed_sink(exc)
+            self._sinks.clear()
+            try:
+                self.engine.step()  # reports the aborts; nothing is left to compute
+            except Exception:
+                log.exception("the engine could not clean up after a failed iteration")
+            return
+        elapsed = time.perf_counter() - started
+        self.iterations += 1
+        for out in outputs:
+            sink: OutputSink | None = (
+                self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+            )
+            if sink is not None:
+                sink(out)
+        for observer in self._step_observers:
+            observer(outputs, elapsed)
+        self.stats = self.engine.stats()
