@@ -1,0 +1,40 @@
+import pytest
+from alchemist_worker.continual.settings import ENV, Method, Schedule, TrainerSettings
+
+
+def test_settings_read_the_environment_and_overrides_win() -> None:
+    env = {
+        "ALCHEMIST_TRAINING_METHOD": "full",
+        "ALCHEMIST_LEARNING_RATE": "3e-5",
+        "ALCHEMIST_LORA_TARGET_MODULES": "q_proj, v_proj",
+        "ALCHEMIST_LR_SCHEDULE": "cosine",
+        "ALCHEMIST_TRAINING_ENABLED": "false",
+        "ALCHEMIST_BATCH_SIZE": "",
+    }
+    s = TrainerSettings.from_env(env, batch_tokens=512)
+    assert s.method is Method.FULL and s.learning_rate == 3e-5 and s.schedule is Schedule.COSINE
+    assert s.lora_target_modules == ("q_proj", "v_proj") and not s.enabled
+    assert s.batch_tokens == 512 and s.batch_samples == TrainerSettings().batch_samples
+    assert s.describe()["lora_target_modules"] == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ALCHEMIST_BATCH_SIZE": "zero"}, "ALCHEMIST_BATCH_SIZE"),
+        ({"ALCHEMIST_TRAINING_METHOD": "qlora"}, "ALCHEMIST_TRAINING_METHOD"),
+        ({"ALCHEMIST_TRAINING_ENABLED": "maybe"}, "true or false"),
+        ({"ALCHEMIST_LEARNING_RATE": "-1"}, "learning_rate must be positive"),
+        ({"ALCHEMIST_MIN_BATCH_SIZE": "9"}, "cannot exceed batch_samples"),
+    ],
+)
+def test_bad_settings_say_what_to_fix(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainerSettings.from_env(env)
+
+
+def test_every_setting_has_an_environment_variable() -> None:
+    from dataclasses import fields
+
+    assert {f.name for f in fields(TrainerSettings)} == set(ENV)
+    assert all(v.startswith("ALCHEMIST_") for v in ENV.values())

@@ -1,0 +1,42 @@
+import redis
+from alchemist_protocol.job_store import JobStore
+from alchemist_protocol.keys import JobKeys
+from alchemist_protocol.schemas import ArtifactKind, RollbackRequest, RolloutPointer, VersionInfo
+from alchemist_worker.rollout.follower import FollowMode, RolloutFollower, target_version
+from alchemist_worker.rollout.heartbeat import Heartbeat
+
+
+def test_target_version_by_mode() -> None:
+    canary = RolloutPointer(stable_version=2, canary_version=3, canary_replicas=["r1"])
+    assert target_version(FollowMode.POINTER, "r0", canary, 5, None) == 2
+    assert target_version(FollowMode.POINTER, "r1", canary, 5, None) == 3
+    assert target_version(FollowMode.POINTER, "r0", None, 5, None) is None
+    assert target_version(FollowMode.AUTO, "r1", canary, 5, None) == 3
+    assert target_version(FollowMode.AUTO, "r0", None, 5, None) == 5
+    rollback = RollbackRequest(version=2, superseded_up_to=5)
+    assert target_version(FollowMode.LATEST, "r0", None, 5, rollback) == 2
+    assert target_version(FollowMode.LATEST, "r0", None, 6, rollback) == 6  # the trainer moved on from 2
+
+
+def test_follower_reads_redis_and_checks_availability(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client, JobKeys("ns", "job"))
+    on_disk = {1}
+    follower = RolloutFollower(store, "r0", FollowMode.AUTO, lambda v: v in on_disk)
+    assert follower.decide().target == 0 and follower.decide().available
+    for v in (1, 2):
+        store.publish_version(VersionInfo(version=v, parent=v - 1, kind=ArtifactKind.LORA, path=f"/v/{v}"))
+    decision = follower.decide()
+    assert decision.target == 2 and not decision.available  # published, not yet visible here
+    store.set_rollout(RolloutPointer(stable_version=1))
+    assert follower.decide().target == 1 and follower.decide().available
+
+
+def test_heartbeat_reports_loaded_version_with_a_ttl(redis_client: redis.Redis) -> None:
+    store = JobStore(redis_client, JobKeys("ns", "job"))
+    beat = Heartbeat(store, "r0", interval_s=2.0)
+    assert beat.due()
+    beat.beat(loaded_version=3, ready=True, feedback_lag=7)
+    assert not beat.due()
+    (state,) = store.live_replicas()
+    assert state.loaded_version == 3 and state.feedback_lag == 7
+    assert 0 < redis_client.ttl(store.keys.replica("r0")) <= 6

@@ -1,0 +1,1 @@
+"""Which version this replica serves: following the rollout pointer (or the latest version), and heartbeats."""
