@@ -58,6 +58,33 @@ def entry_time(entry_id: str) -> float:
     return int(entry_id.split("-", 1)[0]) / 1000.0
 
 
+@dataclass(frozen=True)
+class SettledFeedback:
+    """What acknowledging a feedback id needs; also stored in version manifests to redo it after a crash."""
+
+    feedback_id: str
+    entry_ids: list[str]
+    label: str
+    served_version: int | None
+
+
+def finalize_script(client: redis.Redis) -> Any:
+    return client.register_script(_FINALIZE)
+
+
+def finalize_feedback(script: Any, keys: JobKeys, settled: Sequence[SettledFeedback]) -> int:
+    """Runs the finalize script: trained set, per-version counters and XACK in one atomic step."""
+    if not settled:
+        return 0
+    key_list = [keys.trained_feedback, keys.feedback]
+    args: list[str] = [FEEDBACK_GROUP]
+    for item in settled:
+        for entry_id in item.entry_ids:
+            key_list.append("" if item.served_version is None else keys.version_feedback(item.served_version))
+            args += [item.feedback_id, entry_id, item.label]
+    return int(script(keys=key_list, args=args))
+
+
 @dataclass
 class FeedbackItem:
     """A valid, not yet trained feedback entry; `duplicates` are later entries with the same feedback id."""
@@ -115,7 +142,7 @@ class FeedbackConsumer:
         self._own_cursor: str | None = "0-0"  # None once our own pending list has been re-read
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
-        self._finalize = client.register_script(_FINALIZE)
+        self._finalize = finalize_script(client)
 
     # Reading.
     def ensure_group(self) -> None:
@@ -273,17 +300,14 @@ class FeedbackConsumer:
         feedback ids were new.
         """
         items = list(items)
-        if not items:
-            return 0
         versions = served_versions or {}
-        keys = [self.keys.trained_feedback, self.keys.feedback]
-        args: list[str] = [FEEDBACK_GROUP]
-        for item in items:
-            for entry_id in item.entry_ids:
-                version = versions.get(item.feedback_id)
-                keys.append("" if version is None else self.keys.version_feedback(version))
-                args += [item.feedback_id, entry_id, item.feedback.label.value]
-        fresh = int(self._finalize(keys=keys, args=args))
+        settled = [
+            SettledFeedback(
+                item.feedback_id, item.entry_ids, item.feedback.label.value, versions.get(item.feedback_id)
+            )
+            for item in items
+        ]
+        fresh = finalize_feedback(self._finalize, self.keys, settled)
         for item in items:
             self._release(item)
         self.counters.finalized += len(items)
