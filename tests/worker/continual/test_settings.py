@@ -5,11 +5,11 @@ from alchemist_worker.continual.settings import ENV, Method, Schedule, TrainerSe
 def test_settings_read_the_environment_and_overrides_win() -> None:
     env = {
         "ALCHEMIST_TRAINING_METHOD": "full",
-        "ALCHEMIST_LEARNING_RATE": "3e-5",
-        "ALCHEMIST_LORA_TARGET_MODULES": "q_proj, v_proj",
-        "ALCHEMIST_LR_SCHEDULE": "cosine",
+        "ALCHEMIST_TRAINING_LEARNING_RATE": "3e-5",
+        "ALCHEMIST_TRAINING_LORA_TARGET_MODULES": "q_proj, v_proj",
+        "ALCHEMIST_TRAINING_LR_SCHEDULE": "cosine",
         "ALCHEMIST_TRAINING_ENABLED": "false",
-        "ALCHEMIST_BATCH_SIZE": "",
+        "ALCHEMIST_TRAINING_BATCH_SIZE": "",
     }
     s = TrainerSettings.from_env(env, batch_tokens=512)
     assert s.method is Method.FULL and s.learning_rate == 3e-5 and s.schedule is Schedule.COSINE
@@ -21,11 +21,12 @@ def test_settings_read_the_environment_and_overrides_win() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"ALCHEMIST_BATCH_SIZE": "zero"}, "ALCHEMIST_BATCH_SIZE"),
+        ({"ALCHEMIST_TRAINING_BATCH_SIZE": "zero"}, "ALCHEMIST_TRAINING_BATCH_SIZE"),
         ({"ALCHEMIST_TRAINING_METHOD": "qlora"}, "ALCHEMIST_TRAINING_METHOD"),
         ({"ALCHEMIST_TRAINING_ENABLED": "maybe"}, "true or false"),
-        ({"ALCHEMIST_LEARNING_RATE": "-1"}, "learning_rate must be positive"),
-        ({"ALCHEMIST_MIN_BATCH_SIZE": "9"}, "cannot exceed batch_samples"),
+        ({"ALCHEMIST_TRAINING_LEARNING_RATE": "-1"}, "learning_rate must be positive"),
+        ({"ALCHEMIST_TRAINING_MIN_BATCH_SIZE": "9"}, "cannot exceed batch_samples"),
+        ({"ALCHEMIST_TRAINING_LORA_DROPOUT": "0.1"}, "dropout"),
     ],
 )
 def test_bad_settings_say_what_to_fix(env: dict[str, str], message: str) -> None:
@@ -33,8 +34,19 @@ def test_bad_settings_say_what_to_fix(env: dict[str, str], message: str) -> None
         TrainerSettings.from_env(env)
 
 
-def test_every_setting_has_an_environment_variable() -> None:
+def test_environment_names_match_the_operator() -> None:
     from dataclasses import fields
 
     assert {f.name for f in fields(TrainerSettings)} == set(ENV)
-    assert all(v.startswith("ALCHEMIST_") for v in ENV.values())
+    # The names the operator writes (operator/alchemist_operator/worker_env.py).
+    for name, var in {
+        "lora_rank": "ALCHEMIST_TRAINING_LORA_RANK",
+        "learning_rate": "ALCHEMIST_TRAINING_LEARNING_RATE",
+        "batch_samples": "ALCHEMIST_TRAINING_BATCH_SIZE",
+        "max_staleness": "ALCHEMIST_TRAINING_MAX_STALENESS",
+        "step_interval_s": "ALCHEMIST_TRAINING_STEP_INTERVAL_SECONDS",
+        "publish_every_steps": "ALCHEMIST_TRAINING_PUBLISH_EVERY_STEPS",
+        "train_embeddings": "ALCHEMIST_TRAINING_TRAIN_EMBEDDINGS",
+        "mode": "ALCHEMIST_TRAINING_MODE",
+    }.items():
+        assert ENV[name] == var

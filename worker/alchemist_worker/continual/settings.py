@@ -25,6 +25,11 @@ class Method(enum.StrEnum):
     FULL = "full"
 
 
+class Mode(enum.StrEnum):
+    EXACT = "exact"  # the gradient of a full forward+backward over prompt+response (DESIGN.md §3)
+    TRUNCATED = "truncated"  # prompt K/V as constants: backward over the response only; never the default
+
+
 class Optimizer(enum.StrEnum):
     ADAMW = "adamw"
     SGD = "sgd"
@@ -41,9 +46,12 @@ class TrainerSettings:
     enabled: bool = True
     objective: Objective = Objective.SUPERVISED
     method: Method = Method.LORA
+    mode: Mode = Mode.EXACT
     lora_rank: int = 16
     lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    train_embeddings: bool = False  # full fine-tuning: also the embeddings (and an untied output head)
     optimizer: Optimizer = Optimizer.ADAMW
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
@@ -82,6 +90,11 @@ class TrainerSettings:
         if self.min_batch_samples > self.batch_samples:
             raise ValueError(
                 f"min_batch_samples ({self.min_batch_samples}) cannot exceed batch_samples ({self.batch_samples})"
+            )
+        if self.lora_dropout != 0.0:
+            raise ValueError(
+                f"LoRA dropout {self.lora_dropout} is not supported: training reuses the activations serving "
+                "recorded, which dropout would make differ; set it to 0"
             )
         if self.method is Method.LORA and not self.lora_target_modules:
             raise ValueError("LoRA needs at least one target module (e.g. q_proj,v_proj)")
@@ -144,7 +157,7 @@ def _parser_for(annotation: Any) -> Callable[[str], Any]:
         return int
     if text == "float":
         return float
-    for enum_type in (Objective, Method, Optimizer, Schedule):
+    for enum_type in (Objective, Method, Mode, Optimizer, Schedule):
         if text == enum_type.__name__:
             return _enum_parser(enum_type)
     raise TypeError(f"no parser for {annotation}")
@@ -152,33 +165,14 @@ def _parser_for(annotation: Any) -> Callable[[str], Any]:
 
 _PARSERS: dict[str, Callable[[str], Any]] = {"lora_target_modules": _modules}
 
-# Setting name -> environment variable. The operator writes these into the worker's pods.
+# Setting name -> environment variable: ALCHEMIST_TRAINING_<NAME>, with the operator's names where they differ.
+_RENAMED = {
+    "batch_samples": "BATCH_SIZE",
+    "min_batch_samples": "MIN_BATCH_SIZE",
+    "step_interval_s": "STEP_INTERVAL_SECONDS",
+    "max_wait_s": "MAX_WAIT_SECONDS",
+    "schedule": "LR_SCHEDULE",
+}
 ENV: dict[str, str] = {
-    "enabled": "ALCHEMIST_TRAINING_ENABLED",
-    "objective": "ALCHEMIST_TRAINING_OBJECTIVE",
-    "method": "ALCHEMIST_TRAINING_METHOD",
-    "lora_rank": "ALCHEMIST_LORA_RANK",
-    "lora_alpha": "ALCHEMIST_LORA_ALPHA",
-    "lora_target_modules": "ALCHEMIST_LORA_TARGET_MODULES",
-    "optimizer": "ALCHEMIST_TRAINING_OPTIMIZER",
-    "learning_rate": "ALCHEMIST_LEARNING_RATE",
-    "weight_decay": "ALCHEMIST_WEIGHT_DECAY",
-    "max_grad_norm": "ALCHEMIST_MAX_GRAD_NORM",
-    "schedule": "ALCHEMIST_LR_SCHEDULE",
-    "warmup_steps": "ALCHEMIST_WARMUP_STEPS",
-    "total_steps": "ALCHEMIST_TOTAL_STEPS",
-    "batch_samples": "ALCHEMIST_BATCH_SIZE",
-    "batch_tokens": "ALCHEMIST_BATCH_TOKENS",
-    "micro_batch_tokens": "ALCHEMIST_MICRO_BATCH_TOKENS",
-    "min_batch_samples": "ALCHEMIST_MIN_BATCH_SIZE",
-    "step_interval_s": "ALCHEMIST_STEP_INTERVAL_SECONDS",
-    "max_wait_s": "ALCHEMIST_MAX_WAIT_SECONDS",
-    "max_staleness": "ALCHEMIST_MAX_STALENESS",
-    "publish_every_steps": "ALCHEMIST_PUBLISH_EVERY_STEPS",
-    "keep_versions": "ALCHEMIST_KEEP_VERSIONS",
-    "slice_ms": "ALCHEMIST_TRAINING_SLICE_MS",
-    "idle_slice_ms": "ALCHEMIST_TRAINING_IDLE_SLICE_MS",
-    "max_queue_depth": "ALCHEMIST_TRAINING_MAX_QUEUE_DEPTH",
-    "ttft_p99_bound_ms": "ALCHEMIST_TTFT_P99_BOUND_MS",
-    "itl_p99_bound_ms": "ALCHEMIST_ITL_P99_BOUND_MS",
+    f.name: "ALCHEMIST_TRAINING_" + _RENAMED.get(f.name, f.name.upper()) for f in fields(TrainerSettings)
 }
