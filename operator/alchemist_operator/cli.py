@@ -1,12 +1,112 @@
-"""`alchemist-operator`: runs the kopf operator."""
+"""`alchemist-operator`: runs the kopf operator that reconciles ContinualLearningJobs.
+
+Every option also reads an environment variable, so the Helm chart can pass secrets (the default Redis URL) from
+a Secret. Run several replicas for high availability: they peer through a KopfPeering object, the one with the
+highest priority works and the others stand by; by default each replica draws a random priority.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import os
+import random
 import sys
+from collections.abc import Mapping, Sequence
+
+import kopf
+
+from alchemist_operator.cluster_api import ClusterApi
+from alchemist_operator.handlers import registry
+from alchemist_operator.job_memo import JobMemo
+from alchemist_operator.kopf_settings import build_settings
+from alchemist_operator.operator_config import OperatorConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("the operator is not implemented yet")
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    env = environ.get
+    parser = argparse.ArgumentParser(prog="alchemist-operator", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=None,
+        help="watch this namespace (repeatable); default: every namespace [ALCHEMIST_OPERATOR_NAMESPACES, comma-separated]",
+    )
+    parser.add_argument("--worker-image", default=env("ALCHEMIST_WORKER_IMAGE", OperatorConfig.worker_image))
+    parser.add_argument(
+        "--redis-url",
+        default=env("ALCHEMIST_DEFAULT_REDIS_URL"),
+        help="Redis for jobs that name none [ALCHEMIST_DEFAULT_REDIS_URL]",
+    )
+    parser.add_argument(
+        "--monitor-interval",
+        type=float,
+        default=float(env("ALCHEMIST_OPERATOR_MONITOR_INTERVAL", OperatorConfig.monitor_interval_seconds)),
+        help="seconds between two status and rollout checks of a job",
+    )
+    parser.add_argument("--peering", default=env("ALCHEMIST_OPERATOR_PEERING", OperatorConfig.peering_name))
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        default=env("ALCHEMIST_OPERATOR_STANDALONE", "") == "true",
+        help="run without peering (a single replica; no KopfPeering object needed)",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=int(env("ALCHEMIST_OPERATOR_PRIORITY", "0")) or None,
+        help="peering priority; default: random, so replicas never tie (a tie pauses them all)",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=env("ALCHEMIST_OPERATOR_LIVENESS", OperatorConfig.liveness_endpoint),
+        help="URL of the liveness endpoint; empty disables it",
+    )
+    parser.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def config_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[OperatorConfig, bool]:
+    """The operator's configuration and whether to log verbosely."""
+    args = build_parser(environ).parse_args(list(argv))
+    namespaces = args.namespace
+    if namespaces is None:
+        namespaces = [n for n in environ.get("ALCHEMIST_OPERATOR_NAMESPACES", "").split(",") if n.strip()]
+    config = OperatorConfig(
+        worker_image=args.worker_image,
+        default_redis_url=args.redis_url or None,
+        monitor_interval_seconds=args.monitor_interval,
+        namespaces=tuple(n.strip() for n in namespaces),
+        peering_name=args.peering,
+        standalone=args.standalone,
+        priority=args.priority if args.priority is not None else random.SystemRandom().randint(1, 2**31 - 1),
+        liveness_endpoint=args.liveness or None,
+    )
+    return config, bool(args.verbose)
+
+
+async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None) -> None:
+    cluster = ClusterApi.from_environment()
+    try:
+        await kopf.operator(
+            registry=registry,
+            settings=build_settings(config),
+            memo=JobMemo(config=config, cluster=cluster),
+            clusterwide=config.clusterwide,
+            namespaces=config.namespaces,
+            standalone=config.standalone,
+            liveness_endpoint=config.liveness_endpoint,
+            stop_flag=stop_flag,
+        )
+    finally:
+        cluster.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, verbose = config_from_args(sys.argv[1:] if argv is None else argv, os.environ)
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.FULL)
+    asyncio.run(run(config))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""What the operator remembers between handler calls: shared context, and per-job state in kopf's memo.
+
+kopf hands every handler of one object the same memo, a shallow copy of the operator-wide one given at start.
+The spec handler leaves its outcome here and wakes the job's monitor, which is the only writer of the status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from alchemist_protocol.job_store import JobStore
+
+from alchemist_operator.cluster_api import ClusterApi
+from alchemist_operator.job_spec import JobSpec
+from alchemist_operator.job_status import ReconcileOutcome
+from alchemist_operator.operator_config import OperatorConfig
+
+
+@dataclass
+class JobMemo:
+    config: OperatorConfig
+    cluster: ClusterApi
+    spec: JobSpec | None = None  # the last valid spec, the one the children were built from
+    outcome: ReconcileOutcome | None = None
+    last_status: dict[str, Any] | None = None
+    store: JobStore | None = None
+    store_url: str | None = None
+    _wakeup: asyncio.Event | None = None
+
+    @property
+    def wakeup(self) -> asyncio.Event:
+        # Created on first use, after kopf copied the operator-wide memo: one event per job.
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        return self._wakeup
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    def close_store(self) -> None:
+        if self.store is not None:
+            self.store.client.close()
+        self.store = None
+        self.store_url = None

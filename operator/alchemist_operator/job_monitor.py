@@ -1,0 +1,147 @@
+"""The per-job loop: look at the StatefulSet and Redis, take one rollout decision, write the status.
+
+Runs as a kopf daemon for as long as the job exists (and this operator is the active peer). It wakes up every
+`monitor_interval_seconds`, or at once when the spec handler has reconciled. Redis being away is a condition in
+the status, never a crash: the loop keeps going and picks up where the rollout state in Redis left it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+from typing import Any
+
+import kopf
+import redis
+from alchemist_protocol.job_store import JobStore
+from alchemist_protocol.keys import JobKeys
+
+from alchemist_operator.job_memo import JobMemo
+from alchemist_operator.job_spec import JobSpec
+from alchemist_operator.job_status import RedisView, StatusInputs, WorkloadView, compute_status, status_patch
+from alchemist_operator.naming import JobRef
+from alchemist_operator.reconcile import job_ref
+from alchemist_operator.rollout import Phase, RolloutPolicy, read_gates, step
+from alchemist_operator.rollout_store import read_snapshot, request_trainer_rollback, write_state
+
+
+async def redis_url_for(job: JobRef, spec: JobSpec, memo: JobMemo) -> str | None:
+    ref = spec.feedback.redis_secret_ref
+    if ref is not None:
+        return await memo.cluster.secret_value(job.namespace, ref.name, ref.key)
+    return spec.feedback.redis_url or memo.config.default_redis_url
+
+
+def _store(memo: JobMemo, job: JobRef, url: str) -> JobStore:
+    if memo.store is None or memo.store_url != url:
+        memo.close_store()
+        timeout = memo.config.redis_timeout_seconds
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        memo.store = JobStore(client, JobKeys(job.namespace, job.name))
+        memo.store_url = url
+    return memo.store
+
+
+async def _workload(job: JobRef, memo: JobMemo) -> WorkloadView | None:
+    live = await memo.cluster.get("apps/v1", "StatefulSet", job.namespace, job.statefulset)
+    if live is None:
+        return None
+    status = live.get("status") or {}
+    return WorkloadView(
+        replicas=int(status.get("replicas") or 0),
+        ready_replicas=int(status.get("readyReplicas") or 0),
+        updated_replicas=int(status.get("updatedReplicas") or 0),
+    )
+
+
+def _post(body: kopf.Body, events: tuple[Any, ...]) -> None:
+    for event in events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+async def _rollout(body: kopf.Body, job: JobRef, spec: JobSpec, memo: JobMemo) -> RedisView:
+    """Reads Redis, takes at most one rollout decision and writes it back; Redis errors become the view's error."""
+    url = await redis_url_for(job, spec, memo)
+    if url is None:
+        return RedisView(reachable=False, error="the Redis URL Secret or its key does not exist")
+    store = _store(memo, job, url)
+    try:
+        snapshot = await asyncio.to_thread(read_snapshot, store, store.keys.feedback, time.time())
+        state = snapshot.state
+        if not spec.suspend:  # a suspended job has no replicas to roll out to; its rollout waits
+            policy = RolloutPolicy.from_spec(spec.rollout)
+            result = step(state, policy, snapshot.observation)
+            if result.state != state or not snapshot.pointer_exists:
+                await asyncio.to_thread(write_state, store, result.state)
+            if result.rollback_trainer_to is not None:
+                reason = f"canary of version {state.candidate} rolled back by the operator"
+                await asyncio.to_thread(request_trainer_rollback, store, result.rollback_trainer_to, reason)
+            _post(body, result.events)
+            state = result.state
+    except (redis.RedisError, OSError) as exc:
+        return RedisView(reachable=False, error=f"Redis at {store.keys.prefix}*: {exc}")
+    gate = None
+    if state.phase is not Phase.IDLE:
+        gate = read_gates(state, RolloutPolicy.from_spec(spec.rollout).gates, snapshot.observation)
+    return RedisView(
+        reachable=True,
+        state=state,
+        published=snapshot.observation.published,
+        replica_versions=snapshot.replica_versions,
+        feedback_lag=snapshot.feedback_lag,
+        gate=gate,
+    )
+
+
+async def monitor_once(body: kopf.Body, memo: JobMemo) -> dict[str, Any]:
+    """One look and one decision; returns the status it wrote (or found already written)."""
+    job = job_ref(body)
+    spec = memo.spec
+    valid = memo.outcome is not None and memo.outcome.problem is None
+    workload = await _workload(job, memo)
+    redis_view = await _rollout(body, job, spec, memo) if spec is not None and valid else None
+    previous = memo.last_status if memo.last_status is not None else dict(body.get("status") or {})
+    status = compute_status(
+        StatusInputs(
+            job=job,
+            spec=spec,
+            outcome=memo.outcome,
+            workload=workload,
+            redis=redis_view,
+            feedback_stream=JobKeys(job.namespace, job.name).feedback,
+            previous=previous,
+            now=datetime.datetime.now(datetime.UTC),
+        )
+    )
+    patch = status_patch(previous, status)
+    if patch:
+        await memo.cluster.patch_status(job.namespace, job.name, patch)
+    memo.last_status = status
+    return status
+
+
+async def _sleep(memo: JobMemo, stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Until the interval passes, the spec handler wakes us, or kopf stops the daemon."""
+    wakeup = asyncio.ensure_future(memo.wakeup.wait())
+    stop = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({wakeup, stop}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (wakeup, stop):
+            waiter.cancel()
+        memo.wakeup.clear()
+
+
+async def monitor_job(body: kopf.Body, memo: JobMemo, stopped: kopf.DaemonStopped, logger: Any) -> None:
+    try:
+        while not stopped:
+            try:
+                await monitor_once(body, memo)
+            except Exception as exc:  # the loop must outlive any one bad look (API hiccups, odd data)
+                logger.warning(f"status and rollout check failed, retrying: {exc!r}")
+            await _sleep(memo, stopped, memo.config.monitor_interval_seconds)
+    finally:
+        memo.close_store()

@@ -1,0 +1,230 @@
+"""The `ContinualLearningJob` spec as typed models, with the same defaults as the CRD's OpenAPI schema.
+
+The API server applies the CRD defaults before the operator sees an object; the operator applies them again
+here, so a spec that reaches it by another path (an old object, a test API, a server without defaulting) means the
+same thing. A test walks the CRD schema and this model side by side and keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from alchemist_operator.quantities import QUANTITY_PATTERN, parse_quantity
+
+
+class SpecModel(BaseModel):
+    """camelCase in YAML, snake_case in Python; unknown fields are an error (the API server prunes them)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class ModelSource(enum.StrEnum):
+    IMAGE = "Image"
+    VOLUME = "Volume"
+
+
+class Dtype(enum.StrEnum):
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class Engine(enum.StrEnum):
+    NATIVE = "native"
+    VLLM = "vllm"
+
+
+class RecordingPolicy(enum.StrEnum):
+    OFF = "off"
+    KV = "kv"
+    SELECTIVE = "selective"
+    FULL = "full"
+
+
+class TrainingMethod(enum.StrEnum):
+    LORA = "lora"
+    FULL = "full"
+
+
+class TrainingMode(enum.StrEnum):
+    EXACT = "exact"
+    TRUNCATED = "truncated"
+
+
+class Objective(enum.StrEnum):
+    SUPERVISED = "supervised"
+
+
+class Optimizer(enum.StrEnum):
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class RolloutStrategy(enum.StrEnum):
+    IMMEDIATE = "Immediate"
+    CANARY = "Canary"
+
+
+class VersionsStorage(enum.StrEnum):
+    PERSISTENT_VOLUME_CLAIM = "PersistentVolumeClaim"
+    EMPTY_DIR = "EmptyDir"
+
+
+class PullPolicy(enum.StrEnum):
+    ALWAYS = "Always"
+    IF_NOT_PRESENT = "IfNotPresent"
+    NEVER = "Never"
+
+
+def _checked_quantity(value: str | int) -> str | int:
+    if isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a quantity like '8Gi', '500m' or '4'")
+    parse_quantity(value)
+    return value
+
+
+Quantity = Annotated[str | int, AfterValidator(_checked_quantity)]
+
+
+class ModelSpec(SpecModel):
+    path: str = Field(min_length=1)
+    source: ModelSource = ModelSource.IMAGE
+    claim_name: str | None = Field(default=None, min_length=1)
+    mount_path: str = Field(default="/models", pattern=r"^/")
+    dtype: Dtype = Dtype.BFLOAT16
+    served_name: str | None = Field(default=None, min_length=1)
+
+
+class Toleration(SpecModel):
+    key: str | None = None
+    operator: str | None = None
+    value: str | None = None
+    effect: str | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourcesSpec(SpecModel):
+    gpus: int = Field(default=1, ge=0)
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: Quantity = Field(default="4")
+    memory: Quantity = Field(default="32Gi")
+    shared_memory: Quantity = Field(default="8Gi")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class ServingSpec(SpecModel):
+    port: int = Field(default=8000, ge=1024, le=65535)
+    max_model_len: int = Field(default=4096, ge=16)
+    max_batch_size: int = Field(default=32, ge=1)
+    gpu_memory_utilization: float = Field(default=0.85, ge=0.1, le=0.99)
+
+
+class RecordingSpec(SpecModel):
+    policy: RecordingPolicy = RecordingPolicy.SELECTIVE
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    max_tokens: int = Field(default=65536, ge=0)
+    host_memory: Quantity = Field(default="8Gi")
+    gpu_memory: Quantity = Field(default="2Gi")
+    ttl_seconds: int = Field(default=3600, ge=1)
+
+
+class LoraSpec(SpecModel):
+    rank: int = Field(default=16, ge=1, le=1024)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class FullSpec(SpecModel):
+    train_embeddings: bool = False
+
+
+class TrainingSpec(SpecModel):
+    enabled: bool = True
+    objective: Objective = Objective.SUPERVISED
+    method: TrainingMethod = TrainingMethod.LORA
+    mode: TrainingMode = TrainingMode.EXACT
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    full: FullSpec = Field(default_factory=FullSpec)
+    optimizer: Optimizer = Optimizer.ADAMW
+    learning_rate: float = Field(default=1e-4, gt=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    max_staleness: int = Field(default=4, ge=0)
+    step_interval_seconds: float = Field(default=0.0, ge=0)
+    publish_every_steps: int = Field(default=10, ge=1)
+
+
+class SecretKeyRef(SpecModel):
+    name: str = Field(min_length=1)
+    key: str = Field(default="url", min_length=1)
+
+
+class FeedbackSpec(SpecModel):
+    redis_url: str | None = Field(default=None, pattern=r"^rediss?://")
+    redis_secret_ref: SecretKeyRef | None = None
+
+
+class CanarySpec(SpecModel):
+    replicas: int = Field(default=1, ge=1)
+    min_feedback: int = Field(default=50, ge=1)
+    max_acceptance_drop: float = Field(default=0.05, ge=0.0, le=1.0)
+    auto_rollback: bool = True
+    timeout_seconds: int = Field(default=3600, ge=1)
+
+
+class RolloutSpec(SpecModel):
+    strategy: RolloutStrategy = RolloutStrategy.IMMEDIATE
+    canary: CanarySpec = Field(default_factory=CanarySpec)
+
+
+class VersionsSpec(SpecModel):
+    storage: VersionsStorage = VersionsStorage.PERSISTENT_VOLUME_CLAIM
+    size: Quantity = Field(default="20Gi")
+    storage_class_name: str | None = None
+    retain_on_delete: bool = True
+
+
+class EnvVar(SpecModel):
+    name: str = Field(min_length=1)
+    value: str = ""
+
+
+class JobSpec(SpecModel):
+    model: ModelSpec
+    image: str | None = Field(default=None, min_length=1)
+    image_pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    engine: Engine = Engine.NATIVE
+    replicas: int = Field(default=1, ge=0)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    recording: RecordingSpec = Field(default_factory=RecordingSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    versions: VersionsSpec = Field(default_factory=VersionsSpec)
+    env: list[EnvVar] = Field(default_factory=list)
+    service_account_name: str | None = Field(default=None, min_length=1)
+    suspend: bool = False
+
+
+class InvalidSpec(ValueError):
+    """A spec the operator cannot act on; the message says which fields to fix."""
+
+
+def parse_job_spec(raw: dict[str, Any]) -> JobSpec:
+    """Typed spec with defaults; raises InvalidSpec with one line per problem."""
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = [
+            f"spec.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
+            for err in exc.errors()
+        ]
+        raise InvalidSpec("; ".join(problems)) from None

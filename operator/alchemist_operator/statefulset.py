@@ -1,0 +1,157 @@
+"""The job's StatefulSet: one worker pod per replica, each with its own versions volume.
+
+A StatefulSet rather than a Deployment because replicas have stable names (`<job>-0`, `<job>-1`, ...): the
+rollout pointer names canary replicas, heartbeats and request records name the replica that served, and each
+replica's versions volume survives restarts and scaling to zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from alchemist_operator.job_spec import JobSpec, ModelSource, VersionsStorage
+from alchemist_operator.naming import CONFIG_HASH_ANNOTATION, VERSIONS_DIR, WORKER_CONTAINER, JobRef
+from alchemist_operator.worker_env import pod_env
+
+WORKER_UID = 1000
+# Loading a large checkpoint can take many minutes; liveness starts counting only after the first success.
+STARTUP_BUDGET_SECONDS = 1800
+
+# Fields of a StatefulSet's spec that Kubernetes refuses to change after creation.
+IMMUTABLE_FIELDS = ("selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy")
+
+
+def config_hash(config_data: dict[str, str], env: list[dict[str, Any]]) -> str:
+    """Changes whenever the pods' configuration does, so that a change rolls the pods."""
+    blob = json.dumps({"config": config_data, "env": env}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _resources(spec: JobSpec) -> dict[str, Any]:
+    res = spec.resources
+    requests: dict[str, Any] = {"cpu": str(res.cpu), "memory": str(res.memory)}
+    limits: dict[str, Any] = {"memory": str(res.memory)}
+    if res.gpus > 0:
+        requests[res.gpu_resource] = res.gpus
+        limits[res.gpu_resource] = res.gpus
+    return {"requests": requests, "limits": limits}
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _volumes(spec: JobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, container mounts); the versions volume is a claim template unless it is an emptyDir."""
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "dshm",
+            "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)},
+        },
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "versions", "mountPath": VERSIONS_DIR},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if spec.versions.storage is VersionsStorage.EMPTY_DIR:
+        volumes.append({"name": "versions", "emptyDir": {"sizeLimit": str(spec.versions.size)}})
+    if spec.model.source is ModelSource.VOLUME:
+        volumes.append(
+            {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.claim_name, "readOnly": True}}
+        )
+        mounts.append({"name": "model", "mountPath": spec.model.mount_path, "readOnly": True})
+    return volumes, mounts
+
+
+def _claim_templates(spec: JobSpec) -> list[dict[str, Any]]:
+    if spec.versions.storage is not VersionsStorage.PERSISTENT_VOLUME_CLAIM:
+        return []
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": str(spec.versions.size)}},
+    }
+    if spec.versions.storage_class_name:
+        claim_spec["storageClassName"] = spec.versions.storage_class_name
+    return [{"metadata": {"name": "versions"}, "spec": claim_spec}]
+
+
+def build_statefulset(
+    job: JobRef, spec: JobSpec, image: str, config_data: dict[str, str], default_redis_url: str | None
+) -> dict[str, Any]:
+    env = pod_env(spec, default_redis_url)
+    volumes, mounts = _volumes(spec)
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": image,
+        "imagePullPolicy": spec.image_pull_policy.value,
+        "command": ["alchemist-worker"],
+        "args": ["serve"],
+        "ports": [{"name": "http", "containerPort": spec.serving.port, "protocol": "TCP"}],
+        "envFrom": [{"configMapRef": {"name": job.config_map}}],
+        "env": env,
+        "resources": _resources(spec),
+        "startupProbe": _probe("/healthz", 10, STARTUP_BUDGET_SECONDS // 10),
+        "livenessProbe": _probe("/healthz", 10, 3),
+        "readinessProbe": _probe("/readyz", 5, 3),
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # workers talk to Redis, never to the Kubernetes API
+        "terminationGracePeriodSeconds": 60,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "fsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations
+        ]
+    retention = "Retain" if spec.versions.retain_on_delete else "Delete"
+    manifest: dict[str, Any] = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": job.metadata(job.statefulset),
+        "spec": {
+            "replicas": 0 if spec.suspend else spec.replicas,
+            "serviceName": job.headless_service,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": job.selector_labels()},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
+            # Scaling down (and suspending) never deletes a replica's versions.
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": retention, "whenScaled": "Retain"},
+            "template": {
+                "metadata": {
+                    "labels": job.labels(),
+                    "annotations": {
+                        CONFIG_HASH_ANNOTATION: config_hash(config_data, env),
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(spec.serving.port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+    templates = _claim_templates(spec)
+    if templates:
+        manifest["spec"]["volumeClaimTemplates"] = templates
+    return manifest

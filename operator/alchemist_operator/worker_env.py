@@ -1,0 +1,102 @@
+"""The worker's configuration as `ALCHEMIST_*` environment variables (docs/worker-environment.md lists them).
+
+Everything that is the same for every pod of a job goes into the job's ConfigMap (the pods load it with
+`envFrom`, and a hash of it in the pod template rolls the pods when it changes); what differs per pod (its name)
+or is secret (the Redis URL from a Secret) is set in the container's `env`.
+"""
+
+from __future__ import annotations
+
+from alchemist_operator.job_spec import JobSpec, ModelSource
+from alchemist_operator.naming import VERSIONS_DIR, JobRef
+from alchemist_operator.quantities import quantity_bytes
+
+
+class NoRedis(ValueError):
+    """The job names no Redis and the operator was installed without one."""
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def model_path(spec: JobSpec) -> str:
+    """The checkpoint's path in the container: relative paths on a volume are taken under its mount path."""
+    path = spec.model.path
+    if spec.model.source is ModelSource.VOLUME and not path.startswith("/"):
+        return f"{spec.model.mount_path.rstrip('/')}/{path}"
+    return path
+
+
+def worker_config(job: JobRef, spec: JobSpec) -> dict[str, str]:
+    """ConfigMap data: the job-wide settings, all strings."""
+    training = spec.training
+    recording = spec.recording
+    return {
+        "ALCHEMIST_JOB": job.name,
+        "ALCHEMIST_MODEL_PATH": model_path(spec),
+        "ALCHEMIST_MODEL_NAME": spec.model.served_name or job.name,
+        "ALCHEMIST_DTYPE": spec.model.dtype.value,
+        "ALCHEMIST_ENGINE": spec.engine.value,
+        "ALCHEMIST_DEVICE": "cuda" if spec.resources.gpus > 0 else "cpu",
+        "ALCHEMIST_HOST": "0.0.0.0",
+        "ALCHEMIST_PORT": str(spec.serving.port),
+        "ALCHEMIST_MAX_MODEL_LEN": str(spec.serving.max_model_len),
+        "ALCHEMIST_MAX_BATCH_SIZE": str(spec.serving.max_batch_size),
+        "ALCHEMIST_GPU_MEMORY_UTILIZATION": repr(spec.serving.gpu_memory_utilization),
+        "ALCHEMIST_RECORDING_POLICY": recording.policy.value,
+        "ALCHEMIST_RECORDING_SAMPLE_RATE": repr(recording.sample_rate),
+        "ALCHEMIST_RECORDING_MAX_TOKENS": str(recording.max_tokens),
+        "ALCHEMIST_RECORDING_HOST_BYTES": str(quantity_bytes(recording.host_memory)),
+        "ALCHEMIST_RECORDING_GPU_BYTES": str(quantity_bytes(recording.gpu_memory)),
+        "ALCHEMIST_RECORDING_TTL_SECONDS": str(recording.ttl_seconds),
+        "ALCHEMIST_TRAINING_ENABLED": _flag(training.enabled),
+        "ALCHEMIST_TRAINING_OBJECTIVE": training.objective.value,
+        "ALCHEMIST_TRAINING_METHOD": training.method.value,
+        "ALCHEMIST_TRAINING_MODE": training.mode.value,
+        "ALCHEMIST_TRAINING_LORA_RANK": str(training.lora.rank),
+        "ALCHEMIST_TRAINING_LORA_ALPHA": repr(training.lora.alpha),
+        "ALCHEMIST_TRAINING_LORA_DROPOUT": repr(training.lora.dropout),
+        "ALCHEMIST_TRAINING_LORA_TARGET_MODULES": ",".join(training.lora.target_modules),
+        "ALCHEMIST_TRAINING_TRAIN_EMBEDDINGS": _flag(training.full.train_embeddings),
+        "ALCHEMIST_TRAINING_OPTIMIZER": training.optimizer.value,
+        "ALCHEMIST_TRAINING_LEARNING_RATE": repr(training.learning_rate),
+        "ALCHEMIST_TRAINING_WEIGHT_DECAY": repr(training.weight_decay),
+        "ALCHEMIST_TRAINING_BATCH_SIZE": str(training.batch_size),
+        "ALCHEMIST_TRAINING_MAX_STALENESS": str(training.max_staleness),
+        "ALCHEMIST_TRAINING_STEP_INTERVAL_SECONDS": repr(training.step_interval_seconds),
+        "ALCHEMIST_TRAINING_PUBLISH_EVERY_STEPS": str(training.publish_every_steps),
+        "ALCHEMIST_VERSIONS_DIR": VERSIONS_DIR,
+    }
+
+
+def redis_env(spec: JobSpec, default_redis_url: str | None) -> dict[str, object]:
+    """ALCHEMIST_REDIS_URL: from the job's Secret, its URL, or the operator's default, in that order."""
+    feedback = spec.feedback
+    if feedback.redis_secret_ref is not None:
+        ref = feedback.redis_secret_ref
+        return {
+            "name": "ALCHEMIST_REDIS_URL",
+            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+        }
+    url = feedback.redis_url or default_redis_url
+    if url is None:
+        raise NoRedis(
+            "no Redis for feedback: set spec.feedback.redisUrl or spec.feedback.redisSecretRef, "
+            "or install the operator with a Redis (Helm value redis.enabled or redis.externalUrl)"
+        )
+    return {"name": "ALCHEMIST_REDIS_URL", "value": url}
+
+
+POD_ENV_NAMES = ("ALCHEMIST_NAMESPACE", "ALCHEMIST_REPLICA", "ALCHEMIST_REDIS_URL")
+
+
+def pod_env(spec: JobSpec, default_redis_url: str | None) -> list[dict[str, object]]:
+    """Container env: the per-pod identity, the Redis URL, then the job's own extra variables."""
+    env: list[dict[str, object]] = [
+        {"name": "ALCHEMIST_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "ALCHEMIST_REPLICA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        redis_env(spec, default_redis_url),
+    ]
+    env.extend({"name": var.name, "value": var.value} for var in spec.env)
+    return env
