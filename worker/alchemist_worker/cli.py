@@ -9,17 +9,36 @@ from alchemist_worker.bundled_model import ensure_small_model
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from alchemist_worker.api.serve_settings import add_serve_arguments
+
     parser = argparse.ArgumentParser(prog="alchemist-worker")
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch-model", help="obtain SmolLM2-135M-Instruct as a plain HF checkpoint")
     fetch.add_argument("--cache-dir", type=Path, default=None)
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API, recording prefills for training",
+        description="Each flag can also be set by the ALCHEMIST_* environment variable named in its help; "
+        "a flag wins over the variable.",
+    )
+    add_serve_arguments(serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "fetch-model":
         print(ensure_small_model(args.cache_dir))
+    elif args.command == "serve":
+        from alchemist_worker.api.serve import serve
+        from alchemist_worker.api.serve_settings import resolve_settings
+
+        try:
+            settings = resolve_settings(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+        return serve(settings)
     return 0
 
 

@@ -65,3 +65,12 @@ def test_without_stop_strings_nothing_is_held_back(tokenizer: Tokenizer) -> None
     for t in tokenizer.encode("lazy dog").ids:
         detok.push(t)
     assert detok.take_stream_delta(finished=False) == "lazy dog"
+
+
+def test_flush_emits_an_incomplete_character_at_the_end(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("世").ids
+    assert len(ids) > 1  # a multi-byte character split over byte-level tokens
+    detok = IncrementalDetokenizer(decoder(tokenizer), [1])
+    assert detok.push(ids[0]) == ""  # waits for the rest of the character
+    detok.flush()
+    assert detok.text == tokenizer.decode(ids[:1]) and detok.text.endswith("\ufffd")

@@ -48,6 +48,18 @@ class IncrementalDetokenizer:
         self._find_stop(start)
         return delta
 
+    def flush(self) -> None:
+        """At the end of generation: emits text still waiting for a character to complete (as U+FFFD)."""
+        if self.stopped_by is not None or self._read == len(self._tokens):
+            return
+        before = self._decode(self._tokens[self._prefix : self._read])
+        after = self._decode(self._tokens[self._prefix :])
+        self._prefix, self._read = self._read, len(self._tokens)
+        if len(after) > len(before):
+            start = max(0, len(self.text) - self._holdback)
+            self.text += after[len(before) :]
+            self._find_stop(start)
+
     def _find_stop(self, start: int) -> None:
         """Looks for stop strings that end inside the newly added text; truncates at the earliest one."""
         best: tuple[int, str] | None = None

@@ -38,7 +38,7 @@ class _Submit:
 
 @dataclass
 class _Abort:
-    request_id: str
+    request_id: str | None  # None: every request in flight
 
 
 class EngineLoop:
@@ -71,6 +71,10 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
+
+    def abort_all(self) -> None:
+        """Cancels every request in flight (e.g. when a shutdown deadline has passed)."""
+        self._commands.put(_Abort(None))
 
     @property
     def num_in_flight(self) -> int:
@@ -130,6 +134,9 @@ class EngineLoop:
                 command.sink(exc)
                 return
             self._sinks[rid] = command.sink
+        elif command.request_id is None:
+            for request_id in list(self._sinks):
+                self.engine.abort(request_id)
         elif command.request_id in self._sinks:
             self.engine.abort(command.request_id)
 

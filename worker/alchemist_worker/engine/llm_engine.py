@@ -16,7 +16,7 @@ from alchemist_worker.engine.config import EngineConfig, EngineConfigError
 from alchemist_worker.engine.detokenizer import IncrementalDetokenizer
 from alchemist_worker.engine.model_runner import ModelRunner
 from alchemist_worker.engine.paged_attention import KVCacheSpec
-from alchemist_worker.engine.recording import PrefillRecording, RecordingStats, RecordSampler, RecordTarget
+from alchemist_worker.engine.recording import PrefillRecording, RecordingStats, RecordSampler
 from alchemist_worker.engine.scheduler import ScheduledBatch, Scheduler, StepKind
 from alchemist_worker.engine.sequence import FinishReason, Sequence, TokenLogprob
 from alchemist_worker.engine.serving_engine import (
@@ -118,13 +118,23 @@ class LLMEngine:
         self._generated_tokens = 0
 
     @classmethod
-    def from_config(cls, config: EngineConfig, recording: PrefillRecording | None = None) -> LLMEngine:
+    def from_config(
+        cls, config: EngineConfig, recording: PrefillRecording | None = None, weight_version: int = 0
+    ) -> LLMEngine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         torch.manual_seed(config.seed)
         model = load_model(config.model, dtype=dtype, device=device)
         tokenizer = ServingTokenizer.from_pretrained(config.model, model.config.eos_token_ids)
-        return cls(config, model, tokenizer, device=device, dtype=dtype, recording=recording)
+        return cls(
+            config,
+            model,
+            tokenizer,
+            device=device,
+            dtype=dtype,
+            recording=recording,
+            weight_version=weight_version,
+        )
 
     # ServingEngine -------------------------------------------------------------------------------------------
 
@@ -227,21 +237,24 @@ class LLMEngine:
         if batch.kind is not StepKind.PREFILL:
             return self.runner.run(batch)
         cu = [0]
-        targets: list[RecordTarget] = []
-        for index, seq in enumerate(batch.seqs):
+        input_ids: list[int] = []
+        record_ids: list[str | None] = []
+        for seq in batch.seqs:
             cu.append(cu[-1] + seq.num_tokens)
+            input_ids.extend(seq.token_ids)
             if seq.weight_version is None:
                 seq.weight_version = self.weight_version
                 self._prompt_tokens += seq.num_prompt_tokens
-            if seq.record and not seq.recorded:
-                targets.append(RecordTarget(index, seq.request_id, tuple(seq.token_ids)))
-        if not targets or self.recording is None:
+            # Only a sequence's first prefill records (a recompute after preemption never does).
+            wanted = seq.record and not seq.recorded and seq.num_output_tokens == 0
+            record_ids.append(seq.request_id if wanted else None)
+        if self.recording is None or not any(record_ids):
             return self.runner.run(batch)
-        recorder = self.recording.begin(cu, targets, self.weight_version)
+        recorder = self.recording.begin(cu, input_ids, record_ids, self.weight_version)
         result = self.runner.run(batch, recorder)
         self.recording.commit(recorder)
-        for target in targets:
-            batch.seqs[target.index].recorded = True
+        for seq, record_id in zip(batch.seqs, record_ids, strict=True):
+            seq.recorded = seq.recorded or record_id is not None
         return result
 
     def _postprocess(
@@ -296,6 +309,8 @@ class LLMEngine:
         detok = self._detokenizers.pop(seq.request_id)
         self.runner.release(seq.request_id)
         reason = seq.finish_reason or FinishReason.ABORT
+        if reason is not FinishReason.ABORT:
+            detok.flush()
         if seq.weight_version is not None:
             finished = FinishedRequest(
                 request_id=seq.request_id,

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from alchemist_worker.engine.config import RecordingConfig
-from alchemist_worker.model.layer_activations import Recorder
+
+if TYPE_CHECKING:  # keeps this module free of torch at run time
+    from alchemist_worker.model.layer_activations import Recorder
 
 
 class RecordSampler:
@@ -33,15 +35,6 @@ class RecordSampler:
 
 
 @dataclass(frozen=True)
-class RecordTarget:
-    """A sequence of a prefill batch to record: its position in the batch, record id and prompt tokens."""
-
-    index: int
-    record_id: str
-    token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class RecordingStats:
     recorded_requests: int = 0
     bytes_by_tier: dict[str, int] = field(default_factory=dict)
@@ -52,12 +45,15 @@ class PrefillRecording(Protocol):
     @property
     def policy(self) -> str: ...
 
-    def begin(self, cu_seqlens: list[int], targets: list[RecordTarget], weight_version: int) -> Recorder:
-        """A recorder for one prefill forward over a flat batch with these sequence offsets."""
+    def begin(
+        self, cu_seqlens: list[int], input_ids: list[int], record_ids: list[str | None], weight_version: int
+    ) -> Recorder:
+        """A recorder for one prefill forward over a flat batch: sequence i owns tokens
+        cu_seqlens[i]:cu_seqlens[i+1] of input_ids and is recorded under record_ids[i] unless that is None."""
         ...
 
     def commit(self, recorder: Recorder) -> None:
-        """Hands what `recorder` kept to the store, one record per target; called after the forward pass."""
+        """Hands what `recorder` kept to the store, one record per record id; called after the forward pass."""
         ...
 
     def stats(self) -> RecordingStats: ...

@@ -105,7 +105,11 @@ class FinishedRequestObserver(Protocol):
 class PromptTokenizer(Protocol):
     """What the API needs from a tokenizer: the engine decodes, the API encodes and applies the chat template."""
 
+    vocab_size: int
+
     def encode(self, text: str) -> list[int]: ...
+
+    def token_text(self, token_id: int) -> str: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 

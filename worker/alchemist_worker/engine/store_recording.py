@@ -1,0 +1,77 @@
+"""Recording at prefill into the activation store: the engine's `PrefillRecording` over `PrefillRecorder`.
+
+One recorder per recorded prefill batch keeps only the sequences chosen for recording, under the configured
+policy; after the forward pass each record goes into the store under its request id (the response id the
+API returned), where the store's byte budgets decide its tier (device, host) or drop it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alchemist_worker.activations.policy import RecordingPolicy, parse_policy
+from alchemist_worker.activations.recorder import PrefillRecorder
+from alchemist_worker.activations.store import ActivationStore, DropReason, StoreConfig, Tier
+from alchemist_worker.engine.config import RecordingConfig
+from alchemist_worker.engine.recording import RecordingStats
+from alchemist_worker.model.config import ModelConfig
+from alchemist_worker.model.layer_activations import Recorder
+
+
+class StoreRecording:
+    def __init__(self, store: ActivationStore, policy: RecordingPolicy, model_config: ModelConfig) -> None:
+        self.store = store
+        self._policy = policy
+        self.model_config = model_config
+        self._pending: tuple[PrefillRecorder, list[str | None]] | None = None
+        self.recorded = 0
+
+    @classmethod
+    def from_config(cls, config: RecordingConfig, model_config: ModelConfig, device: str) -> StoreRecording:
+        store = ActivationStore(
+            StoreConfig(
+                device_budget_bytes=config.device_budget_bytes,
+                host_budget_bytes=config.host_budget_bytes,
+                device=device,
+            )
+        )
+        return cls(store, parse_policy(config.policy), model_config)
+
+    @property
+    def policy(self) -> str:
+        return self._policy.value
+
+    def begin(
+        self, cu_seqlens: list[int], input_ids: list[int], record_ids: list[str | None], weight_version: int
+    ) -> Recorder:
+        if self._pending is not None:
+            raise RuntimeError("a recorded prefill is still uncommitted")
+        recorder = PrefillRecorder(
+            self._policy,
+            cu_seqlens,
+            torch.tensor(input_ids, dtype=torch.long),
+            num_layers=self.model_config.num_layers,
+            version=weight_version,
+            qk_norm=self.model_config.qk_norm,
+            keep=[rid is not None for rid in record_ids],
+        )
+        self._pending = (recorder, list(record_ids))
+        return recorder
+
+    def commit(self, recorder: Recorder) -> None:
+        if self._pending is None or self._pending[0] is not recorder:
+            raise RuntimeError("commit() must follow begin() with the recorder it returned")
+        pending, record_ids = self._pending
+        self._pending = None
+        for record_id, record in zip(record_ids, pending.records(), strict=True):
+            if record_id is not None and record is not None:
+                self.store.put(record_id, record)
+                self.recorded += 1
+
+    def stats(self) -> RecordingStats:
+        stats = self.store.stats()
+        return RecordingStats(
+            recorded_requests=self.recorded,
+            bytes_by_tier={Tier.DEVICE.value: stats.device_bytes, Tier.HOST.value: stats.host_bytes},
+            evicted=stats.dropped.get(DropReason.EVICTED.value, 0),
+        )
