@@ -57,7 +57,13 @@ def start_worker(model: Path, *flags: str, env: dict[str, str] | None = None) ->
 @pytest.fixture(scope="module")
 def tiny_server(tiny_checkpoints: dict[str, Path]) -> Iterator[RunningWorker]:
     running = start_worker(
-        tiny_checkpoints["llama"], "--served-model-name", "tiny", "--max-model-len", "128", "--kv-cache-mib", "8"
+        tiny_checkpoints["llama"],
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "128",
+        "--kv-cache-mib",
+        "8",
     )
     yield running
     running.stop()

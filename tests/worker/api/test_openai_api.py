@@ -33,7 +33,11 @@ def test_completion_equals_hf_greedy(tiny_server: RunningWorker, tiny_checkpoint
     assert result.choices[0].finish_reason == "length"
     assert result.id.startswith("cmpl-") and result.object == "text_completion"
     assert result.usage is not None
-    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (5, 9, 14)
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (
+        5,
+        9,
+        14,
+    )
 
 
 def test_chat_streaming_matches_non_streaming(tiny_server: RunningWorker) -> None:
@@ -66,7 +70,9 @@ def test_completion_stream_and_stop_string(tiny_server: RunningWorker) -> None:
     base = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=16, **GREEDY)
     text = base.choices[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 3].strip() or text[-2:]
-    cut = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=16, stop=[stop], **GREEDY)
+    cut = client.completions.create(
+        model="tiny", prompt="The quick brown", max_tokens=16, stop=[stop], **GREEDY
+    )
     assert cut.choices[0].text == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
     streamed = client.completions.create(
@@ -82,9 +88,16 @@ def test_logprobs(tiny_server: RunningWorker) -> None:
     assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
     assert len(lp.token_logprobs) == 4 and all(v <= 0 for v in lp.token_logprobs)
     # Greedy: the chosen token is the most likely one.
-    assert all(abs(max(top.values()) - chosen) < 1e-5 for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+    assert all(
+        abs(max(top.values()) - chosen) < 1e-5
+        for top, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    )
     chat = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True, top_logprobs=2
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
     )
     content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
@@ -129,13 +142,17 @@ def test_prompt_too_long_is_400(tiny_server: RunningWorker) -> None:
 
 def test_unknown_model_is_404(tiny_server: RunningWorker) -> None:
     with pytest.raises(openai.NotFoundError) as err:
-        tiny_server.client().chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+        tiny_server.client().chat.completions.create(
+            model="gpt-4", messages=[{"role": "user", "content": "x"}]
+        )
     assert err.value.code == "model_not_found"
 
 
 def test_malformed_json_and_missing_fields_are_openai_errors(tiny_server: RunningWorker) -> None:
     url = tiny_server.base_url + "/v1/chat/completions"
-    response = httpx.post(url, content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"})
+    response = httpx.post(
+        url, content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["code"] == "invalid_json"
@@ -175,5 +192,7 @@ def test_health_readiness_and_metrics(tiny_server: RunningWorker) -> None:
         "alchemist_records_evicted_total",
     ):
         assert name in text, name
-    ttft = next(line for line in text.splitlines() if line.startswith("alchemist_time_to_first_token_seconds_count"))
+    ttft = next(
+        line for line in text.splitlines() if line.startswith("alchemist_time_to_first_token_seconds_count")
+    )
     assert float(ttft.split()[-1]) >= 1

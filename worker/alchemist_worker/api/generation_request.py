@@ -44,16 +44,16 @@ def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
 
 def completion_prompt(body: CompletionRequest, tokenizer: PromptTokenizer, vocab_size: int) -> list[int]:
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
             raise bad_request(
                 f"one prompt per request is supported, got a batch of {len(prompt)}", param="prompt"
             )
-        prompt = prompt[0]  # type: ignore[assignment]
+        prompt = prompt[0]
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
     else:
-        ids = [int(t) for t in prompt]  # type: ignore[union-attr]
+        ids = [t for t in prompt if isinstance(t, int)]
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise bad_request(f"prompt token ids {bad[:5]} are outside [0, {vocab_size})", param="prompt")
@@ -126,4 +126,6 @@ def build_generation_request(
     else:
         prompt = chat_prompt(body, tokenizer)
     params = sampling_params(body, len(prompt), max_model_len)
-    return GenerationRequest(request_id=response_id, prompt_token_ids=prompt, params=params, record=body.record)
+    return GenerationRequest(
+        request_id=response_id, prompt_token_ids=prompt, params=params, record=body.record
+    )

@@ -69,7 +69,8 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob], tokenizer: PromptTokenizer) 
 
     return {
         "content": [
-            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+            for lp in logprobs
         ]
     }
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.schemas import RequestRecord
-
 from alchemist_worker.engine.sequence import FinishReason
 from alchemist_worker.engine.serving_engine import FinishedRequest
 

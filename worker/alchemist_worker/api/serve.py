@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from types import FrameType
 
 import uvicorn
-
 from alchemist_worker.api.metrics import ServingMetrics
 from alchemist_worker.api.request_records import RedisRequestRecords
 from alchemist_worker.api.serve_settings import ServeSettings
@@ -119,11 +118,15 @@ def build_worker(settings: ServeSettings) -> Worker:
         timeout_graceful_shutdown=int(FLUSH_TIMEOUT_S),
         access_log=settings.log_level == "debug",
     )
-    return Worker(settings, engine, loop, state, DrainingServer(uv_config, state, settings.shutdown_timeout_s), records)
+    return Worker(
+        settings, engine, loop, state, DrainingServer(uv_config, state, settings.shutdown_timeout_s), records
+    )
 
 
 def serve(settings: ServeSettings) -> int:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     worker = build_worker(settings)
     log.info(
         "serving %s on %s:%d (KV cache %d blocks, recording %s)",
@@ -135,4 +138,3 @@ def serve(settings: ServeSettings) -> int:
     )
     worker.run()
     return 0
-

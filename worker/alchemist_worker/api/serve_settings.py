@@ -50,14 +50,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("served_model_name", str, "", "model name clients use (default: the directory name)"),
     Option("host", str, "127.0.0.1", "address to listen on"),
     Option("port", int, 8000, "port to listen on"),
-    Option("dtype", str, "auto", "weights and KV cache dtype (auto: bfloat16 on CUDA, float32 on CPU)", DTYPES),
+    Option(
+        "dtype", str, "auto", "weights and KV cache dtype (auto: bfloat16 on CUDA, float32 on CPU)", DTYPES
+    ),
     Option("device", str, "auto", "auto, cpu, cuda or cuda:N"),
     Option("max_model_len", int, None, "context length in tokens (default: the model's, capped at 4096)"),
     Option("kv_cache_mib", float, 1024.0, "KV cache budget in MiB"),
     Option("block_size", int, 16, "tokens per KV cache block"),
     Option("max_num_seqs", int, 64, "most requests decoded together"),
-    Option("max_num_batched_tokens", int, None, "prefill token budget per iteration (default max(2048, context))"),
-    Option("record_policy", str, "off", "what prefill records keep (off disables recording)", RECORDING_POLICIES),
+    Option(
+        "max_num_batched_tokens", int, None, "prefill token budget per iteration (default max(2048, context))"
+    ),
+    Option(
+        "record_policy", str, "off", "what prefill records keep (off disables recording)", RECORDING_POLICIES
+    ),
     Option("record_rate", float, 0.1, "share of requests recorded unless they opt in or out"),
     Option("record_device_mib", float, 256.0, "device-memory budget of prefill records in MiB"),
     Option("record_host_mib", float, 2048.0, "host-memory budget of prefill records in MiB (spill tier)"),

@@ -15,12 +15,14 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from alchemist_worker.api.async_engine import AsyncEngine
-from alchemist_worker.api.errors import APIError, bad_request, install_error_handlers, model_not_found, unavailable
+from alchemist_worker.api.errors import (
+    APIError,
+    bad_request,
+    install_error_handlers,
+    model_not_found,
+    unavailable,
+)
 from alchemist_worker.api.generation_request import build_generation_request, new_response_id
 from alchemist_worker.api.metrics import ServingMetrics
 from alchemist_worker.api.openai_responses import ResponseMeta, full_response, stream_chunk, usage_chunk
@@ -28,6 +30,9 @@ from alchemist_worker.api.openai_schemas import ChatCompletionRequest, Completio
 from alchemist_worker.engine.engine_loop import EngineLoop
 from alchemist_worker.engine.sequence import TokenLogprob
 from alchemist_worker.engine.serving_engine import RequestOutput
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 DISCONNECT_POLL_S = 0.1
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
@@ -102,7 +107,9 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> Response:
         healthy = state.loop.alive
-        return JSONResponse({"status": "ok" if healthy else "engine loop stopped"}, status_code=200 if healthy else 503)
+        return JSONResponse(
+            {"status": "ok" if healthy else "engine loop stopped"}, status_code=200 if healthy else 503
+        )
 
     @app.get("/readyz")
     async def readyz() -> Response:
@@ -122,7 +129,9 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await generate(body, request, chat=True)
 
-    async def generate(body: CompletionRequest | ChatCompletionRequest, request: Request, chat: bool) -> Response:
+    async def generate(
+        body: CompletionRequest | ChatCompletionRequest, request: Request, chat: bool
+    ) -> Response:
         engine = state.engine
         if state.draining:
             raise unavailable("the server is shutting down and admits no new requests")

@@ -105,7 +105,8 @@ class FinishedRequestObserver(Protocol):
 class PromptTokenizer(Protocol):
     """What the API needs from a tokenizer: the engine decodes, the API encodes and applies the chat template."""
 
-    vocab_size: int
+    @property
+    def vocab_size(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -118,9 +119,16 @@ class PromptTokenizer(Protocol):
 
 @runtime_checkable
 class ServingEngine(Protocol):
-    model_name: str
-    max_model_len: int
-    tokenizer: PromptTokenizer
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence (prompt + output) in tokens."""
+        ...
+
+    @property
+    def tokenizer(self) -> PromptTokenizer: ...
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queues a request. Raises ValueError for one that can never run (too long for the model or cache)."""
