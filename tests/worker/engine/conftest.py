@@ -12,12 +12,14 @@ from alchemist_worker.engine.recording import PrefillRecording
 from alchemist_worker.engine.serving_engine import GenerationRequest, RequestOutput
 
 
-def build_engine(path: Path, recording: PrefillRecording | None = None, **overrides: Any) -> LLMEngine:
+def build_engine(
+    path: Path, prefill_recording: PrefillRecording | None = None, **overrides: Any
+) -> LLMEngine:
     settings: dict[str, Any] = dict(
         model=path, dtype="float32", device="cpu", block_size=4, num_kv_blocks=256
     )
     settings.update(overrides)
-    return LLMEngine.from_config(EngineConfig(**settings), recording=recording)
+    return LLMEngine.from_config(EngineConfig(**settings), recording=prefill_recording)
 
 
 def run_to_completion(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[RequestOutput]]:
