@@ -1,0 +1,144 @@
+"""Prefill recording: what each policy keeps, per sequence, and that the forward itself is unchanged."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from alchemist_worker.activations.policy import RecordingPolicy, parse_policy
+from alchemist_worker.activations.recorder import PrefillRecorder
+from alchemist_worker.activations.records import SequenceRecord, concat_records
+from alchemist_worker.model import DenseCausalAttention, LayerActivations, load_model
+from alchemist_worker.model.attention import varlen_attention
+
+
+class Capture:
+    """A recorder that keeps references to everything the layers hand over (to check the records)."""
+
+    wants_lse = True
+
+    def __init__(self) -> None:
+        self.layers: dict[int, LayerActivations] = {}
+
+    def record_layer(self, layer: int, activations: LayerActivations) -> None:
+        self.layers[layer] = activations
+
+
+def prefill(model, lengths, recorder=None, keep=None):
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (sum(lengths),), generator=gen)
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    with torch.inference_mode():
+        hidden = model(ids, positions, DenseCausalAttention(cu), recorder)
+    return ids, cu, positions, hidden
+
+
+@pytest.mark.parametrize("policy", list(RecordingPolicy))
+def test_records_hold_each_sequences_slice_of_the_policys_fields(
+    tiny_checkpoints: dict[str, Path], policy: RecordingPolicy
+) -> None:
+    model = load_model(tiny_checkpoints["qwen3"])
+    lengths = [5, 9, 3]
+    capture = Capture()
+    ids, cu, _, plain = prefill(model, lengths, capture)
+    recorder = PrefillRecorder(
+        policy, cu, ids, num_layers=2, version=7, qk_norm=True, keep=[True, False, True]
+    )
+    _, _, _, recorded = prefill(model, lengths, recorder)
+    assert torch.equal(plain, recorded)  # recording does not change the forward
+    records = recorder.records()
+    assert records[1] is None
+    for seq in (0, 2):
+        rec = records[seq]
+        assert rec is not None and rec.version == 7 and rec.policy is policy
+        assert torch.equal(rec.token_ids, ids[cu[seq] : cu[seq + 1]])
+        for layer in range(2):
+            assert set(rec.layers[layer]) == set(policy.fields(qk_norm=True))
+            for name, tensor in rec.layers[layer].items():
+                full = getattr(capture.layers[layer], name)
+                assert torch.equal(tensor, full[cu[seq] : cu[seq + 1]]), name
+                assert not tensor.is_inference()  # autograd may save it later
+
+
+def test_policies_grow_and_kv_skips_the_softmax_statistics() -> None:
+    fields = {p: set(p.fields(qk_norm=False)) for p in RecordingPolicy}
+    assert fields[RecordingPolicy.KV] < fields[RecordingPolicy.SELECTIVE] < fields[RecordingPolicy.FULL]
+    assert (
+        "k_lin" in RecordingPolicy.FULL.fields(qk_norm=True) and "k_lin" not in fields[RecordingPolicy.FULL]
+    )
+    assert not RecordingPolicy.KV.wants_lse and RecordingPolicy.SELECTIVE.wants_lse
+    assert parse_policy("full") is RecordingPolicy.FULL
+    with pytest.raises(ValueError, match="choose one of: kv, selective, full"):
+        parse_policy("everything")
+
+
+def test_kv_policy_does_not_ask_attention_for_statistics(tiny_checkpoints: dict[str, Path]) -> None:
+    model = load_model(tiny_checkpoints["llama"])
+    asked = []
+
+    class Spy(DenseCausalAttention):
+        def attend(self, layer, q, k, v, *, need_lse=False):
+            asked.append(need_lse)
+            return super().attend(layer, q, k, v, need_lse=need_lse)
+
+    ids = torch.arange(6)
+    for recorder, expected in [
+        (None, False),
+        (PrefillRecorder(RecordingPolicy.KV, [0, 6], ids, num_layers=2, version=0), False),
+        (PrefillRecorder(RecordingPolicy.SELECTIVE, [0, 6], ids, num_layers=2, version=0), True),
+    ]:
+        asked.clear()
+        with torch.no_grad():
+            model(ids, torch.arange(6), Spy([0, 6]), recorder)
+        assert asked == [expected, expected]
+
+
+def test_chunked_prefill_records_concatenate_to_the_one_shot_record(
+    tiny_checkpoints: dict[str, Path],
+) -> None:
+    model = load_model(tiny_checkpoints["llama"])
+    ids = torch.randint(0, model.config.vocab_size, (11,))
+    one = PrefillRecorder(RecordingPolicy.FULL, [0, 11], ids, num_layers=2, version=0)
+    with torch.no_grad():
+        model(ids, torch.arange(11), DenseCausalAttention([0, 11]), one)
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    class Chunked:
+        def attend(self, layer, q, k, v, *, need_lse=False):
+            if layer in cache:
+                k, v = torch.cat([cache[layer][0], k]), torch.cat([cache[layer][1], v])
+            cache[layer] = (k, v)
+            return varlen_attention(q, k, v, [0, q.shape[0]], [0, k.shape[0]], need_lse=need_lse)
+
+    chunks: list[SequenceRecord] = []
+    for start, end in [(0, 4), (4, 11)]:
+        rec = PrefillRecorder(
+            RecordingPolicy.FULL,
+            [0, end - start],
+            ids[start:end],
+            num_layers=2,
+            version=0,
+            start_positions=[start],
+        )
+        with torch.no_grad():
+            model(ids[start:end], torch.arange(start, end), Chunked(), rec)
+        chunks.append(rec.records()[0])  # type: ignore[arg-type]
+    joined, whole = concat_records(chunks), one.records()[0]
+    assert whole is not None and torch.equal(joined.token_ids, whole.token_ids)
+    for a, b in zip(joined.layers, whole.layers, strict=True):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="expected 4"):
+        concat_records([chunks[0], chunks[0]])
+
+
+def test_incomplete_recording_is_an_error() -> None:
+    recorder = PrefillRecorder(RecordingPolicy.KV, [0, 3], torch.arange(3), num_layers=2, version=0)
+    with pytest.raises(RuntimeError, match="never recorded"):
+        recorder.records()
+    with pytest.raises(ValueError, match="keep has 2 entries for 1 sequences"):
+        PrefillRecorder(
+            RecordingPolicy.KV, [0, 3], torch.arange(3), num_layers=2, version=0, keep=[True, True]
+        )

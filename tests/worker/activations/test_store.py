@@ -1,0 +1,115 @@
+"""The activation store: placement by budget, oldest-first spill and eviction, TTL, exact byte accounting."""
+
+import pytest
+import torch
+from alchemist_worker.activations.policy import RecordingPolicy
+from alchemist_worker.activations.records import SequenceRecord
+from alchemist_worker.activations.store import ActivationStore, DropReason, StoreConfig, Tier
+
+
+def record(tokens: int, layers: int = 2, width: int = 8, version: int = 0) -> SequenceRecord:
+    """A kv-policy record of exactly tokens * layers * (width + 2 * width) * 4 bytes."""
+    return SequenceRecord(
+        policy=RecordingPolicy.KV,
+        version=version,
+        token_ids=torch.arange(tokens),
+        layers=[
+            {
+                "x": torch.randn(tokens, width),
+                "k": torch.randn(tokens, 1, width),
+                "v": torch.randn(tokens, 1, width),
+            }
+            for _ in range(layers)
+        ],
+    )
+
+
+SIZE_10 = 10 * 2 * 3 * 8 * 4  # bytes of record(10)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_accounting_is_exact_and_follows_every_move() -> None:
+    store = ActivationStore(StoreConfig(device_budget_bytes=SIZE_10 * 2, host_budget_bytes=SIZE_10 * 10))
+    assert record(10).nbytes() == SIZE_10
+    assert store.put("a", record(10)) is Tier.DEVICE
+    assert store.put("b", record(10)) is Tier.DEVICE
+    assert (store.device_bytes, store.host_bytes) == (2 * SIZE_10, 0)
+    assert store.put("c", record(10)) is Tier.DEVICE  # "a", the oldest, spills to the host
+    assert store.tier_of("a") is Tier.HOST and store.tier_of("c") is Tier.DEVICE
+    assert (store.device_bytes, store.host_bytes) == (2 * SIZE_10, SIZE_10)
+    store.move_layer("b", 0, Tier.HOST)
+    assert (store.device_bytes, store.host_bytes) == (2 * SIZE_10 - SIZE_10 // 2, SIZE_10 + SIZE_10 // 2)
+    assert store.layer_tier("b", 0) is Tier.HOST and store.tier_of("b") is Tier.DEVICE
+    store.pop("b")
+    store.pop("c")
+    assert (store.device_bytes, store.host_bytes) == (0, SIZE_10)
+    stats = store.stats()
+    assert stats.device_peak_bytes == 2 * SIZE_10 and stats.spilled == 1 and stats.puts == 3
+    assert stats.host_records == 1 and stats.device_records == 0
+
+
+def test_host_evicts_oldest_first_and_remembers_why() -> None:
+    store = ActivationStore(StoreConfig(device_budget_bytes=0, host_budget_bytes=SIZE_10 * 2))
+    for name in "abc":
+        assert store.put(name, record(10)) is Tier.HOST
+    assert "a" not in store and "b" in store and "c" in store
+    assert store.lookup("a").reason is DropReason.EVICTED
+    assert store.lookup("never").reason is DropReason.MISSING
+    assert store.put("huge", record(100)) is Tier.DROPPED
+    assert store.lookup("huge").reason is DropReason.TOO_LARGE
+    assert store.host_bytes == 2 * SIZE_10  # the too-large put evicted nothing
+    assert store.stats().dropped == {"evicted": 1, "too_large": 1}
+
+
+def test_spill_drops_when_the_host_is_full() -> None:
+    store = ActivationStore(StoreConfig(device_budget_bytes=SIZE_10, host_budget_bytes=0))
+    store.put("a", record(10))
+    store.put("b", record(10))
+    assert store.lookup("a").reason is DropReason.EVICTED and store.tier_of("b") is Tier.DEVICE
+
+
+def test_ttl_expires_records_but_not_acquired_ones() -> None:
+    clock = Clock()
+    store = ActivationStore(
+        StoreConfig(device_budget_bytes=SIZE_10 * 4, host_budget_bytes=0, ttl_s=10.0), clock=clock
+    )
+    store.put("a", record(10))
+    clock.now = 5.0
+    store.put("b", record(10))
+    store.acquire(["a"])
+    clock.now = 12.0
+    assert store.get("a") is not None  # in use by a step
+    store.release(["a"])
+    assert store.lookup("a").reason is DropReason.EXPIRED
+    assert store.get("b") is not None
+    clock.now = 16.0
+    assert store.expire() == 1 and len(store) == 0 and store.device_bytes == 0
+
+
+def test_acquired_records_are_not_evicted() -> None:
+    store = ActivationStore(StoreConfig(device_budget_bytes=SIZE_10, host_budget_bytes=0))
+    store.put("a", record(10))
+    store.acquire(["a"])
+    assert store.put("b", record(10)) is Tier.DROPPED
+    assert store.get("a") is not None
+
+
+def test_replacing_a_record_keeps_the_accounting() -> None:
+    store = ActivationStore(StoreConfig(device_budget_bytes=SIZE_10 * 4, host_budget_bytes=0))
+    store.put("a", record(10))
+    store.put("a", record(5))
+    assert store.device_bytes == SIZE_10 // 2 and len(store) == 1
+
+
+def test_bad_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match="budgets"):
+        StoreConfig(device_budget_bytes=-1)
+    with pytest.raises(ValueError, match="ttl_s"):
+        StoreConfig(ttl_s=0)

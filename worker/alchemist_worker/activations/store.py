@@ -1,0 +1,309 @@
+"""The activation store: where records wait, between the prefill that made them and the training step that
+uses them (or never does: most requests get no feedback).
+
+Tiers: `device` (accelerator memory), `host` (CPU memory, pinned when CUDA exists), `dropped` (gone; a
+bounded set of tombstones remembers why, so the trainer can say why it recomputed). Each tier but dropped
+has a byte budget. A new record goes to the device if it fits there after spilling the oldest device records
+to the host; otherwise to the host, after dropping the oldest host records; otherwise it is dropped. Records
+older than the TTL are dropped when next touched (or by `expire()`). Oldest means first put.
+
+Accounting is exact to the byte (the sum of `Tensor.nbytes` of every stored tensor per tier, updated on every
+move) and exposed as plain numbers (`device_bytes`, `host_bytes`, `stats()`), ready for a Prometheus gauge
+(`Gauge.set_function(lambda: store.device_bytes)`).
+
+Placement is per layer, so a training step can move one layer of a record at a time (`move_layer`) and the
+accounting follows. On a CPU-only machine both tiers live in the same memory: moves are relabelings (torch's
+`.to()` of a tensor already on the target device returns it as is) and the accounting still tells what a GPU
+would hold where.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import torch
+
+from alchemist_worker.activations.records import LayerTensors, SequenceRecord
+
+MAX_TOMBSTONES = 100_000
+
+
+class Tier(StrEnum):
+    DEVICE = "device"
+    HOST = "host"
+    DROPPED = "dropped"
+
+
+class DropReason(StrEnum):
+    EVICTED = "evicted"  # pushed out of the host tier (oldest first) to make room
+    EXPIRED = "expired"  # older than the TTL
+    TOO_LARGE = "too_large"  # larger than the host budget on its own
+    MISSING = "missing"  # never stored, or forgotten
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    device_budget_bytes: int = 0
+    host_budget_bytes: int = 0
+    ttl_s: float | None = None
+    device: str = "cpu"  # where the device tier lives ("cuda", "cuda:0", or "cpu" without an accelerator)
+
+    def __post_init__(self) -> None:
+        if self.device_budget_bytes < 0 or self.host_budget_bytes < 0:
+            raise ValueError("byte budgets must be >= 0")
+        if self.ttl_s is not None and self.ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive or None, got {self.ttl_s}")
+
+
+@dataclass(frozen=True)
+class Lookup:
+    record: SequenceRecord | None
+    reason: DropReason | None  # why record is None
+
+
+@dataclass
+class StoreStats:
+    device_bytes: int
+    host_bytes: int
+    device_peak_bytes: int
+    device_records: int  # records with at least one layer on the device
+    host_records: int  # records entirely on the host
+    puts: int
+    spilled: int  # records moved from the device tier to the host tier to make room
+    dropped: dict[str, int] = field(default_factory=dict)  # DropReason -> count
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy, pinned when CUDA exists so later reloads can be asynchronous."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
+    host.copy_(tensor)
+    return host
+
+
+class ActivationStore:
+    def __init__(self, config: StoreConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.clock = clock
+        self._records: OrderedDict[str, SequenceRecord] = OrderedDict()  # oldest first
+        self._tiers: dict[str, list[Tier]] = {}  # record id -> tier of each layer
+        self._tombstones: OrderedDict[str, DropReason] = OrderedDict()
+        self._in_use: set[str] = set()
+        self._bytes = {Tier.DEVICE: 0, Tier.HOST: 0}
+        self._device_peak = 0
+        self._puts = 0
+        self._spilled = 0
+        self._dropped: dict[str, int] = {}
+
+    # ---- numbers for gauges ----
+    @property
+    def device_bytes(self) -> int:
+        return self._bytes[Tier.DEVICE]
+
+    @property
+    def host_bytes(self) -> int:
+        return self._bytes[Tier.HOST]
+
+    @property
+    def device_peak_bytes(self) -> int:
+        return self._device_peak
+
+    def reset_peak(self) -> None:
+        self._device_peak = self._bytes[Tier.DEVICE]
+
+    def stats(self) -> StoreStats:
+        device_records = sum(1 for tiers in self._tiers.values() if Tier.DEVICE in tiers)
+        return StoreStats(
+            device_bytes=self.device_bytes,
+            host_bytes=self.host_bytes,
+            device_peak_bytes=self._device_peak,
+            device_records=device_records,
+            host_records=len(self._records) - device_records,
+            puts=self._puts,
+            spilled=self._spilled,
+            dropped=dict(self._dropped),
+        )
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, record_id: object) -> bool:
+        return record_id in self._records
+
+    # ---- records ----
+    def put(self, record_id: str, record: SequenceRecord) -> Tier:
+        """Stores `record` (replacing any under the same id) and returns the tier it landed in.
+
+        The store takes the record over: it moves its tensors between tiers in place.
+        """
+        self.expire()
+        if record_id in self._records:
+            self._remove(record_id)
+        self._tombstones.pop(record_id, None)
+        self._puts += 1
+        record.created_at = self.clock()
+        size = record.nbytes()
+        if size <= self.config.device_budget_bytes and self._make_room(Tier.DEVICE, size):
+            tier = Tier.DEVICE
+        elif size <= self.config.host_budget_bytes and self._make_room(Tier.HOST, size):
+            tier = Tier.HOST
+        else:
+            self._tombstone(record_id, DropReason.TOO_LARGE)
+            return Tier.DROPPED
+        record.layers = [self._place(layer, tier) for layer in record.layers]
+        self._records[record_id] = record
+        self._tiers[record_id] = [tier] * record.num_layers
+        self._add_bytes(tier, size)
+        return tier
+
+    def lookup(self, record_id: str) -> Lookup:
+        """The record, or why there is none (missing, evicted, expired, too large)."""
+        self._expire_one(record_id)
+        record = self._records.get(record_id)
+        if record is not None:
+            return Lookup(record, None)
+        return Lookup(None, self._tombstones.get(record_id, DropReason.MISSING))
+
+    def get(self, record_id: str) -> SequenceRecord | None:
+        return self.lookup(record_id).record
+
+    def peek(self, record_id: str) -> SequenceRecord:
+        """A stored record without a TTL check (for a step that acquired it); KeyError if absent."""
+        return self._records[record_id]
+
+    def tier_of(self, record_id: str) -> Tier:
+        """DEVICE if any layer is on the device, HOST if all are on the host, DROPPED if not stored."""
+        tiers = self._tiers.get(record_id)
+        if tiers is None:
+            return Tier.DROPPED
+        return Tier.DEVICE if Tier.DEVICE in tiers else Tier.HOST
+
+    def layer_tier(self, record_id: str, layer: int) -> Tier:
+        return self._tiers[record_id][layer]
+
+    def pop(self, record_id: str) -> SequenceRecord | None:
+        """Removes and returns a record (e.g. once a training step consumed it); no tombstone is left."""
+        if record_id not in self._records:
+            return None
+        record = self._records[record_id]
+        self._remove(record_id)
+        return record
+
+    def acquire(self, record_ids: list[str]) -> None:
+        """Marks records in use by a training step: eviction and TTL skip them until `release`."""
+        self._in_use.update(r for r in record_ids if r in self._records)
+
+    def release(self, record_ids: list[str]) -> None:
+        self._in_use.difference_update(record_ids)
+
+    def move_layer(self, record_id: str, layer: int, tier: Tier, tensors: LayerTensors | None = None) -> None:
+        """Puts one layer of a record in `tier`, copying it there unless `tensors` (already there) are given.
+
+        The caller owns the overlap of copies and compute (see activations/transfer.py); the store keeps the
+        accounting exact. Budgets are not enforced here: a training step's working set is bounded by design.
+        """
+        if tier is Tier.DROPPED:
+            raise ValueError("drop a record with pop(), not by moving a layer")
+        record = self._records[record_id]
+        current = self._tiers[record_id][layer]
+        if current is tier and tensors is None:
+            return
+        size = record.layer_nbytes(layer)
+        record.layers[layer] = tensors if tensors is not None else self._place(record.layers[layer], tier)
+        self._tiers[record_id][layer] = tier
+        self._add_bytes(current, -size)
+        self._add_bytes(tier, size)
+
+    def expire(self) -> int:
+        """Drops every record older than the TTL; returns how many."""
+        if self.config.ttl_s is None:
+            return 0
+        expired = [rid for rid in self._records if self._is_expired(rid)]
+        for rid in expired:
+            self._drop(rid, DropReason.EXPIRED)
+        return len(expired)
+
+    # ---- internals ----
+    def _is_expired(self, record_id: str) -> bool:
+        ttl = self.config.ttl_s
+        if ttl is None or record_id in self._in_use:
+            return False
+        return self.clock() - self._records[record_id].created_at > ttl
+
+    def _expire_one(self, record_id: str) -> None:
+        if record_id in self._records and self._is_expired(record_id):
+            self._drop(record_id, DropReason.EXPIRED)
+
+    def _budget(self, tier: Tier) -> int:
+        return self.config.device_budget_bytes if tier is Tier.DEVICE else self.config.host_budget_bytes
+
+    def _make_room(self, tier: Tier, size: int) -> bool:
+        """Frees `tier` oldest first until `size` more bytes fit; False (nothing moved) if it cannot."""
+        budget = self._budget(tier)
+        victims: list[str] = []
+        freed = 0
+        for rid in self._records:
+            if self._bytes[tier] - freed + size <= budget:
+                break
+            if rid in self._in_use or tier not in self._tiers[rid]:
+                continue
+            victims.append(rid)
+            freed += self._bytes_in(rid, tier)
+        if self._bytes[tier] - freed + size > budget:
+            return False
+        for rid in victims:
+            if tier is Tier.DEVICE:
+                self._spill(rid)
+            else:
+                self._drop(rid, DropReason.EVICTED)
+        return True
+
+    def _spill(self, record_id: str) -> None:
+        """Device -> host for a whole record; if the host has no room, the record is dropped instead."""
+        size = self._bytes_in(record_id, Tier.DEVICE)
+        self._in_use.add(record_id)  # not a victim of the room it needs
+        fits = self._make_room(Tier.HOST, size)
+        self._in_use.discard(record_id)
+        if not fits:
+            self._drop(record_id, DropReason.EVICTED)
+            return
+        for layer, tier in enumerate(self._tiers[record_id]):
+            if tier is Tier.DEVICE:
+                self.move_layer(record_id, layer, Tier.HOST)
+        self._spilled += 1
+
+    def _bytes_in(self, record_id: str, tier: Tier) -> int:
+        record = self._records[record_id]
+        return sum(record.layer_nbytes(i) for i, t in enumerate(self._tiers[record_id]) if t is tier)
+
+    def _place(self, layer: LayerTensors, tier: Tier) -> LayerTensors:
+        if tier is Tier.DEVICE:
+            return {name: t.to(self.device) for name, t in layer.items()}
+        return {name: _host_copy(t) for name, t in layer.items()}
+
+    def _drop(self, record_id: str, reason: DropReason) -> None:
+        self._remove(record_id)
+        self._tombstone(record_id, reason)
+
+    def _tombstone(self, record_id: str, reason: DropReason) -> None:
+        self._dropped[reason.value] = self._dropped.get(reason.value, 0) + 1
+        self._tombstones[record_id] = reason
+        while len(self._tombstones) > MAX_TOMBSTONES:
+            self._tombstones.popitem(last=False)
+
+    def _remove(self, record_id: str) -> None:
+        record = self._records.pop(record_id)
+        for layer, tier in enumerate(self._tiers.pop(record_id)):
+            self._add_bytes(tier, -record.layer_nbytes(layer))
+        self._in_use.discard(record_id)
+
+    def _add_bytes(self, tier: Tier, delta: int) -> None:
+        self._bytes[tier] += delta
+        if tier is Tier.DEVICE:
+            self._device_peak = max(self._device_peak, self._bytes[Tier.DEVICE])
