@@ -159,7 +159,7 @@ class StepCursor(Generic[T]):
 
     def _unpack(self, tensor: Any) -> torch.Tensor:
         self._yield_point()
-        return tensor  # type: ignore[no-any-return]
+        return tensor
 
     def _module_hook(self, _module: nn.Module, _args: Any) -> None:
         # Module hooks fire on every thread (serving calls the same modules); only the step's thread yields.
