@@ -29,6 +29,7 @@ class ModelSource(enum.StrEnum):
 
 
 class Dtype(enum.StrEnum):
+    AUTO = "auto"  # bfloat16 on a GPU, float32 on CPU
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
     FLOAT32 = "float32"
@@ -96,7 +97,7 @@ class ModelSpec(SpecModel):
     source: ModelSource = ModelSource.IMAGE
     claim_name: str | None = Field(default=None, min_length=1)
     mount_path: str = Field(default="/models", pattern=r"^/")
-    dtype: Dtype = Dtype.BFLOAT16
+    dtype: Dtype = Dtype.AUTO
     served_name: str | None = Field(default=None, min_length=1)
 
 
@@ -121,23 +122,21 @@ class ResourcesSpec(SpecModel):
 class ServingSpec(SpecModel):
     port: int = Field(default=8000, ge=1024, le=65535)
     max_model_len: int = Field(default=4096, ge=16)
-    max_batch_size: int = Field(default=32, ge=1)
-    gpu_memory_utilization: float = Field(default=0.85, ge=0.1, le=0.99)
+    max_num_seqs: int = Field(default=64, ge=1)
+    kv_cache_memory: Quantity = Field(default="4Gi")
 
 
 class RecordingSpec(SpecModel):
     policy: RecordingPolicy = RecordingPolicy.SELECTIVE
-    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
-    max_tokens: int = Field(default=65536, ge=0)
+    sample_rate: float = Field(default=0.25, ge=0.0, le=1.0)
     host_memory: Quantity = Field(default="8Gi")
-    gpu_memory: Quantity = Field(default="2Gi")
-    ttl_seconds: int = Field(default=3600, ge=1)
+    gpu_memory: Quantity = Field(default="1Gi")
+    ttl_seconds: int = Field(default=86400, ge=1)
 
 
 class LoraSpec(SpecModel):
     rank: int = Field(default=16, ge=1, le=1024)
     alpha: float = Field(default=32.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 

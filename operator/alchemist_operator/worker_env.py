@@ -20,6 +20,11 @@ def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
+def _mib(quantity: str | int) -> str:
+    """Mebibytes, as the worker's *_MIB settings take them (fractions allowed)."""
+    return repr(quantity_bytes(quantity) / 2**20)
+
+
 def model_path(spec: JobSpec) -> str:
     """The checkpoint's path in the container: relative paths on a volume are taken under its mount path."""
     path = spec.model.path
@@ -34,29 +39,27 @@ def worker_config(job: JobRef, spec: JobSpec) -> dict[str, str]:
     recording = spec.recording
     return {
         "ALCHEMIST_JOB": job.name,
-        "ALCHEMIST_MODEL_PATH": model_path(spec),
-        "ALCHEMIST_MODEL_NAME": spec.model.served_name or job.name,
+        "ALCHEMIST_MODEL": model_path(spec),
+        "ALCHEMIST_SERVED_MODEL_NAME": spec.model.served_name or job.name,
         "ALCHEMIST_DTYPE": spec.model.dtype.value,
         "ALCHEMIST_ENGINE": spec.engine.value,
         "ALCHEMIST_DEVICE": "cuda" if spec.resources.gpus > 0 else "cpu",
         "ALCHEMIST_HOST": "0.0.0.0",
         "ALCHEMIST_PORT": str(spec.serving.port),
         "ALCHEMIST_MAX_MODEL_LEN": str(spec.serving.max_model_len),
-        "ALCHEMIST_MAX_BATCH_SIZE": str(spec.serving.max_batch_size),
-        "ALCHEMIST_GPU_MEMORY_UTILIZATION": repr(spec.serving.gpu_memory_utilization),
-        "ALCHEMIST_RECORDING_POLICY": recording.policy.value,
-        "ALCHEMIST_RECORDING_SAMPLE_RATE": repr(recording.sample_rate),
-        "ALCHEMIST_RECORDING_MAX_TOKENS": str(recording.max_tokens),
-        "ALCHEMIST_RECORDING_HOST_BYTES": str(quantity_bytes(recording.host_memory)),
-        "ALCHEMIST_RECORDING_GPU_BYTES": str(quantity_bytes(recording.gpu_memory)),
-        "ALCHEMIST_RECORDING_TTL_SECONDS": str(recording.ttl_seconds),
+        "ALCHEMIST_MAX_NUM_SEQS": str(spec.serving.max_num_seqs),
+        "ALCHEMIST_KV_CACHE_MIB": _mib(spec.serving.kv_cache_memory),
+        "ALCHEMIST_RECORD_POLICY": recording.policy.value,
+        "ALCHEMIST_RECORD_RATE": repr(recording.sample_rate),
+        "ALCHEMIST_RECORD_DEVICE_MIB": _mib(recording.gpu_memory),
+        "ALCHEMIST_RECORD_HOST_MIB": _mib(recording.host_memory),
+        "ALCHEMIST_REQUEST_TTL_S": str(recording.ttl_seconds),
         "ALCHEMIST_TRAINING_ENABLED": _flag(training.enabled),
         "ALCHEMIST_TRAINING_OBJECTIVE": training.objective.value,
         "ALCHEMIST_TRAINING_METHOD": training.method.value,
         "ALCHEMIST_TRAINING_MODE": training.mode.value,
         "ALCHEMIST_TRAINING_LORA_RANK": str(training.lora.rank),
         "ALCHEMIST_TRAINING_LORA_ALPHA": repr(training.lora.alpha),
-        "ALCHEMIST_TRAINING_LORA_DROPOUT": repr(training.lora.dropout),
         "ALCHEMIST_TRAINING_LORA_TARGET_MODULES": ",".join(training.lora.target_modules),
         "ALCHEMIST_TRAINING_TRAIN_EMBEDDINGS": _flag(training.full.train_embeddings),
         "ALCHEMIST_TRAINING_OPTIMIZER": training.optimizer.value,

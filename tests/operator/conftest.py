@@ -85,21 +85,39 @@ def job_manifest(name: str = "chat", namespace: str = "team-a", **spec: Any) -> 
     return body
 
 
-@contextlib.asynccontextmanager
-async def running_operator(config: OperatorConfig) -> AsyncIterator[None]:
-    """The real operator (handlers, daemon, kopf machinery) against kmock, stopped when the block ends."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(config, stop_flag=stop))
+def has_object(kube: KubernetesEmulator, resource: str, namespace: str, name: str) -> bool:
+    """Whether kmock holds the object and it is not deleted (`in` would need a parsed resource key)."""
     try:
-        yield
+        return not kube.objects[resource, namespace, name].deleted
+    except KeyError:
+        return False
+
+
+async def set_ready(
+    kube: KubernetesEmulator, replicas: int, ready: int, name: str = "chat", namespace: str = "team-a"
+) -> None:
+    """What the StatefulSet controller reports once the pods pass their readiness probes (kmock has none)."""
+    body = {"status": {"replicas": replicas, "readyReplicas": ready, "updatedReplicas": replicas}}
+    await eventually(
+        lambda: has_object(kube, "apps/v1/statefulsets", namespace, name), what="the StatefulSet"
+    )
+    response = await kube.patch(f"/apis/apps/v1/namespaces/{namespace}/statefulsets/{name}/status", json=body)
+    assert response.status == 200, await response.text()
+
+
+@contextlib.asynccontextmanager
+async def running_operator(config: OperatorConfig) -> AsyncIterator[asyncio.Task[None]]:
+    """The real operator (handlers, daemon, kopf machinery) against kmock, until the block ends.
+
+    Cancelled rather than stopped by its stop flag: a graceful stop waits out kopf's 5 s idle timeout.
+    """
+    task = asyncio.create_task(run(config))
+    try:
+        yield task
     finally:
-        stop.set()
-        try:
-            await asyncio.wait_for(task, timeout=10)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def eventually(

@@ -1,0 +1,41 @@
+"""Offline validation of rendered or built manifests: built-in kinds against the Kubernetes OpenAPI schemas
+(kubernetes-validate), custom resources against the openAPIV3Schema of their CRD."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+
+KUBERNETES_VERSION = "1.30.0"  # the oldest version the chart supports; newer ones accept the same manifests
+
+
+def crd_schemas(crds: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> schema, for every served version of the given CRDs."""
+    schemas: dict[tuple[str, str], dict[str, Any]] = {}
+    for crd in crds:
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schemas[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def validate_manifest(doc: dict[str, Any], custom: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Raises with the manifest's kind and name when it does not match its schema."""
+    key = (doc.get("apiVersion", ""), doc.get("kind", ""))
+    name = f"{key[1]} {doc.get('metadata', {}).get('name')}"
+    if key in custom:
+        try:
+            # CRD schemas are OpenAPI 3.0: boolean exclusiveMinimum, as in JSON Schema draft 4.
+            jsonschema.Draft4Validator(custom[key]).validate(doc)
+        except jsonschema.ValidationError as exc:
+            raise AssertionError(
+                f"{name} does not match its CRD: {exc.message} at {list(exc.absolute_path)}"
+            ) from None
+        return
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        raise AssertionError(f"{name} is invalid: {exc.message} at {list(exc.absolute_path)}") from None
