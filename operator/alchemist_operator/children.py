@@ -1,23 +1,52 @@
-"""Everything a job owns, built from its spec: ConfigMap, StatefulSet, two Services, PodDisruptionBudget.
+"""Everything a job owns, built from its spec: ConfigMap, versions claim, StatefulSet, two Services and a
+PodDisruptionBudget.
 
 Pure: `desired_children` returns manifests and touches no API. Each child carries the job as its controlling
-owner, so Kubernetes deletes it with the job.
+owner, so Kubernetes deletes it with the job; only a versions claim the spec asks to retain has no owner.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from alchemist_operator.job_spec import JobSpec
+from alchemist_operator.job_spec import JobSpec, VersionsStorage
 from alchemist_operator.naming import JobRef
 from alchemist_operator.operator_config import OperatorConfig
 from alchemist_operator.services import build_client_service, build_headless_service
-from alchemist_operator.statefulset import build_statefulset
+from alchemist_operator.statefulset import STATEFULSET_IMMUTABLE, build_statefulset
 from alchemist_operator.worker_env import worker_config
 
 
 def build_config_map(job: JobRef, data: dict[str, str]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": job.metadata(job.config_map), "data": data}
+
+
+# Spec fields the API server refuses to change after creation, per kind: they keep their live values.
+IMMUTABLE_SPEC_FIELDS: dict[str, tuple[str, ...]] = {
+    "StatefulSet": STATEFULSET_IMMUTABLE,
+    "PersistentVolumeClaim": (
+        "accessModes",
+        "storageClassName",
+        "volumeMode",
+        "selector",
+        "volumeName",
+        "dataSource",
+    ),
+}
+
+
+def build_versions_claim(job: JobRef, spec: JobSpec) -> dict[str, Any]:
+    """The volume the trainer publishes versions to and every replica loads them from; survives suspend."""
+    metadata = job.metadata(job.versions_claim)
+    if spec.versions.retain_on_delete:
+        del metadata["ownerReferences"]
+    claim: dict[str, Any] = {
+        "accessModes": [spec.versions.access_mode.value],
+        "resources": {"requests": {"storage": str(spec.versions.size)}},
+    }
+    if spec.versions.storage_class_name:
+        claim["storageClassName"] = spec.versions.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata, "spec": claim}
 
 
 def build_disruption_budget(job: JobRef) -> dict[str, Any]:
@@ -31,13 +60,16 @@ def build_disruption_budget(job: JobRef) -> dict[str, Any]:
 
 
 def desired_children(job: JobRef, spec: JobSpec, config: OperatorConfig) -> list[dict[str, Any]]:
-    """In apply order: the ConfigMap before the pods that load it, the Services before the pods they name."""
+    """In apply order: the ConfigMap and the claim before the pods that use them, the Services before the pods."""
     data = worker_config(job, spec)
     image = spec.image or config.worker_image
-    return [
-        build_config_map(job, data),
+    children = [build_config_map(job, data)]
+    if spec.versions.storage is VersionsStorage.PERSISTENT_VOLUME_CLAIM:
+        children.append(build_versions_claim(job, spec))
+    children += [
         build_headless_service(job, spec),
         build_client_service(job, spec),
         build_statefulset(job, spec, image, data, config.default_redis_url),
         build_disruption_budget(job),
     ]
+    return children

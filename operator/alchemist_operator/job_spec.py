@@ -76,6 +76,11 @@ class VersionsStorage(enum.StrEnum):
     EMPTY_DIR = "EmptyDir"
 
 
+class AccessMode(enum.StrEnum):
+    READ_WRITE_MANY = "ReadWriteMany"  # every replica mounts it, on any node
+    READ_WRITE_ONCE = "ReadWriteOnce"  # replicas must share one node
+
+
 class PullPolicy(enum.StrEnum):
     ALWAYS = "Always"
     IF_NOT_PRESENT = "IfNotPresent"
@@ -186,8 +191,9 @@ class RolloutSpec(SpecModel):
 class VersionsSpec(SpecModel):
     storage: VersionsStorage = VersionsStorage.PERSISTENT_VOLUME_CLAIM
     size: Quantity = Field(default="20Gi")
+    access_mode: AccessMode = AccessMode.READ_WRITE_MANY
     storage_class_name: str | None = None
-    retain_on_delete: bool = True
+    retain_on_delete: bool = False
 
 
 class EnvVar(SpecModel):

@@ -49,6 +49,10 @@ class JobRef:
     def disruption_budget(self) -> str:
         return self.name
 
+    @property
+    def versions_claim(self) -> str:
+        return f"{self.name}-versions"
+
     def selector_labels(self) -> dict[str, str]:
         return {
             "app.kubernetes.io/name": "alchemist-worker",

@@ -10,14 +10,13 @@ from typing import Any
 
 import kopf
 
-from alchemist_operator.children import desired_children
+from alchemist_operator.children import IMMUTABLE_SPEC_FIELDS, desired_children
 from alchemist_operator.cluster_api import ApiError
 from alchemist_operator.job_memo import JobMemo
 from alchemist_operator.job_spec import InvalidSpec
 from alchemist_operator.job_status import ReconcileOutcome
 from alchemist_operator.naming import JobRef
 from alchemist_operator.spec_checks import validate_job
-from alchemist_operator.statefulset import IMMUTABLE_FIELDS
 
 # HTTP statuses with which the API server refuses a manifest itself: the spec must change, retrying won't help.
 REJECTED = (400, 422)
@@ -46,7 +45,7 @@ async def reconcile_job(body: kopf.Body, memo: JobMemo, logger: Any) -> None:
     applied: list[str] = []
     for manifest in desired_children(job, spec, memo.config):
         kind = manifest["kind"]
-        immutable = IMMUTABLE_FIELDS if kind == "StatefulSet" else ()
+        immutable = IMMUTABLE_SPEC_FIELDS.get(kind, ())
         try:
             result = await memo.cluster.apply(manifest, immutable=immutable)
         except ApiError as exc:
@@ -60,8 +59,8 @@ async def reconcile_job(body: kopf.Body, memo: JobMemo, logger: Any) -> None:
                 type="Warning",
                 reason="ImmutableFieldsKept",
                 message=(
-                    f"the StatefulSet's {', '.join(result.kept_fields)} cannot change in place; they keep their "
-                    "old values (delete the StatefulSet with --cascade=orphan to have it recreated)"
+                    f"the {kind}'s {', '.join(result.kept_fields)} cannot change in place and keep their old "
+                    f"values; recreate the {kind} {manifest['metadata']['name']} to change them"
                 ),
             )
         applied.append(f"{kind} {manifest['metadata']['name']}")

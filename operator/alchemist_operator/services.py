@@ -5,9 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from alchemist_operator.job_spec import JobSpec
-from alchemist_operator.naming import JobRef
+from alchemist_operator.naming import GROUP, JobRef
 
 CLIENT_PORT = 80
+# Tells the two apart for scrapers: a ServiceMonitor selects the headless one, so each pod is scraped once.
+SERVICE_ROLE_LABEL = f"{GROUP}/service"
+
+
+def _metadata(job: JobRef, name: str, role: str) -> dict[str, Any]:
+    meta = job.metadata(name)
+    meta["labels"] = {**job.labels(), SERVICE_ROLE_LABEL: role}
+    return meta
 
 
 def build_headless_service(job: JobRef, spec: JobSpec) -> dict[str, Any]:
@@ -15,7 +23,7 @@ def build_headless_service(job: JobRef, spec: JobSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": job.metadata(job.headless_service),
+        "metadata": _metadata(job, job.headless_service, "headless"),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -30,7 +38,7 @@ def build_client_service(job: JobRef, spec: JobSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": job.metadata(job.client_service),
+        "metadata": _metadata(job, job.client_service, "client"),
         "spec": {
             "type": "ClusterIP",
             "selector": job.selector_labels(),

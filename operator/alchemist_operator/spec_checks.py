@@ -15,6 +15,7 @@ from alchemist_operator.job_spec import (
     ModelSource,
     RolloutStrategy,
     TrainingMethod,
+    VersionsStorage,
     parse_job_spec,
 )
 from alchemist_operator.naming import job_name_problem
@@ -42,6 +43,11 @@ def spec_problems(name: str, spec: JobSpec, config: OperatorConfig) -> list[str]
     if spec.model.source is ModelSource.IMAGE and not spec.model.path.startswith("/"):
         problems.append(
             f"spec.model.path must be absolute for a model baked into the image, got {spec.model.path!r}"
+        )
+    if spec.versions.storage is VersionsStorage.EMPTY_DIR and spec.replicas > 1:
+        problems.append(
+            f"spec.versions.storage EmptyDir gives each pod its own versions; with {spec.replicas} replicas "
+            "use PersistentVolumeClaim (ReadWriteMany) so that every replica can load what the trainer publishes"
         )
     feedback = spec.feedback
     if feedback.redis_url and feedback.redis_secret_ref:

@@ -1,8 +1,7 @@
-"""The job's StatefulSet: one worker pod per replica, each with its own versions volume.
+"""The job's StatefulSet: one worker pod per replica, all sharing the job's versions volume.
 
 A StatefulSet rather than a Deployment because replicas have stable names (`<job>-0`, `<job>-1`, ...): the
-rollout pointer names canary replicas, heartbeats and request records name the replica that served, and each
-replica's versions volume survives restarts and scaling to zero.
+rollout pointer names canary replicas, and heartbeats and request records name the replica that served.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ WORKER_UID = 1000
 STARTUP_BUDGET_SECONDS = 1800
 
 # Fields of a StatefulSet's spec that Kubernetes refuses to change after creation.
-IMMUTABLE_FIELDS = ("selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy")
+STATEFULSET_IMMUTABLE = ("selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy")
 
 
 def config_hash(config_data: dict[str, str], env: list[dict[str, Any]]) -> str:
@@ -48,20 +47,20 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _volumes(spec: JobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(pod volumes, container mounts); the versions volume is a claim template unless it is an emptyDir."""
+def _volumes(job: JobRef, spec: JobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, container mounts): versions, shared memory, and the model when it is on a volume."""
+    if spec.versions.storage is VersionsStorage.EMPTY_DIR:
+        versions: dict[str, Any] = {"name": "versions", "emptyDir": {"sizeLimit": str(spec.versions.size)}}
+    else:
+        versions = {"name": "versions", "persistentVolumeClaim": {"claimName": job.versions_claim}}
     volumes: list[dict[str, Any]] = [
-        {
-            "name": "dshm",
-            "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)},
-        },
+        versions,
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "versions", "mountPath": VERSIONS_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    if spec.versions.storage is VersionsStorage.EMPTY_DIR:
-        volumes.append({"name": "versions", "emptyDir": {"sizeLimit": str(spec.versions.size)}})
     if spec.model.source is ModelSource.VOLUME:
         volumes.append(
             {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.claim_name, "readOnly": True}}
@@ -70,23 +69,11 @@ def _volumes(spec: JobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return volumes, mounts
 
 
-def _claim_templates(spec: JobSpec) -> list[dict[str, Any]]:
-    if spec.versions.storage is not VersionsStorage.PERSISTENT_VOLUME_CLAIM:
-        return []
-    claim_spec: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": str(spec.versions.size)}},
-    }
-    if spec.versions.storage_class_name:
-        claim_spec["storageClassName"] = spec.versions.storage_class_name
-    return [{"metadata": {"name": "versions"}, "spec": claim_spec}]
-
-
 def build_statefulset(
     job: JobRef, spec: JobSpec, image: str, config_data: dict[str, str], default_redis_url: str | None
 ) -> dict[str, Any]:
     env = pod_env(spec, default_redis_url)
-    volumes, mounts = _volumes(spec)
+    volumes, mounts = _volumes(job, spec)
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
         "image": image,
@@ -124,7 +111,6 @@ def build_statefulset(
         pod_spec["tolerations"] = [
             t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations
         ]
-    retention = "Retain" if spec.versions.retain_on_delete else "Delete"
     manifest: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -135,8 +121,6 @@ def build_statefulset(
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": job.selector_labels()},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
-            # Scaling down (and suspending) never deletes a replica's versions.
-            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": retention, "whenScaled": "Retain"},
             "template": {
                 "metadata": {
                     "labels": job.labels(),
@@ -151,7 +135,4 @@ def build_statefulset(
             },
         },
     }
-    templates = _claim_templates(spec)
-    if templates:
-        manifest["spec"]["volumeClaimTemplates"] = templates
     return manifest

@@ -55,13 +55,17 @@ def env_of(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 )
 def test_every_child_is_a_valid_kubernetes_object_owned_by_the_job(spec: dict[str, Any]) -> None:
     objs = children(**spec)
-    assert sorted(objs) == [
-        "ConfigMap/chat-config",
-        "PodDisruptionBudget/chat",
-        "Service/chat",
-        "Service/chat-headless",
-        "StatefulSet/chat",
-    ]
+    shared_claim = ["PersistentVolumeClaim/chat-versions"] if "EmptyDir" not in str(spec) else []
+    assert sorted(objs) == sorted(
+        [
+            "ConfigMap/chat-config",
+            *shared_claim,
+            "PodDisruptionBudget/chat",
+            "Service/chat",
+            "Service/chat-headless",
+            "StatefulSet/chat",
+        ]
+    )
     for manifest in objs.values():
         validate_manifest(manifest, {})
         (owner,) = manifest["metadata"]["ownerReferences"]
@@ -89,12 +93,11 @@ def test_statefulset_runs_the_worker_with_gpus_probes_and_a_versions_volume() ->
     assert worker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert {m["mountPath"] for m in worker["volumeMounts"]} == {"/var/lib/alchemist/versions", "/dev/shm"}
-    (claim,) = sts["spec"]["volumeClaimTemplates"]
-    assert claim["metadata"]["name"] == "versions"
-    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
-    # Scaling down keeps each replica's versions.
-    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
     pod = sts["spec"]["template"]["spec"]
+    # Every replica mounts the one versions claim: the trainer publishes there, each replica loads from it.
+    assert {"name": "versions", "persistentVolumeClaim": {"claimName": "chat-versions"}} in pod["volumes"]
+    claim = objs["PersistentVolumeClaim/chat-versions"]["spec"]
+    assert claim == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "20Gi"}}}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["automountServiceAccountToken"] is False
 
@@ -119,10 +122,15 @@ def test_cpu_job_requests_no_gpu_and_a_volume_model_is_mounted_read_only() -> No
 def test_suspend_scales_to_zero_and_keeps_the_versions_claim() -> None:
     running, suspended = children(replicas=3), children(replicas=3, suspend=True)
     assert suspended["StatefulSet/chat"]["spec"]["replicas"] == 0
-    assert (
-        suspended["StatefulSet/chat"]["spec"]["volumeClaimTemplates"]
-        == running["StatefulSet/chat"]["spec"]["volumeClaimTemplates"]
-    )
+    assert suspended["PersistentVolumeClaim/chat-versions"] == running["PersistentVolumeClaim/chat-versions"]
+
+
+def test_a_retained_versions_claim_has_no_owner() -> None:
+    claim = children(versions={"retainOnDelete": True, "storageClassName": "nfs"})[
+        "PersistentVolumeClaim/chat-versions"
+    ]
+    assert "ownerReferences" not in claim["metadata"]
+    assert claim["spec"]["storageClassName"] == "nfs"
 
 
 def test_worker_configuration_goes_through_the_config_map_and_rolls_the_pods() -> None:

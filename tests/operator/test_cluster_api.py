@@ -6,12 +6,11 @@ import base64
 from typing import Any
 
 import pytest
-from alchemist_operator.children import desired_children
+from alchemist_operator.children import IMMUTABLE_SPEC_FIELDS, desired_children
 from alchemist_operator.cluster_api import ApiError, ClusterApi, is_subset, resource_path
 from alchemist_operator.job_spec import parse_job_spec
 from alchemist_operator.naming import JobRef
 from alchemist_operator.operator_config import OperatorConfig
-from alchemist_operator.statefulset import IMMUTABLE_FIELDS
 from kmock import KubernetesEmulator
 
 from tests.operator.conftest import JOBS, job_manifest
@@ -80,21 +79,22 @@ async def test_missing_objects_read_as_none_and_status_of_a_gone_job_is_skipped(
     assert kube.objects[JOBS, "ns", "chat"]["status"] == {"phase": "Running"}
 
 
-async def test_immutable_statefulset_fields_keep_their_live_values(
-    kube: KubernetesEmulator, api: ClusterApi
-) -> None:
-    def statefulset(size: str, replicas: int) -> dict[str, Any]:
-        spec = parse_job_spec({"model": {"path": "/m"}, "replicas": replicas, "versions": {"size": size}})
-        return next(m for m in desired_children(JOB, spec, CONFIG) if m["kind"] == "StatefulSet")
+async def test_immutable_fields_keep_their_live_values(kube: KubernetesEmulator, api: ClusterApi) -> None:
+    def claim(access_mode: str, size: str) -> dict[str, Any]:
+        spec = parse_job_spec(
+            {"model": {"path": "/m"}, "versions": {"accessMode": access_mode, "size": size}}
+        )
+        return next(m for m in desired_children(JOB, spec, CONFIG) if m["kind"] == "PersistentVolumeClaim")
 
-    await api.apply(statefulset("20Gi", 1), immutable=IMMUTABLE_FIELDS)
-    result = await api.apply(statefulset("50Gi", 3), immutable=IMMUTABLE_FIELDS)
-    assert result.kept_fields == ("volumeClaimTemplates",)
-    live = kube.objects["apps/v1/statefulsets", "ns", "chat"]
-    assert live["spec"]["replicas"] == 3  # mutable: changed
-    assert live["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    immutable = IMMUTABLE_SPEC_FIELDS["PersistentVolumeClaim"]
+    await api.apply(claim("ReadWriteMany", "20Gi"), immutable=immutable)
+    result = await api.apply(claim("ReadWriteOnce", "50Gi"), immutable=immutable)
+    assert result.kept_fields == ("accessModes",)
+    live = kube.objects["v1/persistentvolumeclaims", "ns", "chat-versions"]
+    assert live["spec"]["resources"]["requests"]["storage"] == "50Gi"  # claims may grow
+    assert live["spec"]["accessModes"] == ["ReadWriteMany"]
     # Unchanged immutable fields are no news.
-    again = await api.apply(statefulset("20Gi", 3), immutable=IMMUTABLE_FIELDS)
+    again = await api.apply(claim("ReadWriteMany", "50Gi"), immutable=immutable)
     assert again.kept_fields == ()
 
 

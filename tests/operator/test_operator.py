@@ -58,6 +58,7 @@ async def test_create_update_scale_suspend_and_delete(
         )
         for resource, name in [
             ("v1/configmaps", "chat-config"),
+            ("v1/persistentvolumeclaims", "chat-versions"),
             ("v1/services", "chat"),
             ("v1/services", "chat-headless"),
             (STS, "chat"),
@@ -113,10 +114,10 @@ async def test_create_update_scale_suspend_and_delete(
             lambda: condition(kube, "Ready") == ("False", "ReplicasNotReady", "2/3 replicas ready")
         )
 
-        # Suspend: zero pods, the versions claims stay in the template (and so the PVCs stay bound).
+        # Suspend: zero pods; the versions claim stays.
         await patch_job(kube, {"spec": {"suspend": True}})
         await eventually(lambda: statefulset(kube)["spec"]["replicas"] == 0)
-        assert statefulset(kube)["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "versions"
+        assert has_object(kube, "v1/persistentvolumeclaims", NS, "chat-versions")
         await set_ready(kube, 0, 0)
         await eventually(lambda: status(kube).get("phase") == "Suspended")
         assert condition(kube, "Ready")[:2] == ("False", "Suspended")  # type: ignore[index]
