@@ -11,10 +11,72 @@ import kubernetes_validate
 
 KUBERNETES_VERSION = "1.30.0"  # the oldest version the chart supports; newer ones accept the same manifests
 
+_LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+# The Prometheus Operator's CRD is not available offline. This is the part of its ServiceMonitor schema (v1) that
+# covers the fields the chart sets, with the types and formats its API reference gives them.
+SERVICE_MONITOR = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": _LABEL_SELECTOR,
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "interval": {
+                                "type": "string",
+                                "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
 
 def crd_schemas(crds: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(apiVersion, kind) -> schema, for every served version of the given CRDs."""
-    schemas: dict[tuple[str, str], dict[str, Any]] = {}
+    """(apiVersion, kind) -> schema, for every served version of the given CRDs (and the ServiceMonitor)."""
+    schemas: dict[tuple[str, str], dict[str, Any]] = {
+        ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR
+    }
     for crd in crds:
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for version in crd["spec"]["versions"]:
