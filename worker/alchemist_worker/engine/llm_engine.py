@@ -178,8 +178,11 @@ class LLMEngine:
         self._observers.append(observer)
 
     def request_weight_switch(self, switch: WeightSwitch) -> None:
-        if switch.version <= self.weight_version:
-            raise ValueError(f"weight version {switch.version} is not newer than {self.weight_version}")
+        # An older version is allowed: that is a rollback. The version being served is not.
+        if switch.version == self.weight_version:
+            raise ValueError(
+                f"weight version {switch.version} is not newer than {self.weight_version}: it is served"
+            )
         self._pending_switch = switch
         self._switch_requested_at = time.monotonic()
         self.scheduler.admit_new = False

@@ -1,0 +1,152 @@
+"""The continual trainer inside a serving process (tiny model, real Redis): feedback in, versions out."""
+
+from collections.abc import Callable
+
+import pytest
+import redis
+from alchemist_protocol.keys import FEEDBACK_GROUP
+from alchemist_protocol.schemas import RolloutPointer
+from alchemist_worker.rollout.follower import FollowMode
+from alchemist_worker.versions.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE
+
+from tests.worker.continual.conftest import KEYS, InProcessWorker, wait_until
+
+PROMPT = [1, 5, 9, 13, 17]
+
+
+def pending(client: redis.Redis) -> int:
+    return int(client.xpending(KEYS.feedback, FEEDBACK_GROUP)["pending"])
+
+
+def samples_metric(worker: InProcessWorker, path: str) -> float:
+    total = 0.0
+    for metric in worker.runtime.metrics.samples.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and sample.labels.get("path") == path:
+                total += sample.value
+    return total
+
+
+def test_feedback_becomes_a_version_that_serving_switches_to(
+    make_worker: Callable[..., InProcessWorker], redis_client: redis.Redis
+) -> None:
+    worker = make_worker()
+    outputs = [worker.generate(PROMPT[:k]) for k in (3, 4, 5)]
+    correction = worker.runtime.continuation_tokens("a fix")
+    before, version = worker.runtime.score(PROMPT[:4], correction)  # the prompt of outputs[1]
+    assert version == 0
+    worker.feedback.accept(outputs[0].request_id)
+    worker.feedback.correct(outputs[1].request_id, "a fix")
+    worker.feedback.reject(outputs[2].request_id)
+    worker.feedback.accept("cmpl-unknown")
+    worker.wait_version(1)
+    worker.wait_serving(1)
+
+    info = worker.store.get_version(1)
+    assert info is not None and info.parent == 0 and info.samples == 2 and info.loss is not None
+    assert info.feedback_ranges and info.trained_by == "r0"
+    assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE} <= {
+        p.name for p in worker.runtime.directory.path(1).iterdir()
+    }
+    wait_until(lambda: pending(redis_client) == 0, 10, "all feedback acknowledged")
+    dead = redis_client.xrange(KEYS.dead_letters)
+    assert len(dead) == 1 and "no request record" in dead[0][1]["reason"]
+    assert redis_client.hgetall(KEYS.version_feedback(0)) == {
+        "positive": "1",
+        "correction": "1",
+        "negative": "1",
+    }
+    assert samples_metric(worker, "reused") == 2  # both recorded here, at version 0 = the trainer's head
+    # The correction was trained on (one step, high learning rate): it became more likely under version 1.
+    after, version = worker.runtime.score(PROMPT[:4], correction)
+    before_same, _ = before, None
+    assert version == 1
+    assert after > worker_score_at_base(worker, PROMPT[:4], correction, before_same)
+    (replica,) = worker.store.live_replicas()
+    wait_until(lambda: worker.store.live_replicas()[0].loaded_version == 1, 5, "heartbeat with version 1")
+    assert replica.replica == "r0"
+
+
+def worker_score_at_base(
+    worker: InProcessWorker, prompt: list[int], tokens: list[int], _unused: float
+) -> float:
+    """The score under version 0 computed from the base serving set, without switching the engine."""
+    weights = worker.runtime.weights
+    serving = weights.serving
+
+    def at_base() -> float:
+        weights.install(weights.base_serving_set())
+        try:
+            return worker.runtime._score(prompt, tokens)[0]
+        finally:
+            weights.install(serving)
+
+    return worker.runtime.engine_side.call(at_base).result(timeout=30)
+
+
+def test_rollback_continues_training_from_the_older_version(
+    make_worker: Callable[..., InProcessWorker],
+) -> None:
+    worker = make_worker()
+    for expected in (1, 2):
+        out = worker.generate(PROMPT)
+        worker.feedback.accept(out.request_id)
+        worker.wait_version(expected)
+    worker.wait_serving(2)
+    worker.store.request_rollback(1, reason="test")
+    worker.wait_serving(1)
+    wait_until(lambda: worker.runtime.trainer.head_version == 1, 10, "trainer back at version 1")
+    out = worker.generate(PROMPT)  # served by version 1 after the rollback, so its record is on the lineage
+    worker.feedback.accept(out.request_id)
+    worker.wait_version(3)
+    info = worker.store.get_version(3)
+    assert info is not None and info.parent == 1
+    worker.wait_serving(3)  # the trainer published past the rollback: `latest` follows again
+
+
+def test_pointer_mode_serves_what_the_operator_says(make_worker: Callable[..., InProcessWorker]) -> None:
+    worker = make_worker(follow=FollowMode.POINTER)
+    worker.store.set_rollout(RolloutPointer(stable_version=0))
+    out = worker.generate(PROMPT)
+    worker.feedback.accept(out.request_id)
+    worker.wait_version(1)
+    worker.generate(PROMPT)
+    assert worker.engine.weight_version == 0  # published, but not rolled out
+    worker.store.set_rollout(RolloutPointer(stable_version=0, canary_version=1, canary_replicas=["r0"]))
+    worker.wait_serving(1)
+    worker.store.set_rollout(RolloutPointer(stable_version=0))
+    worker.wait_serving(0)
+
+
+def test_a_second_replica_serves_but_does_not_train(
+    make_worker: Callable[..., InProcessWorker], tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    trainer = make_worker()
+    wait_until(lambda: trainer.runtime.control.training, 10, "the first replica takes the lease")
+    follower = make_worker(replica="r1")
+    out = follower.generate(PROMPT)  # served by r1: the trainer cannot reuse its record, it recomputes
+    follower.feedback.accept(out.request_id)
+    trainer.wait_version(1)
+    follower.wait_serving(1)
+    assert not follower.runtime.control.training
+    assert samples_metric(trainer, "recomputed") == 1
+    reasons = {
+        s.labels["reason"]
+        for m in trainer.runtime.metrics.samples.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert reasons == {"other_replica"}
+
+
+@pytest.mark.parametrize("method", ["full"])
+def test_full_fine_tuning_publishes_safetensors(
+    make_worker: Callable[..., InProcessWorker], method: str
+) -> None:
+    worker = make_worker(method=method, learning_rate=1e-4)
+    out = worker.generate(PROMPT)
+    worker.feedback.accept(out.request_id)
+    worker.wait_version(1)
+    worker.wait_serving(1)
+    files = {p.name for p in worker.runtime.directory.path(1).iterdir()}
+    assert {"model.safetensors", "config.json"} <= files

@@ -1,0 +1,445 @@
+"""The trainer's control thread: everything that talks to Redis or the disk, never to the model directly.
+
+It holds the trainer lease, reads and resolves feedback, decides when a step starts, commits versions, follows
+the rollout pointer, honours rollback requests, beats the heartbeat and repairs state after a crash or a Redis
+restart. Work on the model goes to the engine thread through `EngineSide.call` and comes back as `StepDone`.
+A Redis outage only pauses this thread (with back-off); serving goes on.
+
+Step life: resolved samples wait in `pending`; a step starts when `min_batch_samples` wait (or the oldest has
+waited `max_wait_s`) and `step_interval_s` has passed since the previous one; it takes up to `batch_samples`
+samples and `batch_tokens` tokens. Every `publish_every_steps` finished steps become a version, and only then
+is their feedback acknowledged (at-least-once). A failed step puts its samples back, to be retried one at a
+time; a sample that fails `MAX_FAILURES` times goes to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from alchemist_protocol.job_store import JobStore
+
+from alchemist_worker.continual.engine_side import EngineSide, StepDone
+from alchemist_worker.continual.lease import TrainerLease
+from alchemist_worker.continual.metrics import TrainingMetrics
+from alchemist_worker.continual.settings import TrainerSettings
+from alchemist_worker.continual.step_cursor import StepCancelled
+from alchemist_worker.continual.trainable_weights import TrainableWeights
+from alchemist_worker.continual.trainer import ContinualTrainer, StepResult
+from alchemist_worker.engine.serving_engine import WeightSwitch
+from alchemist_worker.feedback.consumer import FeedbackConsumer, FeedbackItem, SettledFeedback
+from alchemist_worker.feedback.samples import SampleResolver, Skip, SkipKind, TrainingSample
+from alchemist_worker.rollout.follower import RolloutFollower
+from alchemist_worker.rollout.heartbeat import Heartbeat
+from alchemist_worker.versions.artifacts import read_trainer_state, write_trainer_state
+from alchemist_worker.versions.directory import VersionDirectory, VersionExists
+from alchemist_worker.versions.publisher import VersionDraft, VersionPublisher, entry_ranges
+
+log = logging.getLogger(__name__)
+
+MAX_FAILURES = 3
+
+
+@dataclass
+class Pending:
+    item: FeedbackItem
+    sample: TrainingSample
+    since: float = field(default_factory=time.monotonic)
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class ControlTimings:
+    poll_s: float = 0.02
+    lease_s: float = 2.0
+    follow_s: float = 0.25
+    heartbeat_s: float = 5.0
+
+
+class TrainingControl:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        consumer: FeedbackConsumer,
+        resolver: SampleResolver,
+        directory: VersionDirectory,
+        publisher: VersionPublisher,
+        lease: TrainerLease,
+        follower: RolloutFollower,
+        heartbeat: Heartbeat,
+        engine_side: EngineSide,
+        trainer: ContinualTrainer,
+        weights: TrainableWeights,
+        settings: TrainerSettings,
+        metrics: TrainingMetrics,
+        model_config: Path | None = None,
+        timings: ControlTimings = ControlTimings(),
+    ) -> None:
+        self.store = store
+        self.consumer = consumer
+        self.resolver = resolver
+        self.directory = directory
+        self.publisher = publisher
+        self.lease = lease
+        self.follower = follower
+        self.heartbeat = heartbeat
+        self.engine_side = engine_side
+        self.engine: Any = engine_side.engine
+        self.trainer = trainer
+        self.weights = weights
+        self.settings = settings
+        self.metrics = metrics
+        self.model_config = model_config
+        self.timings = timings
+        self.done: queue.SimpleQueue[StepDone] = queue.SimpleQueue()
+        self.pending: deque[Pending] = deque()
+        self.in_step: list[Pending] | None = None
+        self.step_id = 0  # of the step in progress (or the last one started)
+        self._honoured: tuple[int, float] | None = None  # the rollback request already acted upon
+        self.uncommitted: list[tuple[list[Pending], StepResult]] = []
+        self.training = False  # holds the lease and restored the trainer
+        self.switching_to: int | None = None
+        self.redis_errors = 0
+        self.last_error = ""
+        self._last_step = 0.0
+        self._due: dict[str, float] = {}
+        self._run_id: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen = (0, 0, 0)  # consumer counters already exported: dead letters, duplicates, delivered
+
+    # Lifecycle.
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="trainer-control", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.lease.held:
+            with contextlib.suppress(redis.RedisError):
+                self.lease.release()
+
+    def on_step_done(self, done: StepDone) -> None:
+        """Called on the engine thread."""
+        self.done.put(done)
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            try:
+                self.tick()
+                backoff = 0.0
+            except redis.RedisError as exc:
+                self.redis_errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                backoff = min(2.0, max(0.1, backoff * 2))
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+            except Exception as exc:  # never let the control thread die: log and go on
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("trainer control failed")
+                self._stop.wait(1.0)
+            self._stop.wait(self.timings.poll_s)
+
+    def _is_due(self, what: str, every: float) -> bool:
+        now = time.monotonic()
+        if now < self._due.get(what, 0.0):
+            return False
+        self._due[what] = now + every
+        return True
+
+    def tick(self) -> None:
+        self._handle_done()
+        if self._is_due("lease", self.timings.lease_s):
+            self._lease_tick()
+        if self.training:
+            self._check_rollback()
+            self._consume()
+            self._maybe_begin_step()
+        if self._is_due("follow", self.timings.follow_s):
+            self._follow()
+        if self._is_due("heartbeat", self.timings.heartbeat_s):
+            self._heartbeat()
+
+    # Lease and restore.
+    def _lease_tick(self) -> None:
+        if not self.settings.enabled:
+            return
+        held = self.lease.acquire_or_renew()
+        self.metrics.trainer_lease.set(1 if held else 0)
+        if held and not self.training:
+            self._become_trainer()
+        elif not held and self.training:
+            log.warning("lost the trainer lease; this replica stops training")
+            self._stop_training()
+
+    def _become_trainer(self) -> None:
+        self.consumer.ensure_group()
+        report = self.publisher.reconcile()
+        self._run_id = self._redis_run_id()
+        head = self.directory.latest()
+        rollback = self.store.get_rollback()
+        if rollback is not None and rollback.applies_to(head):
+            head = rollback.version
+            self._honoured = (rollback.version, rollback.requested_at)
+        self._restore(head)
+        self.training = True
+        log.info("training from version %d (reconciled %s)", head, report)
+
+    def _restore(self, version: int) -> None:
+        if version == 0:
+            tensors = self.weights.initial
+            state = None
+        else:
+            path = self.directory.path(version)
+            tensors, state = self.weights.read(path), read_trainer_state(path)
+        self.engine_side.call(lambda: self.trainer.restore(version, dict(tensors), state)).result()
+        self.metrics.version.labels(role="training").set(version)
+
+    def _stop_training(self) -> None:
+        self.engine_side.call(self.trainer.cancel).result()
+        for pending in self._all_held():
+            self.consumer.release([pending.item])
+        self.pending.clear()
+        self.in_step = None
+        self.uncommitted.clear()
+        self.training = False
+
+    def _all_held(self) -> list[Pending]:
+        held = list(self.pending) + (self.in_step or [])
+        return held + [p for batch, _ in self.uncommitted for p in batch]
+
+    def _check_rollback(self) -> None:
+        rollback = self.store.get_rollback()
+        if rollback is None or not rollback.applies_to(self.directory.latest()):
+            return
+        if self._honoured == (rollback.version, rollback.requested_at):
+            return
+        if rollback.version != 0 and rollback.version not in self.directory.committed():
+            log.error(
+                "rollback to version %d requested, but it is not in %s", rollback.version, self.directory.root
+            )
+            return
+        log.info("rolling back: training continues from version %d", rollback.version)
+        self.engine_side.call(self.trainer.cancel).result()
+        # Samples of the abandoned steps train again, on the rolled-back weights.
+        again = (self.in_step or []) + [p for batch, _ in self.uncommitted for p in batch]
+        self.pending.extendleft(reversed(again))
+        self.in_step = None
+        self.uncommitted.clear()
+        self._restore(rollback.version)
+        self._honoured = (rollback.version, rollback.requested_at)
+
+    # Feedback.
+    def _consume(self) -> None:
+        if not self.consumer.has_room:
+            return
+        for item in self.consumer.poll():
+            self.metrics.feedback.labels(label=item.feedback.label.value).inc()
+            resolved = self.resolver.resolve(item)
+            if isinstance(resolved, Skip):
+                if resolved.kind is SkipKind.DEAD:
+                    self.consumer.dead_letter(item, resolved.reason)
+                else:
+                    versions = (
+                        {} if resolved.served_version is None else {item.feedback_id: resolved.served_version}
+                    )
+                    self.consumer.finalize([item], versions)
+                continue
+            self.pending.append(Pending(item, resolved))
+        self.metrics.held.set(self.consumer.held)
+
+    def _maybe_begin_step(self) -> None:
+        if self.in_step is not None or not self.pending:
+            return
+        s = self.settings
+        now = time.monotonic()
+        if now - self._last_step < s.step_interval_s:
+            return
+        if len(self.pending) < s.min_batch_samples and now - self.pending[0].since < s.max_wait_s:
+            return
+        batch = self._take_batch()
+        due = len(self.uncommitted) + 1 >= s.publish_every_steps
+        samples = [p.sample for p in batch]
+        self.step_id += 1
+        step_id = self.step_id
+        self.engine_side.call(lambda: self.engine_side.begin_step(step_id, samples, due)).result()
+        self.in_step = batch
+        self._last_step = now
+
+    def _take_batch(self) -> list[Pending]:
+        first = self.pending.popleft()
+        batch, tokens = [first], first.sample.num_tokens
+        if first.failures:  # retried alone, so one bad sample cannot sink others
+            return batch
+        while self.pending and len(batch) < self.settings.batch_samples:
+            nxt = self.pending[0]
+            if nxt.failures or tokens + nxt.sample.num_tokens > self.settings.batch_tokens:
+                break
+            batch.append(self.pending.popleft())
+            tokens += nxt.sample.num_tokens
+        return batch
+
+    # Steps and versions.
+    def _handle_done(self) -> None:
+        while True:
+            try:
+                done = self.done.get_nowait()
+            except queue.Empty:
+                return
+            if done.step_id != self.step_id or self.in_step is None:
+                continue  # a step abandoned by a rollback or a lost lease: its samples were put back
+            batch, self.in_step = self.in_step, None
+            if done.result is None:
+                if not isinstance(done.error, StepCancelled):
+                    self._failed(batch, done.error)
+                continue
+            result = done.result
+            self.metrics.step_committed(
+                tokens=result.tokens,
+                loss=result.loss,
+                wall_s=result.wall_s,
+                busy_s=result.busy_s,
+                outcomes=[(r.path, r.reason) for r in result.results],
+                staleness=[r.staleness for r in result.results if r.staleness is not None],
+            )
+            self.uncommitted.append((batch, result))
+            if done.snapshot is not None and done.state is not None:
+                self._commit(done.snapshot, done.state)
+
+    def _failed(self, batch: list[Pending], error: BaseException | None) -> None:
+        for pending in reversed(batch):
+            pending.failures += 1
+            if pending.failures >= MAX_FAILURES:
+                self.consumer.dead_letter(pending.item, f"training failed {pending.failures} times: {error}")
+            else:
+                self.pending.appendleft(pending)
+
+    def _commit(self, snapshot: dict[str, Any], state: dict[str, Any]) -> None:
+        version = max(self.directory.latest(), self.store.latest_version()) + 1
+        parent = int(state["head_version"])
+        state = {**state, "head_version": version, "lineage": sorted({*state["lineage"], version})}
+        batches = [batch for batch, _ in self.uncommitted]
+        results = [result for _, result in self.uncommitted]
+        items = [p for batch in batches for p in batch]
+        settled = [
+            SettledFeedback(
+                p.item.feedback_id, p.item.entry_ids, p.item.feedback.label.value, p.sample.served_version
+            )
+            for p in items
+        ]
+
+        def write(path: Path) -> None:
+            self.weights.write(path, snapshot, self.model_config)
+            write_trainer_state(path, state)
+
+        tokens = sum(r.response_tokens for r in results)
+        draft = VersionDraft(
+            version=version,
+            parent=parent,
+            kind=self.weights.kind,
+            write_files=write,
+            feedback=settled,
+            loss=sum(r.loss * r.response_tokens for r in results) / max(1, tokens),
+            samples=len(items),
+            training={
+                **self.settings.describe(),
+                "steps": [r.step for r in results],
+                "reused": sum(x.path == "reused" for r in results for x in r.results),
+                "recomputed": sum(x.path == "recomputed" for r in results for x in r.results),
+            },
+            feedback_ranges=entry_ranges([e for s in settled for e in s.entry_ids]),
+        )
+        try:
+            info = self.publisher.commit(draft)
+        except VersionExists:
+            log.error("version %d was published by another trainer; discarding this step", version)
+            self._stop_training()
+            return
+        self.consumer.release([p.item for p in items])
+        self.uncommitted.clear()
+        self.engine_side.call(lambda: self.trainer.committed(version)).result()
+        self.metrics.versions_published.inc()
+        self.metrics.version.labels(role="training").set(version)
+        log.info(
+            "published version %d (parent %d, %d samples, loss %.4f)",
+            version,
+            parent,
+            len(items),
+            info.loss or 0,
+        )
+        self.publisher.prune(protect={version, self.engine.weight_version})
+
+    # Serving side: rollout and heartbeat.
+    def _follow(self) -> None:
+        decision = self.follower.decide()
+        target = decision.target
+        serving = self.engine.weight_version
+        if target is None or not decision.available or target == serving or target == self.switching_to:
+            return
+        tensors = None if target == 0 else self.weights.read(self.directory.path(target))
+        self.switching_to = target
+        self.engine_side.call(lambda: self._request_switch(target, tensors)).result()
+
+    def _request_switch(self, version: int, tensors: dict[str, Any] | None) -> None:
+        """Engine thread: prepares the serving set now; the engine installs it between iterations."""
+        prepared = self.weights.base_serving_set() if tensors is None else self.weights.serving_set(tensors)
+
+        def apply() -> None:
+            self.weights.serving = prepared
+            self.weights.use_serving()
+            self.metrics.version.labels(role="serving").set(version)
+
+        try:
+            self.engine.request_weight_switch(WeightSwitch(version=version, apply=apply))
+        except ValueError as exc:
+            log.error("cannot switch to version %d: %s", version, exc)
+
+    def _heartbeat(self) -> None:
+        lag = self.consumer.lag() if self.training else None
+        if lag is not None:
+            self.metrics.lag_entries.set(lag.entries)
+            self.metrics.lag_seconds.set(lag.seconds)
+        self.heartbeat.beat(self.engine.weight_version, ready=True, feedback_lag=lag.entries if lag else 0)
+        counters = self.consumer.counters
+        dead, dup, _ = self._seen
+        self.metrics.dead_letters.inc(counters.dead_letters - dead)
+        self.metrics.duplicates.inc(counters.duplicates - dup)
+        self._seen = (counters.dead_letters, counters.duplicates, counters.delivered)
+        self.metrics.refresh_throughput()
+        run_id = self._redis_run_id()
+        if self.training and self._run_id is not None and run_id != self._run_id:
+            log.warning(
+                "Redis restarted (run id changed): rebuilding versions and trained feedback from disk"
+            )
+            self.consumer.ensure_group()
+            self.publisher.reconcile()
+        self._run_id = run_id
+
+    def _redis_run_id(self) -> str:
+        return str(self.store.client.info("server").get("run_id", ""))
+
+    def status(self) -> dict[str, Any]:
+        """For /v1/versions and tests."""
+        return {
+            "training": self.training,
+            "head_version": self.trainer.head_version,
+            "serving_version": self.engine.weight_version,
+            "pending": len(self.pending),
+            "in_step": len(self.in_step or []),
+            "uncommitted_steps": len(self.uncommitted),
+            "steps": self.trainer.step_count,
+            "redis_errors": self.redis_errors,
+            "last_error": self.last_error,
+        }

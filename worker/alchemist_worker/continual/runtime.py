@@ -1,0 +1,228 @@
+"""The continual trainer composed with a serving engine in one process: build, start, stop, routes.
+
+    runtime = ContinualRuntime.build(loop, engine, RuntimeSettings(...), TrainerSettings(...))
+    runtime.start()          # before or after the engine loop starts
+    app.include_router(...)  # for router in runtime.routers()
+
+The engine knows nothing of training; this module only wires: the trainer and its slices run in the engine
+loop's between-iterations hook (engine_side.py), Redis and the disk are handled by the control thread
+(control.py). With `training.enabled` false the replica still follows the rollout pointer, loads versions and
+beats its heartbeat: it serves, and another replica trains.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+from alchemist_protocol.feedback_client import FeedbackClient
+from alchemist_protocol.job_store import JobStore
+from alchemist_protocol.keys import JobKeys
+from fastapi import APIRouter
+from prometheus_client import CollectorRegistry
+
+from alchemist_worker.activations.store import ActivationStore, StoreConfig
+from alchemist_worker.continual.co_scheduler import CoScheduler
+from alchemist_worker.continual.control import ControlTimings, TrainingControl
+from alchemist_worker.continual.engine_side import EngineSide
+from alchemist_worker.continual.lease import TrainerLease
+from alchemist_worker.continual.metrics import TrainingMetrics
+from alchemist_worker.continual.router import continual_router
+from alchemist_worker.continual.settings import TrainerSettings
+from alchemist_worker.continual.trainable_weights import TrainableWeights
+from alchemist_worker.continual.trainer import ContinualTrainer
+from alchemist_worker.engine.engine_loop import EngineLoop
+from alchemist_worker.feedback.consumer import ConsumerSettings, FeedbackConsumer
+from alchemist_worker.feedback.router import feedback_router
+from alchemist_worker.feedback.samples import SampleResolver
+from alchemist_worker.model.attention import DenseCausalAttention
+from alchemist_worker.rollout.follower import FollowMode, RolloutFollower
+from alchemist_worker.rollout.heartbeat import Heartbeat
+from alchemist_worker.training.batch import TrainingSample, full_batch
+from alchemist_worker.versions.directory import VersionDirectory
+from alchemist_worker.versions.publisher import VersionPublisher
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    redis_url: str
+    namespace: str
+    job: str
+    replica: str
+    versions_dir: Path
+    follow: FollowMode = FollowMode.AUTO
+    heartbeat_s: float = 5.0
+    lease_ttl_s: float = 15.0
+    feedback_max_held: int = 1024
+    feedback_claim_idle_ms: int = 60_000
+    feedback_max_backlog: int = 0  # POST /v1/feedback answers 429 beyond this backlog; 0: unbounded
+
+    def __post_init__(self) -> None:
+        if not self.redis_url:
+            raise ValueError("the continual trainer needs Redis: set ALCHEMIST_REDIS_URL (or --redis-url)")
+        if self.heartbeat_s <= 0 or self.lease_ttl_s <= 0:
+            raise ValueError("heartbeat and lease intervals must be positive")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **given: Any) -> RuntimeSettings:
+        """`given` (redis_url, namespace, job, replica from the serve settings) plus these variables."""
+        env = os.environ if environ is None else environ
+        table: dict[str, tuple[str, Any]] = {
+            "versions_dir": ("ALCHEMIST_VERSIONS_DIR", Path),
+            "follow": ("ALCHEMIST_ROLLOUT_FOLLOW", FollowMode),
+            "heartbeat_s": ("ALCHEMIST_HEARTBEAT_SECONDS", float),
+            "lease_ttl_s": ("ALCHEMIST_TRAINER_LEASE_SECONDS", float),
+            "feedback_max_held": ("ALCHEMIST_FEEDBACK_MAX_HELD", int),
+            "feedback_claim_idle_ms": ("ALCHEMIST_FEEDBACK_CLAIM_IDLE_MS", int),
+            "feedback_max_backlog": ("ALCHEMIST_FEEDBACK_MAX_BACKLOG", int),
+        }
+        values = dict(given)
+        for name, (var, parse) in table.items():
+            raw = env.get(var, "")
+            if raw and name not in values:
+                try:
+                    values[name] = parse(raw)
+                except ValueError as exc:
+                    raise ValueError(f"{var}={raw!r}: {exc}") from None
+        values.setdefault("versions_dir", Path.cwd() / ".run" / "versions")
+        return cls(**values)
+
+
+class ContinualRuntime:
+    def __init__(
+        self,
+        loop: EngineLoop,
+        engine: Any,
+        settings: RuntimeSettings,
+        training: TrainerSettings,
+        *,
+        model_path: Path,
+        registry: CollectorRegistry | None = None,
+        timings: ControlTimings | None = None,
+    ) -> None:
+        self.loop = loop
+        self.engine = engine
+        self.settings = settings
+        self.training = training
+        model = engine.runner.model
+        recording_store = getattr(getattr(engine, "recording", None), "store", None)
+        if recording_store is None:  # recording off: every sample is recomputed
+            recording_store = ActivationStore(StoreConfig(device=str(engine.runner.device)))
+        self.activations: ActivationStore = recording_store
+        self.weights = TrainableWeights(model, training, base_model=str(model_path))
+        self.weights.use_serving()  # serve the base model (or what the follower loads) until told otherwise
+        self.trainer = ContinualTrainer(model, self.weights, self.activations, training, settings.replica)
+        self.co_scheduler = CoScheduler(training)
+        self.metrics = TrainingMetrics(registry)
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
+        )
+        keys = JobKeys(settings.namespace, settings.job)
+        self.store = JobStore(self.redis, keys)
+        tokenizer = engine.tokenizer
+        inner = getattr(tokenizer, "inner", None)
+        self._encode_text = (
+            (lambda text: inner.encode(text, add_special_tokens=False))
+            if inner is not None
+            else tokenizer.encode
+        )
+        eos_ids = sorted(tokenizer.eos_token_ids)
+        self._end_token = getattr(inner, "eos_token_id", None) if inner is not None else None
+        if self._end_token is None and eos_ids:
+            self._end_token = eos_ids[0]
+        self.consumer = FeedbackConsumer(
+            self.redis,
+            keys,
+            ConsumerSettings(
+                consumer=settings.replica,
+                max_held=settings.feedback_max_held,
+                claim_idle_ms=settings.feedback_claim_idle_ms,
+            ),
+        )
+        resolver = SampleResolver(
+            self.store, self._encode_text, eos_ids, max_tokens=engine.max_model_len, end_token=self._end_token
+        )
+        self.directory = VersionDirectory(settings.versions_dir)
+        self.engine_side = EngineSide(loop, self.trainer, self.co_scheduler, on_step_done=lambda done: None)
+        self.control = TrainingControl(
+            store=self.store,
+            consumer=self.consumer,
+            resolver=resolver,
+            directory=self.directory,
+            publisher=VersionPublisher(self.directory, self.store, settings.replica, training.keep_versions),
+            lease=TrainerLease(self.redis, keys, settings.replica, settings.lease_ttl_s),
+            follower=RolloutFollower(
+                self.store, settings.replica, settings.follow, lambda v: v in self.directory.committed()
+            ),
+            heartbeat=Heartbeat(self.store, settings.replica, settings.heartbeat_s),
+            engine_side=self.engine_side,
+            trainer=self.trainer,
+            weights=self.weights,
+            settings=training,
+            metrics=self.metrics,
+            model_config=model_path / "config.json" if (model_path / "config.json").is_file() else None,
+            timings=timings
+            or ControlTimings(heartbeat_s=settings.heartbeat_s, lease_s=settings.lease_ttl_s / 3),
+        )
+        self.engine_side.on_step_done = self.control.on_step_done
+        self.engine_side.on_slice = self.metrics.slice_seconds.observe
+        self.metrics.version.labels(role="serving").set(engine.weight_version)
+        self._attached = False
+
+    def start(self) -> None:
+        if not self._attached:
+            self.engine_side.attach()
+            self._attached = True
+        self.control.start()
+
+    def stop(self) -> None:
+        self.control.stop()
+        self.redis.close()
+
+    # Scoring (engine thread).
+    def score(self, prompt: list[int], continuation: list[int]) -> tuple[float, int]:
+        """Summed log-probability of `continuation` after `prompt` under the served weights, and their version."""
+        return self.engine_side.call(lambda: self._score(prompt, continuation)).result(timeout=120)
+
+    def _score(self, prompt: list[int], continuation: list[int]) -> tuple[float, int]:
+        model = self.engine.runner.model
+        sample = TrainingSample("score", torch.tensor(prompt), torch.tensor(continuation))
+        batch = full_batch([sample], self.engine.runner.device)
+        with torch.inference_mode():
+            backend = DenseCausalAttention(batch.cu_seqlens, sliding_window=model.config.sliding_window)
+            hidden = model(batch.input_ids, batch.positions, backend)
+            logits = model.compute_logits(hidden[batch.loss_rows]).float()  # [R, vocab]
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, batch.labels[:, None])
+        return float(logprobs.sum()), int(self.engine.weight_version)
+
+    def continuation_tokens(self, text: str) -> list[int]:
+        """How a correction becomes training tokens: the text, then the end-of-turn token."""
+        tokens = list(self._encode_text(text))
+        if self._end_token is not None:
+            tokens.append(self._end_token)
+        return tokens
+
+    def routers(self) -> list[APIRouter]:
+        client = FeedbackClient(self.redis, self.store.keys)
+        tokenizer = self.engine.tokenizer
+        return [
+            feedback_router(
+                client,
+                self.store,
+                max_backlog=self.settings.feedback_max_backlog,
+                backlog=lambda: self.consumer.lag().entries,
+            ),
+            continual_router(
+                self.store,
+                self.control.status,
+                self.score,
+                encode_prompt=tokenizer.encode,
+                encode_chat=tokenizer.apply_chat_template,
+                encode_continuation=self.continuation_tokens,
+            ),
+        ]

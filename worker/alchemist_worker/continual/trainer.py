@@ -1,0 +1,271 @@
+"""The trainer proper: optimizer, schedule and the step in progress, on the serving model, sliced.
+
+Everything here runs on the engine loop's thread (or on the step cursor's thread while that one waits), so the
+model, the activation store and the weights are never touched by two threads at once. A step:
+1. hedges each sample against the activation store: a record is offered to the reuse path only if this replica
+   recorded it, under a version on the trainer's own lineage (after a rollback, records of the abandoned
+   branch are recomputed); the training package then decides the rest (missing, evicted, stale, policy...);
+2. accumulates gradients micro-batch by micro-batch (`micro_batch_tokens`), weighting each by its tokens so
+   the step's gradient is that of the mean loss over all its response tokens;
+3. clips, steps the optimizer and the learning-rate schedule.
+It runs inside a `StepCursor`, so the runtime advances it in slices between engine iterations, with the
+training weights installed only during its slices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from alchemist_worker.activations.store import ActivationStore
+from alchemist_worker.continual.settings import Optimizer, Schedule, TrainerSettings
+from alchemist_worker.continual.step_cursor import StepCursor, cursor_yield
+from alchemist_worker.continual.trainable_weights import TrainableWeights
+from alchemist_worker.feedback.samples import TrainingSample as FeedbackSample
+from alchemist_worker.model.transformer import Transformer
+from alchemist_worker.training import Decision, StepConfig, StepReport, TrainingSample, accumulate_gradients
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    feedback_id: str
+    path: str  # "reused" or "recomputed"
+    reason: str  # why it was recomputed; "" when reused
+    staleness: int | None  # versions between the record and the trained weights, when reused
+
+
+@dataclass
+class StepResult:
+    samples: list[FeedbackSample]
+    loss: float
+    tokens: int  # prompt + response tokens
+    response_tokens: int
+    results: list[SampleResult]
+    busy_s: float
+    wall_s: float
+    slices: int
+    step: int  # optimizer steps so far, this one included
+    lr: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_factor(settings: TrainerSettings, step: int) -> float:
+    """Multiplier of the base learning rate before optimizer step `step` (0-based)."""
+    if settings.warmup_steps and step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    if settings.schedule is Schedule.CONSTANT:
+        return 1.0
+    span = max(1, settings.total_steps - settings.warmup_steps)
+    progress = min(1.0, (step - settings.warmup_steps) / span)
+    if settings.schedule is Schedule.LINEAR:
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def micro_batches(samples: list[FeedbackSample], max_tokens: int) -> list[list[FeedbackSample]]:
+    """Consecutive groups of at most `max_tokens` tokens (a longer sample is a group of its own)."""
+    groups: list[list[FeedbackSample]] = []
+    tokens = 0
+    for sample in samples:
+        if groups and tokens + sample.num_tokens <= max_tokens:
+            groups[-1].append(sample)
+            tokens += sample.num_tokens
+        else:
+            groups.append([sample])
+            tokens = sample.num_tokens
+    return groups
+
+
+class ContinualTrainer:
+    def __init__(
+        self,
+        model: Transformer,
+        weights: TrainableWeights,
+        store: ActivationStore,
+        settings: TrainerSettings,
+        replica: str,
+    ) -> None:
+        self.model = model
+        self.weights = weights
+        self.store = store
+        self.settings = settings
+        self.replica = replica
+        params = weights.parameters()
+        if settings.optimizer is Optimizer.ADAMW:
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                params, lr=settings.learning_rate, weight_decay=settings.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                params, lr=settings.learning_rate, weight_decay=settings.weight_decay
+            )
+        self.step_count = 0
+        self.head_version = 0  # the committed version the training weights descend from
+        self.lineage: set[int] = {0}  # the head and its ancestors
+        self.device = next(model.parameters()).device
+        self._cursor: StepCursor[StepResult] | None = None
+        self._started = 0.0
+
+    # The step in progress.
+    @property
+    def busy(self) -> bool:
+        return self._cursor is not None
+
+    def begin(self, samples: list[FeedbackSample]) -> None:
+        if self._cursor is not None:
+            raise RuntimeError("a training step is already in progress")
+        if not samples:
+            raise ValueError("a training step needs at least one sample")
+        self._started = time.monotonic()
+        self._cursor = StepCursor(
+            lambda: self._step(samples),
+            yield_at_modules=list(self.model.layers),
+            on_resume=self.weights.use_training,
+            on_pause=self.weights.use_serving,
+            device=self.device,
+        )
+
+    def advance(self, budget_s: float) -> StepResult | None:
+        """Runs the step for about `budget_s`; its result once it is done. Raises what the step raised."""
+        cursor = self._cursor
+        if cursor is None or not cursor.advance(budget_s):
+            return None
+        self._cursor = None
+        result = cursor.result()
+        result.busy_s, result.slices = cursor.busy_s, cursor.slices
+        result.wall_s = time.monotonic() - self._started
+        return result
+
+    def cancel(self) -> None:
+        """Abandons the step in progress (its samples stay unacknowledged and train again later)."""
+        if self._cursor is not None:
+            self._cursor.cancel()
+            self._cursor = None
+            for param in self.weights.parameters():
+                param.grad = None
+
+    # Step thread.
+    def _step(self, samples: list[FeedbackSample]) -> StepResult:
+        params = self.weights.parameters()
+        for param in params:
+            param.grad = None
+        own_reasons: dict[str, str] = {}
+        config = StepConfig(max_staleness=self.settings.max_staleness)
+        total = sum(len(s.response_tokens) for s in samples)
+        reports: list[StepReport] = []
+        previous = 0
+        for group in micro_batches(samples, self.settings.micro_batch_tokens):
+            tokens = sum(len(s.response_tokens) for s in group)
+            if previous:  # keep .grad = (1 / tokens of this group) * sum of token-weighted gradients so far
+                self._scale_grads(params, previous / tokens)
+            local = self._hedge(group, own_reasons)
+            reports.append(
+                accumulate_gradients(self.model, self.store, local, version=self.head_version, config=config)
+            )
+            previous = tokens
+            cursor_yield()
+        self._scale_grads(params, previous / total)
+        if self.settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
+        lr = self.settings.learning_rate * lr_factor(self.settings, self.step_count)
+        for group_ in self.optimizer.param_groups:
+            group_["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        outcomes = [o for r in reports for o in r.outcomes]
+        results = []
+        for sample, outcome in zip(samples, outcomes, strict=True):
+            reused = outcome.decision is Decision.REUSED
+            reason = "" if reused else own_reasons.get(sample.feedback_id) or (outcome.reason or "unknown")
+            staleness = (
+                self.head_version - outcome.record_version
+                if reused and outcome.record_version is not None
+                else None
+            )
+            results.append(
+                SampleResult(sample.feedback_id, "reused" if reused else "recomputed", str(reason), staleness)
+            )
+        loss = sum(r.loss * r.response_tokens for r in reports) / total
+        return StepResult(
+            samples=samples,
+            loss=loss,
+            tokens=sum(s.num_tokens for s in samples),
+            response_tokens=total,
+            results=results,
+            busy_s=0.0,
+            wall_s=0.0,
+            slices=0,
+            step=self.step_count,
+            lr=lr,
+        )
+
+    def _hedge(self, samples: list[FeedbackSample], reasons: dict[str, str]) -> list[TrainingSample]:
+        """Training-package samples; a record is offered only when it can belong to this lineage."""
+        out: list[TrainingSample] = []
+        for sample in samples:
+            record_id: str | None = sample.request_id
+            if sample.served_by != self.replica:
+                record_id, reasons[sample.feedback_id] = None, "other_replica"
+            elif sample.served_version not in self.lineage:
+                record_id, reasons[sample.feedback_id] = None, "other_lineage"
+            out.append(
+                TrainingSample(
+                    sample_id=sample.feedback_id,
+                    prompt_ids=torch.tensor(sample.prompt_tokens, dtype=torch.long),
+                    response_ids=torch.tensor(sample.response_tokens, dtype=torch.long),
+                    record_id=record_id,
+                )
+            )
+        return out
+
+    @staticmethod
+    def _scale_grads(params: Iterable[torch.nn.Parameter], factor: float) -> None:
+        if factor == 1.0:
+            return
+        with torch.no_grad():
+            for param in params:
+                if param.grad is not None:
+                    param.grad.mul_(factor)
+
+    # Checkpointed state.
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "step_count": self.step_count,
+            "head_version": self.head_version,
+            "lineage": sorted(self.lineage),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step_count"])
+        self.head_version = int(state["head_version"])
+        self.lineage = set(int(v) for v in state["lineage"])
+
+    def committed(self, version: int) -> None:
+        """The training weights are now those of `version` (just published from them)."""
+        self.head_version = version
+        self.lineage.add(version)
+
+    def restore(self, version: int, tensors: dict[str, torch.Tensor], state: dict[str, Any] | None) -> None:
+        """Continues from a committed version: its weights, and its optimizer state when it has one.
+
+        Used at start (resume from the newest version) and on rollback (continue from an older one: the
+        lineage becomes that version's, so records of the abandoned branch are no longer reused).
+        """
+        if self._cursor is not None:
+            raise RuntimeError("cannot restore while a step is in progress; cancel it first")
+        self.weights.load_training(tensors)
+        if state is not None:
+            self.load_state_dict(state)
+        else:
+            self.optimizer.state.clear()
+        self.head_version = version
+        if state is None or int(state.get("head_version", -1)) != version:
+            self.lineage = {version}
