@@ -173,10 +173,14 @@ def varlen_attention_backward(
     running the forward again (on CPU); shapes as in `varlen_attention`."""
     offsets_q, offsets_k = as_offsets(cu_seqlens_q), as_offsets(cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dqs: list[Tensor] = []
+    dks: list[Tensor] = []
+    dvs: list[Tensor] = []
     for i in range(len(offsets_q) - 1):
         q0, q1, k0, k1 = offsets_q[i], offsets_q[i + 1], offsets_k[i], offsets_k[i + 1]
-        if q1 == q0:
+        if q1 == q0:  # keys nobody queried get no gradient
+            dks.append(torch.zeros_like(k[k0:k1]))
+            dvs.append(torch.zeros_like(v[k0:k1]))
             continue
         mask = causal_mask(q1 - q0, k1 - k0, sliding_window, q.dtype, q.device)
         if _FLASH_CPU_BACKWARD is not None and q.device.type == "cpu":
@@ -188,18 +192,20 @@ def varlen_attention_backward(
             gq, gk, gv = _FLASH_CPU_BACKWARD(
                 bg, bq, bk, bv, bo, blse, 0.0, mask is None, attn_mask=mask, scale=scale
             )
-            dq[q0:q1], dk[k0:k1], dv[k0:k1] = (
-                gq[0].transpose(0, 1),
-                gk[0].transpose(0, 1),
-                gv[0].transpose(0, 1),
-            )
+            dqs.append(gq[0].transpose(0, 1))
+            dks.append(gk[0].transpose(0, 1))
+            dvs.append(gv[0].transpose(0, 1))
             continue
         with torch.enable_grad():
             tq, tk, tv = (t.detach().requires_grad_() for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
             o, _ = _softmax_attention(tq, tk, tv, scale, sliding_window)
             gq, gk, gv = torch.autograd.grad(o, (tq, tk, tv), grad_out[q0:q1])
-        dq[q0:q1], dk[k0:k1], dv[k0:k1] = gq, gk, gv
-    return dq, dk, dv
+        dqs.append(gq)
+        dks.append(gk)
+        dvs.append(gv)
+    if not dqs:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    return tuple(parts[0] if len(parts) == 1 else torch.cat(parts) for parts in (dqs, dks, dvs))  # type: ignore[return-value]
 
 
 class DenseCausalAttention:

@@ -54,26 +54,28 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Llama3RopeScaling | None
 
 
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """positions: [T] -> cos, sin: [T, 1, head_dim] in `dtype` (broadcast over heads)."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # [T, head_dim/2]
-    angles = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
+    """positions: [T] -> cos, sin: [T, 1, head_dim // 2] in `dtype` (broadcast over heads).
+
+    HF builds [T, head_dim] tables whose two halves are equal; keeping one half gives the same products
+    with half the memory traffic.
+    """
+    angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # [T, head_dim/2]
     return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [T, heads, head_dim] rotated by each token's angles."""
-    return x * cos + _rotate_half(x) * sin
+    """x: [T, heads, head_dim] rotated by each token's angles (half-split pairs, as HF Llama does)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def unapply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """The inverse rotation: unapply_rope(apply_rope(x)) == x up to rounding. Lets the trainer rebuild a
     projection's output from the rotated K that serving recorded, instead of recomputing the matmul."""
-    return x * cos - _rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 class LoRALinear(nn.Module):
@@ -114,9 +116,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.lora_A is not None and self.lora_B is not None:
-            y = y + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
-        return y
+        if self.lora_A is None or self.lora_B is None:
+            return y
+        if x.ndim != 2:
+            return y + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        # y + s (x A^T) B^T in one GEMM call: no separate passes over y to scale and add
+        return torch.addmm(y, F.linear(x, self.lora_A), self.lora_B.t(), alpha=self.scaling)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]

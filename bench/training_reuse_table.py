@@ -1,0 +1,120 @@
+"""Markdown report of the training-reuse benchmark (tables, targets, environment, exact command)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Callable
+from typing import Any
+
+from alchemist_worker.model import Transformer
+
+MiB = 1024 * 1024
+
+
+def render(
+    *,
+    args: argparse.Namespace,
+    argv: list[str],
+    model: Transformer,
+    plans: list[Any],
+    times: dict[tuple[str, str], list[float]],
+    memory: dict[tuple[str, str], list[float]],
+    prefill_times: dict[tuple[str, str], list[float]],
+    recorded: dict[tuple[str, str], float],
+    costs: Any,
+    flops: tuple[Callable[..., float], Callable[..., float]],
+    environment: dict[str, Any],
+    median: Callable[[list[float]], float],
+) -> str:
+    baseline_flops, reuse_flops = flops
+    c = model.config
+    command = "python -m bench.training_reuse " + " ".join(shlex.quote(a) for a in argv[1:])
+    lines = [
+        "# Training-reuse benchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Model: random Llama, hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads} heads x {c.head_dim}, "
+        f"{c.num_kv_heads} KV heads, intermediate {c.intermediate_size}, vocab {c.vocab_size}, fp32. LoRA rank "
+        f"{args.lora_rank} on all seven projections. {args.samples} samples per step; medians of {args.reps} "
+        "round-robin repetitions after one warm-up round.",
+        "",
+        f"Environment: {environment['device']} ({environment['cpu']}), torch {environment['torch']}, "
+        f"{environment['threads']} threads, load average before {fmt_load(environment['load_before'])}, "
+        f"after {fmt_load(environment['load_after'])}; whole run {environment['wall_s']:.0f} s. The machine is "
+        "shared with other users, so absolute times move between runs; compare the ratios, all measured side by "
+        "side in this one run.",
+        "",
+        "## Training step",
+        "",
+        "| workload | samples p/r | method | step s | train tok/s | speedup vs (a) | ideal (FLOPs) | achieved/ideal "
+        "| peak act. MiB | memory vs (a) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    summary = []
+    for w, samples, methods in plans:
+        shapes = [(s.prompt_len, s.response_len) for s in samples]
+        tokens = sum(p + r for p, r in shapes)
+        fa = baseline_flops(c, shapes, costs, full_ft=False, checkpointing=False)
+        t_a = median(times[(w.name, "(a) full fwd+bwd")])
+        m_a = median(memory[(w.name, "(a) full fwd+bwd")])
+        for name in methods:
+            t = median(times[(w.name, name)])
+            m = median(memory[(w.name, name)])
+            if name.startswith("(b)"):
+                kept = c.num_layers * sum(p + r - 1 for p, r in shapes) * c.hidden_size * 4
+                m = m + kept + m_a / c.num_layers
+                fm = baseline_flops(c, shapes, costs, full_ft=False, checkpointing=True)
+            elif name.startswith("reuse"):
+                fm = reuse_flops(c, shapes, costs, name.split()[1], full_ft=False)
+            else:
+                fm = fa
+            ideal = fa / fm
+            speedup = t_a / t
+            mem_note = " (est.)" if name.startswith("(b)") else ""
+            lines.append(
+                f"| {w.name} | {' '.join(f'{p}/{r}' for p, r in shapes)} | {name} | {t:.2f} | {tokens / t:.0f} | "
+                f"{speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.0%} | {m / MiB:.0f}{mem_note} | "
+                f"{m / m_a - 1:+.0%} |"
+            )
+            if name == "reuse full":
+                summary.append((w.name, speedup, ideal, 1 - m / m_a))
+        t_hf = median(times[(w.name, "hf transformers+peft")])
+        summary_hf = t_hf / t_a
+        lines.append(f"| {w.name} | | (a) vs hf: hf takes {summary_hf:.2f}x the time of (a) | | | | | | | |")
+    lines += [
+        "",
+        "## Prefill with recording",
+        "",
+        "| workload | prompt tokens | policy | recorded bytes / prompt token | prefill ms, no recorder "
+        "| prefill ms, recording | overhead |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    overheads = []
+    for w, samples, _ in plans:
+        base = median(prefill_times[(w.name, "none")])
+        for policy in ("kv", "selective", "full"):
+            t = median(prefill_times[(w.name, policy)])
+            overheads.append((w.name, policy, t / base - 1))
+            lines.append(
+                f"| {w.name} | {sum(s.prompt_len for s in samples)} | {policy} | "
+                f"{recorded[(w.name, policy)]:.0f} | {base * 1e3:.0f} | {t * 1e3:.0f} | {t / base - 1:+.1%} |"
+            )
+    lines += ["", "## Targets (LoRA, policy `full`, offload on, against (a))", ""]
+    for name, speedup, ideal, saved in summary:
+        lines.append(
+            f"- {name}: speedup {speedup:.2f}x of ideal {ideal:.2f}x = {speedup / ideal:.0%} "
+            f"({'met' if speedup / ideal >= 0.9 else 'missed'}: >= 90%); activation memory {saved:.0%} lower "
+            f"({'met' if saved >= 0.45 else 'missed'}: >= 45%)"
+        )
+    worst = max(overheads, key=lambda o: o[2])
+    lines.append(
+        f"- prefill recording overhead: worst {worst[2]:+.1%} ({worst[0]}, {worst[1]}) "
+        f"({'met' if worst[2] <= 0.05 else 'missed'}: <= 5%)"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.1f}" for x in load)
