@@ -8,27 +8,29 @@ from alchemist_worker.rollout.heartbeat import Heartbeat
 
 def test_target_version_by_mode() -> None:
     canary = RolloutPointer(stable_version=2, canary_version=3, canary_replicas=["r1"])
-    assert target_version(FollowMode.POINTER, "r0", canary, 5, None) == 2
-    assert target_version(FollowMode.POINTER, "r1", canary, 5, None) == 3
-    assert target_version(FollowMode.POINTER, "r0", None, 5, None) is None
-    assert target_version(FollowMode.AUTO, "r1", canary, 5, None) == 3
-    assert target_version(FollowMode.AUTO, "r0", None, 5, None) == 5
+    assert target_version(FollowMode.POINTER, "r0", canary, 5, None, 0) == 2
+    assert target_version(FollowMode.POINTER, "r1", canary, 5, None, 0) == 3
+    assert target_version(FollowMode.POINTER, "r0", None, 5, None, 0) is None
+    assert target_version(FollowMode.AUTO, "r1", canary, 5, None, 0) == 3
+    assert target_version(FollowMode.AUTO, "r0", None, 5, None, 0) == 5
     rollback = RollbackRequest(version=2, superseded_up_to=5)
-    assert target_version(FollowMode.LATEST, "r0", None, 5, rollback) == 2
-    assert target_version(FollowMode.LATEST, "r0", None, 6, rollback) == 6  # the trainer moved on from 2
+    assert target_version(FollowMode.LATEST, "r0", None, 5, rollback, 5) == 2
+    assert target_version(FollowMode.LATEST, "r0", None, 6, rollback, 2) == 6  # the trainer moved on from 2
+    # Without a rollback, `latest` never goes back (e.g. Redis restarted and its index is not rebuilt yet).
+    assert target_version(FollowMode.LATEST, "r0", None, 0, None, 4) is None
 
 
 def test_follower_reads_redis_and_checks_availability(redis_client: redis.Redis) -> None:
     store = JobStore(redis_client, JobKeys("ns", "job"))
     on_disk = {1}
     follower = RolloutFollower(store, "r0", FollowMode.AUTO, lambda v: v in on_disk)
-    assert follower.decide().target == 0 and follower.decide().available
+    assert follower.decide(0).target is None
     for v in (1, 2):
         store.publish_version(VersionInfo(version=v, parent=v - 1, kind=ArtifactKind.LORA, path=f"/v/{v}"))
-    decision = follower.decide()
+    decision = follower.decide(0)
     assert decision.target == 2 and not decision.available  # published, not yet visible here
     store.set_rollout(RolloutPointer(stable_version=1))
-    assert follower.decide().target == 1 and follower.decide().available
+    assert follower.decide(0).target == 1 and follower.decide(0).available
 
 
 def test_heartbeat_reports_loaded_version_with_a_ttl(redis_client: redis.Redis) -> None:

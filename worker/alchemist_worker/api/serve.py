@@ -19,6 +19,8 @@ from alchemist_worker.api.metrics import ServingMetrics
 from alchemist_worker.api.request_records import RedisRequestRecords
 from alchemist_worker.api.serve_settings import ServeSettings
 from alchemist_worker.api.server import ServerState, build_app
+from alchemist_worker.continual.runtime import ContinualRuntime, RuntimeSettings
+from alchemist_worker.continual.settings import TrainerSettings
 from alchemist_worker.engine.engine_loop import EngineLoop
 from alchemist_worker.engine.llm_engine import LLMEngine, resolve_device
 from alchemist_worker.engine.store_recording import StoreRecording
@@ -72,15 +74,20 @@ class Worker:
     state: ServerState
     server: DrainingServer
     records: RedisRequestRecords | None
+    runtime: ContinualRuntime | None = None  # the continual trainer, when Redis is configured
 
     def run(self) -> None:
         """Blocks until shut down; stops the engine loop and flushes request records on the way out."""
+        if self.runtime is not None:
+            self.runtime.start()
         self.loop.start()
         if self.records is not None:
             self.records.start()
         try:
             self.server.run()
         finally:
+            if self.runtime is not None:
+                self.runtime.stop()
             self.loop.stop()
             if self.records is not None:
                 self.records.stop()
@@ -110,8 +117,26 @@ def build_worker(settings: ServeSettings) -> Worker:
         )
         engine.add_finished_observer(records)
     state = ServerState(loop, metrics)
+    app = build_app(state)
+    runtime = None
+    if settings.redis_url:  # feedback, training, versions and rollout all go through Redis
+        runtime = ContinualRuntime(
+            loop,
+            engine,
+            RuntimeSettings.from_env(
+                redis_url=settings.redis_url,
+                namespace=settings.namespace,
+                job=settings.job,
+                replica=settings.replica,
+            ),
+            TrainerSettings.from_env(),
+            model_path=config.model,
+            registry=metrics.registry,
+        )
+        for router in runtime.routers():
+            app.include_router(router)
     uv_config = uvicorn.Config(
-        build_app(state),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -119,7 +144,13 @@ def build_worker(settings: ServeSettings) -> Worker:
         access_log=settings.log_level == "debug",
     )
     return Worker(
-        settings, engine, loop, state, DrainingServer(uv_config, state, settings.shutdown_timeout_s), records
+        settings,
+        engine,
+        loop,
+        state,
+        DrainingServer(uv_config, state, settings.shutdown_timeout_s),
+        records,
+        runtime,
     )
 
 

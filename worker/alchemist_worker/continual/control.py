@@ -195,7 +195,7 @@ class TrainingControl:
             self._honoured = (rollback.version, rollback.requested_at)
         self._restore(head)
         self.training = True
-        log.info("training from version %d (reconciled %s)", head, report)
+        log.info("training from version %d in %s (reconciled %s)", head, self.directory.root, report)
 
     def _restore(self, version: int) -> None:
         if version == 0:
@@ -383,9 +383,9 @@ class TrainingControl:
 
     # Serving side: rollout and heartbeat.
     def _follow(self) -> None:
-        decision = self.follower.decide()
-        target = decision.target
         serving = self.engine.weight_version
+        decision = self.follower.decide(serving)
+        target = decision.target
         if target is None or not decision.available or target == serving or target == self.switching_to:
             return
         tensors = None if target == 0 else self.weights.read(self.directory.path(target))

@@ -89,7 +89,11 @@ class RuntimeSettings:
                     values[name] = parse(raw)
                 except ValueError as exc:
                     raise ValueError(f"{var}={raw!r}: {exc}") from None
-        values.setdefault("versions_dir", Path.cwd() / ".run" / "versions")
+        if "versions_dir" not in values:  # persistent, and one directory per job (a job's one lineage)
+            cache = os.environ.get("ALCHEMIST_CACHE") or os.path.join(
+                os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "alchemist"
+            )
+            values["versions_dir"] = Path(cache) / "versions" / values["namespace"] / values["job"]
         return cls(**values)
 
 

@@ -4,7 +4,8 @@ Modes:
 - `pointer`: the rollout pointer the operator writes (stable version, or the canary version for canary
   replicas). Without a pointer the replica keeps what it serves.
 - `latest`: every newly published version as soon as it exists, except after a rollback command, which holds
-  serving at the rolled-back version until the trainer publishes past it.
+  serving at the rolled-back version until the trainer publishes past it. It never moves to an older version
+  otherwise (after a Redis restart the index may be empty until the trainer rebuilds it from disk).
 - `auto` (default): `pointer` when the job has a pointer (an operator manages it), `latest` otherwise; so a
   local run follows training at once and a managed one waits for the operator's rollout.
 The decision is a pure function; `RolloutFollower` only fetches its inputs.
@@ -32,13 +33,14 @@ def target_version(
     pointer: RolloutPointer | None,
     latest: int,
     rollback: RollbackRequest | None,
+    serving: int,
 ) -> int | None:
     """The version to serve, or None for "no instruction, keep serving what you serve"."""
     if mode is FollowMode.POINTER or (mode is FollowMode.AUTO and pointer is not None):
         return None if pointer is None else pointer.version_for(replica)
     if rollback is not None and rollback.applies_to(latest):
         return rollback.version
-    return latest
+    return latest if latest > serving else None
 
 
 @dataclass
@@ -60,8 +62,8 @@ class RolloutFollower:
         self.mode = mode
         self.is_available = is_available
 
-    def decide(self) -> FollowDecision:
+    def decide(self, serving: int) -> FollowDecision:
         pointer = self.store.get_rollout() if self.store.has_rollout() else None
         latest = self.store.latest_version()
-        target = target_version(self.mode, self.replica, pointer, latest, self.store.get_rollback())
+        target = target_version(self.mode, self.replica, pointer, latest, self.store.get_rollback(), serving)
         return FollowDecision(target, target is not None and (target == 0 or self.is_available(target)))
