@@ -106,12 +106,14 @@ async def set_ready(
 
 
 @contextlib.asynccontextmanager
-async def running_operator(config: OperatorConfig) -> AsyncIterator[asyncio.Task[None]]:
+async def running_operator(
+    config: OperatorConfig, peer_id: str | None = None
+) -> AsyncIterator[asyncio.Task[None]]:
     """The real operator (handlers, daemon, kopf machinery) against kmock, until the block ends.
 
     Cancelled rather than stopped by its stop flag: a graceful stop waits out kopf's 5 s idle timeout.
     """
-    task = asyncio.create_task(run(config))
+    task = asyncio.create_task(run(config, peer_id=peer_id))
     try:
         yield task
     finally:
