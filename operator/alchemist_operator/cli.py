@@ -85,7 +85,9 @@ def config_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[O
     return config, bool(args.verbose)
 
 
-async def run(config: OperatorConfig, stop_flag: asyncio.Event | None = None, peer_id: str | None = None) -> None:
+async def run(
+    config: OperatorConfig, stop_flag: asyncio.Event | None = None, peer_id: str | None = None
+) -> None:
     """Runs until `stop_flag` is set. `peer_id` names this replica among its peers (default: kopf's, from the
     host and process); operators sharing one process need distinct ones."""
     cluster = ClusterApi.from_environment()
