@@ -99,6 +99,10 @@ async def _rollout(body: kopf.Body, job: JobRef, spec: JobSpec, memo: JobMemo) -
 async def monitor_once(body: kopf.Body, memo: JobMemo) -> dict[str, Any]:
     """One look and one decision; returns the status it wrote (or found already written)."""
     job = job_ref(body)
+    if memo.outcome is None and body.get("status"):
+        # Just started (or took over): keep the last status until this operator has reconciled the spec, rather
+        # than flap every condition to Unknown.
+        return dict(body["status"])
     spec = memo.spec
     valid = memo.outcome is not None and memo.outcome.problem is None
     workload = await _workload(job, memo)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 from alchemist_operator.conditions import Condition, merge_conditions
 from alchemist_operator.job_spec import parse_job_spec
 from alchemist_operator.job_status import (
@@ -14,13 +17,26 @@ from alchemist_operator.job_status import (
     RedisView,
     StatusInputs,
     WorkloadView,
-    compute_status,
     status_patch,
 )
+from alchemist_operator.job_status import compute_status as compute
 from alchemist_operator.naming import JobRef
 from alchemist_operator.rollout import FeedbackCounts, GateReading, Phase, RolloutState, Verdict
 
 JOB = JobRef("team-a", "chat", "uid")
+CRD = yaml.safe_load(
+    (Path(__file__).resolve().parents[2] / "crds" / "continuallearningjobs.alchemist.dev.yaml").read_text()
+)
+STATUS_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+
+
+def compute_status(inputs: StatusInputs) -> dict[str, Any]:
+    """The status function, plus the check the API server makes: a status off the CRD's schema is refused."""
+    status = compute(inputs)
+    jsonschema.Draft4Validator(STATUS_SCHEMA, format_checker=jsonschema.FormatChecker()).validate(status)
+    return status
+
+
 T0 = datetime.datetime(2030, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
 T1 = T0 + datetime.timedelta(minutes=5)
 
