@@ -9,6 +9,7 @@ from alchemist_operator.naming import CONFIG_HASH_ANNOTATION
 from alchemist_operator.operator_config import OperatorConfig
 from kmock import KubernetesEmulator
 
+from tests.charts.manifest_validation import crd_schemas, validate_manifest
 from tests.operator.conftest import JOBS, eventually, has_object, job_manifest, running_operator, set_ready
 
 NS = "team-a"
@@ -32,6 +33,11 @@ def events(kube: KubernetesEmulator) -> list[dict[str, Any]]:
     return [r.data for r in kube if r.method.value == "POST" and r.url.path.endswith("/events")]
 
 
+def assert_valid_job(kube: KubernetesEmulator, crd: dict[str, Any], name: str = "chat") -> None:
+    """The job as the operator left it, status included, passes the CRD's schema (the API server would refuse)."""
+    validate_manifest(kube.objects[JOBS, NS, name].raw, crd_schemas([crd]))
+
+
 def statefulset(kube: KubernetesEmulator, name: str = "chat") -> dict[str, Any]:
     return kube.objects[STS, NS, name].raw  # type: ignore[no-any-return]
 
@@ -47,7 +53,7 @@ async def patch_job(
 
 
 async def test_create_update_scale_suspend_and_delete(
-    kube: KubernetesEmulator, operator_config: OperatorConfig
+    kube: KubernetesEmulator, operator_config: OperatorConfig, crd: dict[str, Any]
 ) -> None:
     response = await kube.post(JOB_PATH, json=job_manifest(replicas=2))
     assert response.status == 200
@@ -84,6 +90,7 @@ async def test_create_update_scale_suspend_and_delete(
         )
         assert condition(kube, "Ready") == ("True", "ReplicasReady", "2/2 replicas ready")
         assert status(kube)["readyReplicas"] == 2 and status(kube)["selector"]
+        assert_valid_job(kube, crd)
 
         # Update: new training settings reach the ConfigMap and roll the pods (the template's config hash).
         hash_before = statefulset(kube)["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
@@ -121,6 +128,7 @@ async def test_create_update_scale_suspend_and_delete(
         await set_ready(kube, 0, 0)
         await eventually(lambda: status(kube).get("phase") == "Suspended")
         assert condition(kube, "Ready")[:2] == ("False", "Suspended")  # type: ignore[index]
+        assert_valid_job(kube, crd)
 
         # Resume.
         await patch_job(kube, {"spec": {"suspend": False}})
