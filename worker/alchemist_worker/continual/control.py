@@ -431,8 +431,13 @@ class TrainingControl:
         return str(self.store.client.info("server").get("run_id", ""))
 
     def status(self) -> dict[str, Any]:
-        """For /v1/versions and tests."""
+        """For /v1/versions and tests (called from the HTTP server's threads)."""
+        try:
+            lag = self.consumer.lag().entries if self.training else 0
+        except redis.RedisError:
+            lag = -1
         return {
+            "feedback_lag": lag,
             "training": self.training,
             "head_version": self.trainer.head_version,
             "serving_version": self.engine.weight_version,
