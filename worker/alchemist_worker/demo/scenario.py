@@ -152,8 +152,8 @@ def run_scenario(base_url: str, scenario: Scenario, say: Callable[[str], None]) 
                 http, {"response_id": some_id, "label": "accept", "idempotency_key": some_id}
             )  # a retry
             if number == 1:  # an id the server never issued: rejected at once, never trained
-                status = _feedback(http, {"response_id": "chatcmpl-made-up", "label": "accept"})
-                say(f"  feedback for an unknown response id: HTTP {status}")
+                code = _feedback(http, {"response_id": "chatcmpl-made-up", "label": "accept"})
+                say(f"  feedback for an unknown response id: HTTP {code}")
             deadline = time.monotonic() + scenario.settle_timeout_s
             while not _settled(status_ := _status(http)):
                 if time.monotonic() > deadline:
@@ -166,7 +166,7 @@ def run_scenario(base_url: str, scenario: Scenario, say: Callable[[str], None]) 
             )
         after = _score(http, scenario)
         _, answer_after = _ask(client, scenario, scenario.target)
-        status = _status(http)
+        final = _status(http)
         metrics = _metrics(http)
         samples = _labelled(metrics, "alchemist_training_samples_total", "path")
         reasons = _labelled(metrics, "alchemist_training_samples_total", "reason")
@@ -174,7 +174,7 @@ def run_scenario(base_url: str, scenario: Scenario, say: Callable[[str], None]) 
         return {
             "first_version": first_version,
             "last_version": after["version"],
-            "versions": status["data"],
+            "versions": final["data"],
             "reused": int(samples.get("reused", 0)),
             "recomputed": int(samples.get("recomputed", 0)),
             "recompute_reasons": {k: int(v) for k, v in reasons.items() if k},
