@@ -1,11 +1,14 @@
 """The continual trainer inside a serving process (tiny model, real Redis): feedback in, versions out."""
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
+import torch
 from alchemist_protocol.keys import FEEDBACK_GROUP
 from alchemist_protocol.schemas import RolloutPointer
+from alchemist_worker.model.attention import DenseCausalAttention
 from alchemist_worker.rollout.follower import FollowMode
 from alchemist_worker.versions.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE
 
@@ -150,3 +153,33 @@ def test_full_fine_tuning_publishes_safetensors(
     worker.wait_serving(1)
     files = {p.name for p in worker.runtime.directory.path(1).iterdir()}
     assert {"model.safetensors", "config.json"} <= files
+
+
+def test_a_published_version_loads_in_peft_and_matches_what_the_worker_serves(
+    make_worker: Callable[..., InProcessWorker], tiny_checkpoints: dict[str, Path]
+) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    worker = make_worker(learning_rate=2e-2)
+    for prompt in (PROMPT, PROMPT[:3]):
+        out = worker.generate(prompt)
+        worker.feedback.correct(out.request_id, "some better answer")
+    worker.wait_version(1)
+    worker.wait_serving(1)
+    ids = [1, 7, 11, 13, 2, 5]
+
+    def native() -> torch.Tensor:
+        model = worker.engine.runner.model
+        with torch.inference_mode():
+            hidden = model(torch.tensor(ids), torch.arange(len(ids)), DenseCausalAttention([0, len(ids)]))
+            return model.compute_logits(hidden)
+
+    served = worker.runtime.engine_side.call(native).result(timeout=30)
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32)
+    plain = base(input_ids=torch.tensor([ids])).logits[0].detach()
+    tuned = peft.PeftModel.from_pretrained(base, worker.runtime.directory.path(1))
+    with torch.no_grad():
+        reference = tuned(input_ids=torch.tensor([ids])).logits[0]
+    assert (served - reference).abs().max() < 1e-4
+    assert (served - plain).abs().max() > 1e-3  # the version differs from the base model

@@ -1,0 +1,40 @@
+"""The main job's scripted application against a real worker process (the tiny model stands in for SmolLM2)."""
+
+from pathlib import Path
+
+import pytest
+from alchemist_worker.demo.main_job import print_summary
+from alchemist_worker.demo.scenario import Scenario, run_scenario
+
+from tests.worker.continual.worker_process import WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_scenario_trains_versions_and_reports_them(
+    tiny_checkpoints: dict[str, Path], redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    worker = WorkerProcess(
+        tiny_checkpoints["llama"], redis_url, tmp_path / "versions", tmp_path / "worker.log",
+        ALCHEMIST_SERVED_MODEL_NAME="smollm2", ALCHEMIST_TRAINING_LEARNING_RATE="0.01",
+        ALCHEMIST_MAX_MODEL_LEN="256",
+    ).start()  # fmt: skip
+    lines: list[str] = []
+    try:
+        summary = run_scenario(
+            worker.base_url, Scenario(rounds=2, max_tokens=4, settle_timeout_s=120), lines.append
+        )
+    finally:
+        worker.stop()
+    trainable = 2 * (
+        len(Scenario().accepted) + Scenario().askers_of_target
+    )  # the late user's answer included
+    assert summary["first_version"] == 0 and summary["last_version"] >= 2
+    assert summary["reused"] + summary["recomputed"] == trainable
+    assert summary["reused"] > 0
+    assert summary["feedback"] == {"positive": 8, "negative": 2, "correction": 4}
+    assert [v["version"] for v in summary["versions"]] == list(range(1, summary["last_version"] + 1))
+    assert summary["logprob_after"]["logprob"] > summary["logprob_before"]["logprob"]
+    assert any("HTTP 404" in line for line in lines)
+    print_summary(summary)
+    assert "log-probability under v0" in capsys.readouterr().out
