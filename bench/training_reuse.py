@@ -37,7 +37,7 @@ from alchemist_worker.training import LoRAConfig, add_lora
 
 from bench.training_reuse_flops import Costs, baseline_flops, reuse_flops
 from bench.training_reuse_steps import Runner, build_model_dir, hf_runner, make_samples, prefill, sync
-from bench.training_reuse_workloads import default_workloads
+from bench.training_reuse_workloads import Workload, default_workloads
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 POLICIES = [RecordingPolicy.KV, RecordingPolicy.SELECTIVE, RecordingPolicy.FULL]
@@ -80,7 +80,8 @@ def run_benchmark(args: argparse.Namespace) -> str:
     hf, hf_params = load_hf(path, lora, device)
     hf_timer = Runner(hf, hf_params, device)
     costs = Costs.of(model.config, lora.rank, TARGETS)
-    workloads = default_workloads(args.samples, args.tokens_per_sample, args.seed)
+    warmup = Workload("warm-up", ((24, 8),) * args.samples)
+    workloads = [warmup, *default_workloads(args.samples, args.tokens_per_sample, args.seed)]
     load_before = os.getloadavg()
     started = time.perf_counter()
 
@@ -112,9 +113,9 @@ def run_benchmark(args: argparse.Namespace) -> str:
             methods[f"reuse {policy.value}"] = lambda s=samples, st=stores[policy.value]: ours.reuse(s, st)
         plans.append((w, samples, methods))
 
-    for rep in range(args.reps + 1):  # round 0 warms up and is discarded
+    for rep in range(args.reps + 1):  # round 0 runs every method once on a tiny workload, untimed
         for w, samples, methods in plans:
-            if rep == 0 and w is not workloads[0]:
+            if (rep == 0) != (w is warmup):
                 continue
             for name, fn in methods.items():
                 seconds, peak = fn()
@@ -133,7 +134,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
         args=args,
         argv=sys.argv,
         model=model,
-        plans=plans,
+        plans=plans[1:],
         times=times,
         memory=memory,
         prefill_times=prefill_times,
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--samples", type=int, default=2, help="samples per training step")
-    ap.add_argument("--tokens-per-sample", type=int, default=256)
+    ap.add_argument("--tokens-per-sample", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)

@@ -38,7 +38,7 @@ def render(
         f"Model: random Llama, hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads} heads x {c.head_dim}, "
         f"{c.num_kv_heads} KV heads, intermediate {c.intermediate_size}, vocab {c.vocab_size}, fp32. LoRA rank "
         f"{args.lora_rank} on all seven projections. {args.samples} samples per step; medians of {args.reps} "
-        "round-robin repetitions after one warm-up round.",
+        "round-robin repetitions, after one untimed warm-up step of every method on a tiny workload.",
         "",
         f"Environment: {environment['device']} ({environment['cpu']}), torch {environment['torch']}, "
         f"{environment['threads']} threads, load average before {fmt_load(environment['load_before'])}, "

@@ -53,7 +53,7 @@ LONG = {"max_tokens": 200, "temperature": 0.0, "extra_body": {"ignore_eos": True
 def test_stream_disconnect_aborts_the_request(slow_server: RunningWorker) -> None:
     stream = slow_server.client().completions.create(model="tiny", prompt="abort me", stream=True, **LONG)
     next(iter(stream))
-    assert slow_server.worker.loop.stats.num_running == 1
+    wait_for(lambda: slow_server.worker.loop.stats.num_running == 1)
     stream.close()
     wait_for(lambda: finished_count(slow_server, "abort") == 1)
     wait_for(lambda: engine_idle(slow_server))

@@ -74,11 +74,18 @@ def test_opt_in_records_and_every_answer_goes_to_redis(
     if store.get(opted_in.id) is not None:
         assert store.get(opted_in.id).token_ids.tolist() == jobs.get_request(opted_in.id).prompt_tokens  # type: ignore[union-attr]
 
-    metrics = httpx.get(recording_server.base_url + "/metrics").text
-    device_bytes = next(
-        line for line in metrics.splitlines() if line.startswith('alchemist_recorded_bytes{tier="device"}')
-    )
-    assert float(device_bytes.split()[-1]) > 0
+    # Gauges come from the engine loop's statistics snapshot, refreshed a few times a second.
+    deadline = time.monotonic() + 5
+    while recorded_device_bytes(recording_server) <= 0:
+        assert time.monotonic() < deadline, "recorded bytes never reached the metrics"
+        time.sleep(0.05)
+
+
+def recorded_device_bytes(server: RunningWorker) -> float:
+    for line in httpx.get(server.base_url + "/metrics").text.splitlines():
+        if line.startswith('alchemist_recorded_bytes{tier="device"}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_redis_outage_does_not_break_serving(recording_server: RunningWorker, redis_server: object) -> None:

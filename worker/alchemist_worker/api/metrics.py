@@ -78,6 +78,12 @@ class ServingMetrics:
         with self._lock:
             self._arrivals[request_id] = arrival_time
 
+    def request_dropped(self, request_id: str) -> None:
+        """Forgets a request that never reached the engine (refused, or its client left first)."""
+        with self._lock:
+            self._arrivals.pop(request_id, None)
+            self._last_token.pop(request_id, None)
+
     def observe_step(self, outputs: list[RequestOutput], elapsed_s: float) -> None:
         now = time.monotonic()
         self.iteration.observe(elapsed_s)

@@ -151,8 +151,10 @@ def build_app(state: ServerState) -> FastAPI:
         try:
             first = await _unless_disconnected(request, anext(outputs))
         except ValueError as exc:  # the engine refused it (e.g. longer than its cache can ever hold)
+            state.metrics.request_dropped(meta.id)
             raise bad_request(str(exc)) from exc
         except ClientGone:
+            state.metrics.request_dropped(meta.id)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -190,7 +192,7 @@ def build_app(state: ServerState) -> FastAPI:
             out: RequestOutput | None = first
             while out is not None:
                 is_first = out is first
-                if is_first or out.finished or out.new_text or (want_logprobs and out.new_logprobs):
+                if is_first or out.finished or out.new_text or out.new_token_ids:
                     yield _sse(
                         stream_chunk(
                             meta,

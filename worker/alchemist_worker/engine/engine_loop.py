@@ -26,6 +26,9 @@ from alchemist_worker.engine.serving_engine import (
 
 log = logging.getLogger(__name__)
 
+# Statistics (which walk the activation store) are refreshed at most this often, not on every iteration.
+STATS_INTERVAL_S = 0.25
+
 OutputSink = Callable[[RequestOutput | BaseException], None]
 StepObserver = Callable[[list[RequestOutput], float], None]
 
@@ -52,6 +55,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats: EngineStats = engine.stats()
+        self._stats_at = time.monotonic()
         self.iterations = 0
         self.failed_iterations = 0
 
@@ -106,6 +110,9 @@ class EngineLoop:
                 self._iterate()
             for callback in self._between_iterations:
                 callback()
+            if time.monotonic() - self._stats_at >= STATS_INTERVAL_S:
+                self.stats = self.engine.stats()
+                self._stats_at = time.monotonic()
         for request_id, sink in list(self._sinks.items()):
             sink(RuntimeError(f"the engine stopped before request {request_id} finished"))
         self._sinks.clear()
@@ -166,4 +173,3 @@ class EngineLoop:
                 sink(out)
         for observer in self._step_observers:
             observer(outputs, elapsed)
-        self.stats = self.engine.stats()

@@ -1,0 +1,310 @@
+"""Load generator for the serving side: the native engine with recording off and under each policy, and vLLM.
+
+Every configuration is a real server process, started in turn, that receives the same trace: requests arrive
+as a Poisson process, each streams a completion over the OpenAI API, prompt and output lengths follow
+log-normal distributions shaped like ShareGPT's (heavy right tail) and scaled to the machine. Prompts are token
+ids and generation ignores EOS, so every server does exactly the same work. Recording runs use rate 1 (every
+request recorded): the worst case.
+
+Reported per configuration: output throughput, p50/p99 time to first token, p50/p99 inter-token latency (every
+gap between two streamed tokens), and for recording runs the ratio to the run without recording. Usage:
+
+    .venv/bin/python bench/serving_load.py                       # everything, writes docs/serving_benchmark.md
+    .venv/bin/python bench/serving_load.py --configs off,kv      # a subset, no vLLM
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ("off", "kv", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at_s: float
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclass
+class Result:
+    ttft_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    done_s: float = 0.0
+    error: str | None = None
+
+
+def lognormal_length(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
+    return max(low, min(high, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def make_trace(args: argparse.Namespace) -> list[Arrival]:
+    """ShareGPT-like: prompts log-normal (sigma 0.9), outputs log-normal (sigma 0.6), Poisson arrivals."""
+    rng = random.Random(args.seed)
+    trace, clock = [], 0.0
+    for _ in range(args.requests):
+        clock += rng.expovariate(args.rate)
+        prompt_len = lognormal_length(rng, args.prompt_median, 0.9, 8, args.prompt_max)
+        output_len = lognormal_length(rng, args.output_median, 0.6, 4, args.output_max)
+        prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
+        trace.append(Arrival(clock, prompt, output_len))
+    return trace
+
+
+async def one_request(client: httpx.AsyncClient, model: str, arrival: Arrival, start: float) -> Result:
+    await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
+    sent = time.perf_counter()
+    body = {
+        "model": model,
+        "prompt": arrival.prompt,
+        "max_tokens": arrival.max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    result = Result()
+    last: float | None = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if not chunk.get("choices"):
+                    continue
+                if last is None:
+                    result.ttft_s = now - sent
+                else:
+                    result.gaps_s.append(now - last)
+                last = now
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.done_s = time.perf_counter() - start
+    return result
+
+
+async def run_trace(url: str, model: str, trace: list[Arrival]) -> tuple[list[Result], float]:
+    limits = httpx.Limits(max_connections=len(trace) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        # Warm-up, not measured.
+        await one_request(client, model, Arrival(0.0, trace[0].prompt[:8], 4), time.perf_counter())
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_request(client, model, a, start) for a in trace))
+    return list(results), max(r.done_s for r in results)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server at {url} not ready within {timeout} s")
+
+
+def native_command(args: argparse.Namespace, policy: str, port: int) -> tuple[list[str], dict[str, str]]:
+    command = [
+        sys.executable, "-m", "alchemist_worker.cli", "serve", "--model", str(args.model), "--port", str(port),
+        "--served-model-name", "bench", "--dtype", "float32", "--max-model-len", str(args.max_model_len),
+        "--kv-cache-mib", str(args.kv_cache_mib), "--record-policy", policy, "--record-rate", "1.0",
+        "--record-device-mib", str(args.record_mib), "--record-host-mib", str(args.record_mib),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    return command, dict(os.environ)
+
+
+def vllm_command(args: argparse.Namespace, port: int) -> tuple[list[str], dict[str, str]]:
+    python = subprocess.run(
+        ["bash", str(ROOT / "bench" / "vllm_cpu_env.sh")], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    command = [
+        python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model), "--port", str(port),
+        "--host", "127.0.0.1", "--served-model-name", "bench", "--dtype", "float32",
+        "--max-model-len", str(args.max_model_len), "--uvicorn-log-level", "warning", "--no-enable-prefix-caching",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    return command, env
+
+
+def measure(
+    name: str, command: list[str], env: dict[str, str], url: str, trace: list[Arrival]
+) -> dict[str, object]:
+    log = open(ROOT / ".cache" / f"bench-{name}.log", "wb")  # noqa: SIM115 - owned by the child
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(url, process, timeout=300)
+        results, makespan = asyncio.run(run_trace(url, "bench", trace))
+        metrics = httpx.get(url + "/metrics", timeout=5).text if name.startswith("native") else ""
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+    failed = [r.error for r in results if r.error]
+    ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
+    gaps = [g for r in results for g in r.gaps_s]
+    tokens = sum(r.output_tokens for r in results)
+    return {
+        "name": name,
+        "failed": len(failed),
+        "first_error": failed[0] if failed else "",
+        "throughput": tokens / makespan,
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p99": percentile(ttfts, 99),
+        "itl_p50": percentile(gaps, 50),
+        "itl_p99": percentile(gaps, 99),
+        "itl_mean": statistics.fmean(gaps) if gaps else float("nan"),
+        "recorded_bytes": _metric_sum(metrics, "alchemist_recorded_bytes{"),
+        "preemptions": _metric_sum(metrics, "alchemist_preemptions_total"),
+    }
+
+
+def _metric_sum(text: str, prefix: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def render(
+    rows: list[dict[str, object]], args: argparse.Namespace, trace: list[Arrival], command: str
+) -> str:
+    base = next((r for r in rows if r["name"] == "native-off"), None)
+    vllm = next((r for r in rows if r["name"] == "vllm"), None)
+    lines = [
+        "| server | failed | output tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) "
+        "| TTFT p50 vs off | ITL p50 vs off | ITL mean vs off | recorded MiB at end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+
+        def ratio(key: str, r: dict[str, object] = r) -> str:
+            if base is None or r is base or r["name"] == "vllm":
+                return ""
+            return f"{float(r[key]) / float(base[key]) - 1:+.1%}"  # type: ignore[arg-type]
+
+        lines.append(
+            f"| {r['name']} | {r['failed']} | {float(r['throughput']):.1f} | {float(r['ttft_p50']):.2f} "  # type: ignore[arg-type]
+            f"| {float(r['ttft_p99']):.2f} | {1000 * float(r['itl_p50']):.0f} | {1000 * float(r['itl_p99']):.0f} "  # type: ignore[arg-type]
+            f"| {ratio('ttft_p50')} | {ratio('itl_p50')} | {ratio('itl_mean')} "
+            f"| {float(r['recorded_bytes']) / 2**20:.0f} |"  # type: ignore[arg-type]
+        )
+    prompt_lens = [len(a.prompt) for a in trace]
+    output_lens = [a.max_tokens for a in trace]
+    summary = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python "
+        f"{platform.python_version()}, float32, no GPU. Trace: {len(trace)} requests, Poisson arrivals at "
+        f"{args.rate}/s (seed {args.seed}), prompt tokens median {statistics.median(prompt_lens):.0f} "
+        f"(max {max(prompt_lens)}), output tokens median {statistics.median(output_lens):.0f} "
+        f"(max {max(output_lens)}); total {sum(prompt_lens)} prompt and {sum(output_lens)} output tokens.",
+        "",
+        *lines,
+    ]
+    if base is not None and vllm is not None:
+        summary += [
+            "",
+            f"Native throughput without recording is {float(base['throughput']) / float(vllm['throughput']):.2f}x "  # type: ignore[arg-type]
+            "vLLM's on the same trace.",
+        ]
+    return "\n".join(summary) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: bundled SmolLM2-135M)")
+    parser.add_argument("--configs", default="off,kv,selective,full,vllm")
+    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--rate", type=float, default=0.25, help="mean arrivals per second")
+    parser.add_argument("--prompt-median", type=int, default=64)
+    parser.add_argument("--prompt-max", type=int, default=384)
+    parser.add_argument("--output-median", type=int, default=24)
+    parser.add_argument("--output-max", type=int, default=96)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--kv-cache-mib", type=int, default=256)
+    parser.add_argument(
+        "--record-mib", type=int, default=1024, help="device and host budget of records, each"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=18431)
+    parser.add_argument(
+        "--out", default=str(ROOT / "docs" / "serving_benchmark.md"), help="empty: print only"
+    )
+    args = parser.parse_args()
+    if args.model is None:
+        from alchemist_worker.bundled_model import ensure_small_model
+
+        args.model = ensure_small_model()
+    (ROOT / ".cache").mkdir(exist_ok=True)
+    trace = make_trace(args)
+    rows = []
+    url = f"http://127.0.0.1:{args.port}"
+    for config in args.configs.split(","):
+        if config == "vllm":
+            command, env = vllm_command(args, args.port)
+            name = "vllm"
+        elif config in POLICIES:
+            command, env = native_command(args, config, args.port)
+            name = f"native-{config}"
+        else:
+            parser.error(f"unknown config {config!r}")
+        started = time.monotonic()
+        row = measure(name, command, env, url, trace)
+        print(f"{name}: {row} ({time.monotonic() - started:.0f} s)", flush=True)
+        rows.append(row)
+    invocation = "python bench/serving_load.py " + " ".join(sys.argv[1:])
+    table = render(rows, args, trace, invocation.strip())
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
