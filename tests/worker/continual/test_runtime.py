@@ -33,7 +33,7 @@ def samples_metric(worker: InProcessWorker, path: str) -> float:
 def test_feedback_becomes_a_version_that_serving_switches_to(
     make_worker: Callable[..., InProcessWorker], redis_client: redis.Redis
 ) -> None:
-    worker = make_worker()
+    worker = make_worker(min_batch_samples=2, max_wait_s=30.0)  # the two trainable ones make one step
     outputs = [worker.generate(PROMPT[:k]) for k in (3, 4, 5)]
     correction = worker.runtime.continuation_tokens("a fix")
     before, version = worker.runtime.score(PROMPT[:4], correction)  # the prompt of outputs[1]
@@ -161,7 +161,7 @@ def test_a_published_version_loads_in_peft_and_matches_what_the_worker_serves(
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    worker = make_worker(learning_rate=2e-2)
+    worker = make_worker(learning_rate=2e-2, min_batch_samples=2, max_wait_s=30.0)
     for prompt in (PROMPT, PROMPT[:3]):
         out = worker.generate(prompt)
         worker.feedback.correct(out.request_id, "some better answer")

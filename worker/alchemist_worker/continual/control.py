@@ -114,6 +114,7 @@ class TrainingControl:
         self._due: dict[str, float] = {}
         self._run_id: str | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a step finished: react now, not at the next poll
         self._thread: threading.Thread | None = None
         self._seen = (0, 0, 0)  # consumer counters already exported: dead letters, duplicates, delivered
 
@@ -124,6 +125,7 @@ class TrainingControl:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
         if self.lease.held:
@@ -133,6 +135,7 @@ class TrainingControl:
     def on_step_done(self, done: StepDone) -> None:
         """Called on the engine thread."""
         self.done.put(done)
+        self._wake.set()
 
     def _run(self) -> None:
         backoff = 0.0
@@ -150,7 +153,8 @@ class TrainingControl:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("trainer control failed")
                 self._stop.wait(1.0)
-            self._stop.wait(self.timings.poll_s)
+            self._wake.wait(self.timings.poll_s)
+            self._wake.clear()
 
     def _is_due(self, what: str, every: float) -> bool:
         now = time.monotonic()

@@ -32,6 +32,7 @@ from alchemist_worker.engine.serving_engine import RequestOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+IDLE_WAIT_S = 0.002
 
 
 @dataclass
@@ -63,12 +64,15 @@ class EngineSide:
         self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._last_iteration: tuple[bool, float] | None = None
         self._previous_slice_s = 0.0
+        self._last_step_end = 0.0
+        self._slow_wait_s = loop.idle_wait_s
         self.enabled = True
 
     # Wiring.
     def attach(self) -> None:
         self.loop.add_step_observer(self._observe_step)
         self.loop.add_between_iterations(self.between_iterations)
+        self._slow_wait_s = self.loop.idle_wait_s
 
     def begin_step(self, step_id: int, samples: list[Any], snapshot_due: bool) -> None:
         """Engine thread: starts a step; its StepDone will carry `step_id`."""
@@ -104,6 +108,10 @@ class EngineSide:
         return ServingLoad(waiting=stats.num_waiting, running=stats.num_running, arrivals_pending=arrivals)
 
     def between_iterations(self) -> None:
+        # An idle loop waits `idle_wait_s` for commands before calling us again (arrivals wake it at once):
+        # short while training has work, so neither slices nor the next step wait for nothing.
+        active = self.trainer.busy or time.monotonic() - self._last_step_end < 0.5
+        self.loop.idle_wait_s = IDLE_WAIT_S if active else self._slow_wait_s
         self._run_tasks()
         if getattr(self.engine, "_pending_switch", None) is not None and not self.engine.has_unfinished():
             self.engine.step()  # applies the switch; nothing else is scheduled
@@ -149,10 +157,12 @@ class EngineSide:
             result = self.trainer.advance(slice_s)
         except Exception as exc:  # a failed step must not stop serving: report it, its feedback stays pending
             log.exception("training step failed")
+            self._last_step_end = time.monotonic()
             self.on_step_done(StepDone(self.step_id, None, exc, None, None))
             return
         if result is None:
             return
+        self._last_step_end = time.monotonic()
         snapshot = state = None
         if self.snapshot_due:
             snapshot = self.trainer.weights.snapshot()
