@@ -52,6 +52,7 @@ class EngineSide:
         co_scheduler: CoScheduler,
         on_step_done: Callable[[StepDone], None],
         on_slice: Callable[[float], None] | None = None,
+        on_yield: Callable[[], None] | None = None,
     ) -> None:
         self.loop = loop
         self.engine: Any = loop.engine
@@ -59,6 +60,7 @@ class EngineSide:
         self.co_scheduler = co_scheduler
         self.on_step_done = on_step_done
         self.on_slice = on_slice
+        self.on_yield = on_yield
         self.snapshot_due = False  # set with each step: whether it completes a version
         self.step_id = 0  # the step in progress
         self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -137,6 +139,8 @@ class EngineSide:
         load = self._load()
         budget = self.co_scheduler.slice_budget(load)
         if budget <= 0:
+            if self.on_yield is not None:
+                self.on_yield()
             return 0.0
         idle = load.idle
         slice_s = min(budget, self.co_scheduler.settings.slice_ms / 1000.0) if idle else budget

@@ -175,6 +175,7 @@ class ContinualRuntime:
         )
         self.engine_side.on_step_done = self.control.on_step_done
         self.engine_side.on_slice = self.metrics.slice_seconds.observe
+        self.engine_side.on_yield = self.metrics.yields.inc
         self.metrics.version.labels(role="serving").set(engine.weight_version)
         self._attached = False
 
