@@ -30,6 +30,8 @@ from alchemist_worker.feedback.samples import TrainingSample as FeedbackSample
 from alchemist_worker.model.transformer import Transformer
 from alchemist_worker.training import Decision, StepConfig, StepReport, TrainingSample, accumulate_gradients
 
+LOGIT_ROWS = 8  # rows of the vocabulary projection per operator inside a training step
+
 
 @dataclass(frozen=True)
 class SampleResult:
@@ -125,10 +127,32 @@ class ContinualTrainer:
         self._cursor = StepCursor(
             lambda: self._step(samples),
             yield_at_modules=list(self.model.layers),
-            on_resume=self.weights.use_training,
-            on_pause=self.weights.use_serving,
+            on_resume=self._resume,
+            on_pause=self._pause,
             device=self.device,
         )
+
+    def _resume(self) -> None:
+        self.weights.use_training()
+        # The output projection over the vocabulary is a step's largest single operator; computed in row chunks
+        # with a yield point between them (in forward and, through autograd, in backward), it no longer sets
+        # the floor of a slice. Same numbers: rows are independent. Serving keeps the model's own method.
+        self.model.compute_logits = self._chunked_logits  # type: ignore[method-assign]
+
+    def _pause(self) -> None:
+        self.model.__dict__.pop("compute_logits", None)
+        self.weights.use_serving()
+
+    def _chunked_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab], LOGIT_ROWS rows at a time."""
+        head = self.model.lm_head
+        if hidden.shape[0] <= LOGIT_ROWS:
+            return head(hidden)
+        parts = []
+        for chunk in hidden.split(LOGIT_ROWS):
+            parts.append(head(chunk))
+            cursor_yield()
+        return torch.cat(parts)
 
     def advance(self, budget_s: float) -> StepResult | None:
         """Runs the step for about `budget_s`; its result once it is done. Raises what the step raised."""
