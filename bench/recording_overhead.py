@@ -79,11 +79,14 @@ def main() -> int:
     )
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens of the timed prefill")
-    parser.add_argument("--batch", type=int, default=8, help="sequences in the timed decode steps")
+    parser.add_argument("--batch", type=int, default=4, help="sequences in the timed decode steps")
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     if args.model is None:
         from alchemist_worker.bundled_model import ensure_small_model
 
@@ -96,7 +99,7 @@ def main() -> int:
     decode: dict[str, list[float]] = {p: [] for p in POLICIES}
     for round_index in range(args.rounds + 1):  # round 0 warms up and is discarded
         prompt = [rng.randrange(1000, 30000) for _ in range(args.prompt)]
-        batch = [[rng.randrange(1000, 30000) for _ in range(32)] for _ in range(args.batch)]
+        batch = [[rng.randrange(1000, 30000) for _ in range(16)] for _ in range(args.batch)]
         order = POLICIES[round_index % 4 :] + POLICIES[: round_index % 4]
         for policy in order:
             p, d = time_round(engines[policy], prompt, batch, args.decode_steps)
@@ -105,7 +108,7 @@ def main() -> int:
                 decode[policy].append(d)
     base_p, base_d = statistics.median(prefill["off"]), statistics.median(decode["off"])
     print(f"Command: `python bench/recording_overhead.py --prompt {args.prompt} --batch {args.batch} "
-          f"--decode-steps {args.decode_steps} --rounds {args.rounds}`\n")  # fmt: skip
+          f"--decode-steps {args.decode_steps} --rounds {args.rounds} --cpu-threads {args.cpu_threads}`\n")  # fmt: skip
     print(
         "| recording | prefill step, median (ms) | vs off | decode step, median (ms) | vs off | MiB per prompt |"
     )

@@ -36,7 +36,15 @@ from alchemist_worker.model import load_model
 from alchemist_worker.training import LoRAConfig, add_lora
 
 from bench.training_reuse_flops import Costs, baseline_flops, reuse_flops
-from bench.training_reuse_steps import Runner, build_model_dir, hf_runner, make_samples, prefill, sync
+from bench.training_reuse_steps import (
+    Runner,
+    build_model_dir,
+    busy_clock,
+    hf_runner,
+    make_samples,
+    prefill,
+    sync,
+)
 from bench.training_reuse_workloads import Workload, default_workloads
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -62,15 +70,17 @@ def load_hf(
 
 
 def time_prefill(model, samples, policy, device) -> float:
+    clock = busy_clock(device)
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     prefill(model, samples, policy)
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def run_benchmark(args: argparse.Namespace) -> str:
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     path = build_model_dir(args.cache, args.hidden, args.layers)
     model = load_model(path, device=device)
@@ -86,6 +96,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
     started = time.perf_counter()
 
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    walls: dict[tuple[str, str], list[float]] = defaultdict(list)
     memory: dict[tuple[str, str], list[float]] = defaultdict(list)
     prefill_times: dict[tuple[str, str], list[float]] = defaultdict(list)
     recorded: dict[tuple[str, str], float] = {}
@@ -104,7 +115,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
             recorded[(w.name, policy.value)] = store.host_bytes / sum(s.prompt_len for s in samples)
             stores[policy.value] = store
         batched = len(set(w.shapes)) == 1  # equal lengths: one HF batch without padding
-        methods: dict[str, Callable[[], tuple[float, float]]] = {
+        methods: dict[str, Callable[[], tuple[float, float, float]]] = {
             "(a) full fwd+bwd": lambda s=samples: ours.baseline(s, checkpoint=False),
             "(b) + checkpointing": lambda s=samples: ours.baseline(s, checkpoint=True),
             "hf transformers+peft": lambda s=samples, b=batched: hf_timer.timed(hf_runner(hf, s, batched=b)),
@@ -118,9 +129,10 @@ def run_benchmark(args: argparse.Namespace) -> str:
             if (rep == 0) != (w is warmup):
                 continue
             for name, fn in methods.items():
-                seconds, peak = fn()
+                seconds, wall, peak = fn()
                 if rep > 0:
                     times[(w.name, name)].append(seconds)
+                    walls[(w.name, name)].append(wall)
                     memory[(w.name, name)].append(peak)
             for policy in [None, *POLICIES]:
                 seconds = time_prefill(model, samples, policy, device)
@@ -136,6 +148,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
         model=model,
         plans=plans[1:],
         times=times,
+        walls=walls,
         memory=memory,
         prefill_times=prefill_times,
         recorded=recorded,
@@ -145,6 +158,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
             "device": str(device),
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
             "torch": torch.__version__,
             "load_before": load_before,
             "load_after": os.getloadavg(),
@@ -159,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--samples", type=int, default=2, help="samples per training step")
-    ap.add_argument("--tokens-per-sample", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokens-per-sample", type=int, default=192)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU-time ratios stable)")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/alchemist-bench"))

@@ -54,6 +54,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def busy_clock(device: torch.device) -> Callable[[], float]:
+    """CPU seconds of this process on a CPU (not advanced while other users' processes hold the cores, so
+    ratios survive a shared machine; with one torch thread it is the step's compute time), wall time on CUDA."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def prefill(
     model: Transformer, samples: list[TrainingSample], policy: RecordingPolicy | None
 ) -> list[SequenceRecord | None] | None:
@@ -81,8 +87,9 @@ class Runner:
         self.model, self.params, self.device = model, params, device
         self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def timed(self, step: Callable[[], float]) -> tuple[float, float]:
-        """`step` returns bytes held outside autograd's saved tensors (store device tier, K/V leaves)."""
+    def timed(self, step: Callable[[], float]) -> tuple[float, float, float]:
+        """(busy seconds, wall seconds, peak activation bytes); `step` returns the bytes it holds outside
+        autograd's saved tensors (store device tier, K/V leaves)."""
         for p in self.params:
             p.grad = None
         meter = SavedTensorMeter(self.exclude)
@@ -90,17 +97,18 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
+        clock = busy_clock(self.device)
         sync(self.device)
-        start = time.perf_counter()
+        start, wall = clock(), time.perf_counter()
         with meter:
             extra = step()
         sync(self.device)
-        elapsed = time.perf_counter() - start
+        busy, wall = clock() - start, time.perf_counter() - wall
         if self.device.type == "cuda":
-            return elapsed, float(torch.cuda.max_memory_allocated(self.device) - base)
-        return elapsed, float(meter.peak + extra)
+            return busy, wall, float(torch.cuda.max_memory_allocated(self.device) - base)
+        return busy, wall, float(meter.peak + extra)
 
-    def baseline(self, samples: list[TrainingSample], *, checkpoint: bool) -> tuple[float, float]:
+    def baseline(self, samples: list[TrainingSample], *, checkpoint: bool) -> tuple[float, float, float]:
         total = sum(s.response_len for s in samples)
         assert isinstance(self.model, Transformer)
         model = self.model
@@ -111,7 +119,7 @@ class Runner:
 
         return self.timed(step)
 
-    def reuse(self, samples: list[TrainingSample], store: ActivationStore) -> tuple[float, float]:
+    def reuse(self, samples: list[TrainingSample], store: ActivationStore) -> tuple[float, float, float]:
         total = sum(s.response_len for s in samples)
         ids = [s.record_id for s in samples if s.record_id is not None]
         assert isinstance(self.model, Transformer)

@@ -19,6 +19,7 @@ def render(
     model: Transformer,
     plans: list[Any],
     times: dict[tuple[str, str], list[float]],
+    walls: dict[tuple[str, str], list[float]],
     memory: dict[tuple[str, str], list[float]],
     prefill_times: dict[tuple[str, str], list[float]],
     recorded: dict[tuple[str, str], float],
@@ -29,6 +30,11 @@ def render(
 ) -> str:
     baseline_flops, reuse_flops = flops
     c = model.config
+    on_cpu = environment["device"].startswith("cpu")
+    clock = (
+        "CPU (process busy time, not advanced while other users hold the cores)" if on_cpu else "wall-clock"
+    )
+    unit = "CPU" if on_cpu else "wall"
     command = "python -m bench.training_reuse " + " ".join(shlex.quote(a) for a in argv[1:])
     lines = [
         "# Training-reuse benchmark",
@@ -41,16 +47,18 @@ def render(
         "round-robin repetitions, after one untimed warm-up step of every method on a tiny workload.",
         "",
         f"Environment: {environment['device']} ({environment['cpu']}), torch {environment['torch']}, "
-        f"{environment['threads']} threads, load average before {fmt_load(environment['load_before'])}, "
+        f"{environment['threads']} torch thread(s) on a {environment['cores']}-core machine, load average before {fmt_load(environment['load_before'])}, "
         f"after {fmt_load(environment['load_after'])}; whole run {environment['wall_s']:.0f} s. The machine is "
         "shared with other users, so absolute times move between runs; compare the ratios, all measured side by "
         "side in this one run.",
         "",
         "## Training step",
         "",
-        "| workload | samples p/r | method | step s | train tok/s | speedup vs (a) | ideal (FLOPs) | achieved/ideal "
-        "| peak act. MiB | memory vs (a) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"Times are {clock} seconds per step (median); the wall-clock speedup is shown for reference.",
+        "",
+        f"| workload | samples p/r | method | step {unit} s | train tok/{unit} s | speedup vs (a) | ideal (FLOPs) "
+        "| achieved/ideal | wall speedup | peak act. MiB | memory vs (a) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     summary = []
     for w, samples, methods in plans:
@@ -58,6 +66,7 @@ def render(
         tokens = sum(p + r for p, r in shapes)
         fa = baseline_flops(c, shapes, costs, full_ft=False, checkpointing=False)
         t_a = median(times[(w.name, "(a) full fwd+bwd")])
+        wall_a = median(walls[(w.name, "(a) full fwd+bwd")])
         m_a = median(memory[(w.name, "(a) full fwd+bwd")])
         for name in methods:
             t = median(times[(w.name, name)])
@@ -75,20 +84,23 @@ def render(
             mem_note = " (est.)" if name.startswith("(b)") else ""
             lines.append(
                 f"| {w.name} | {' '.join(f'{p}/{r}' for p, r in shapes)} | {name} | {t:.2f} | {tokens / t:.0f} | "
-                f"{speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.0%} | {m / MiB:.0f}{mem_note} | "
+                f"{speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.0%} | {wall_a / median(walls[(w.name, name)]):.2f}x | "
+                f"{m / MiB:.0f}{mem_note} | "
                 f"{m / m_a - 1:+.0%} |"
             )
             if name == "reuse full":
                 summary.append((w.name, speedup, ideal, 1 - m / m_a))
         t_hf = median(times[(w.name, "hf transformers+peft")])
         summary_hf = t_hf / t_a
-        lines.append(f"| {w.name} | | (a) vs hf: hf takes {summary_hf:.2f}x the time of (a) | | | | | | | |")
+        lines.append(
+            f"| {w.name} | | (a) vs hf: hf takes {summary_hf:.2f}x the time of (a) | | | | | | | | |"
+        )
     lines += [
         "",
         "## Prefill with recording",
         "",
-        "| workload | prompt tokens | policy | recorded bytes / prompt token | prefill ms, no recorder "
-        "| prefill ms, recording | overhead |",
+        f"| workload | prompt tokens | policy | recorded bytes / prompt token | prefill {unit} ms, no recorder "
+        f"| prefill {unit} ms, recording | overhead |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     overheads = []

@@ -35,10 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         from alchemist_worker.api.serve_settings import resolve_settings
 
         try:
-            settings = resolve_settings(args)
-        except ValueError as exc:
+            return serve(resolve_settings(args))
+        except ValueError as exc:  # bad settings, an unusable checkpoint or a KV budget too small
             parser.error(str(exc))
-        return serve(settings)
     return 0
 
 

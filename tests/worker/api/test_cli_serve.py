@@ -142,3 +142,13 @@ def test_smollm_answers_sensibly_and_sigterm_drains(
     reader.join(60)
     assert finish == ["length"] and len("".join(pieces)) > 20
     assert process.wait(30) == 0
+
+
+def test_cli_rejects_unavailable_engine_and_bad_settings(tiny_checkpoints: dict[str, Path]) -> None:
+    from alchemist_worker.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--model", str(tiny_checkpoints["llama"]), "--engine", "vllm"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", str(tiny_checkpoints["llama"]), "--kv-cache-mib", "0.001"])

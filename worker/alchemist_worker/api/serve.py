@@ -94,6 +94,11 @@ class Worker:
 
 
 def build_worker(settings: ServeSettings) -> Worker:
+    if settings.engine != "native":
+        raise ValueError(
+            f"engine {settings.engine!r} is not available yet: only the native engine serves; "
+            "set ALCHEMIST_ENGINE=native (or --engine native)"
+        )
     config = settings.engine_config()
     recording = None
     if config.recording.enabled:

@@ -17,6 +17,7 @@ from typing import Any
 from alchemist_worker.engine.config import DTYPES, RECORDING_POLICIES, EngineConfig, RecordingConfig
 
 MIB = 1 << 20
+ENGINES = ("native", "vllm")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ def _bool(value: str) -> bool:
 
 OPTIONS: tuple[Option, ...] = (
     Option("model", Path, None, "HF checkpoint directory to serve (required)"),
+    Option(
+        "engine", str, "native", "serving engine (vllm: a later addition behind the same interface)", ENGINES
+    ),
     Option("served_model_name", str, "", "model name clients use (default: the directory name)"),
     Option("host", str, "127.0.0.1", "address to listen on"),
     Option("port", int, 8000, "port to listen on"),
@@ -75,6 +79,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("weight_version", int, 0, "version of the weights being served at start"),
     Option("shutdown_timeout_s", float, 30.0, "on SIGTERM, how long in-flight requests may take to finish"),
     Option("seed", int, 0, "seed of sampling without a request seed, and of the recording coin"),
+    Option("cpu_threads", int, 0, "torch CPU threads for the engine (0: torch's default, one per core)"),
     Option("log_level", str, "info", "log level", ("debug", "info", "warning", "error")),
 )
 
@@ -82,6 +87,7 @@ OPTIONS: tuple[Option, ...] = (
 @dataclass(frozen=True)
 class ServeSettings:
     model: Path
+    engine: str
     served_model_name: str
     host: str
     port: int
@@ -104,6 +110,7 @@ class ServeSettings:
     weight_version: int
     shutdown_timeout_s: float
     seed: int
+    cpu_threads: int
     log_level: str
 
     def engine_config(self) -> EngineConfig:
@@ -118,6 +125,7 @@ class ServeSettings:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             seed=self.seed,
+            cpu_threads=self.cpu_threads,
             recording=RecordingConfig(
                 policy=self.record_policy,
                 rate=self.record_rate,

@@ -56,6 +56,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: max(max_model_len, 2048)
     watermark: float = 0.01  # share of KV blocks a new prefill must leave free for running sequences
     seed: int = 0
+    cpu_threads: int = 0  # torch's intra-op threads; 0 keeps torch's default (one per core)
     recording: RecordingConfig = RecordingConfig()
 
     def __post_init__(self) -> None:
@@ -75,6 +76,8 @@ class EngineConfig:
             raise EngineConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise EngineConfigError("max_num_batched_tokens must be positive")
+        if self.cpu_threads < 0:
+            raise EngineConfigError(f"cpu_threads must be 0 (default) or positive, got {self.cpu_threads}")
         if not 0.0 <= self.watermark < 0.5:
             raise EngineConfigError(f"watermark must be in [0, 0.5), got {self.watermark}")
         if not self.model.is_dir():

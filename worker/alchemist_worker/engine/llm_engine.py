@@ -123,6 +123,9 @@ class LLMEngine:
     ) -> LLMEngine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        if config.cpu_threads:
+            # On a shared or small CPU, fewer threads than cores avoids OpenMP threads waiting on each other.
+            torch.set_num_threads(config.cpu_threads)
         torch.manual_seed(config.seed)
         model = load_model(config.model, dtype=dtype, device=device)
         tokenizer = ServingTokenizer.from_pretrained(config.model, model.config.eos_token_ids)

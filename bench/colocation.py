@@ -1,0 +1,384 @@
+"""Serving and training on one device: what co-location costs each side, measured side by side in one process.
+
+Three configurations run on the same model, the same request trace and the same training backlog:
+- serving alone: the engine serves a Poisson trace; the continual trainer is present but disabled;
+- training alone: no requests; the trainer works through a backlog of feedback (a steady supply of steps);
+- co-located: both at once; the trainer runs in slices between engine iterations (continual/co_scheduler.py).
+They are interleaved round by round (A, B, C, then B, C, A, ...) so slow drift of a shared machine spreads over
+all three. Latencies are taken in the process at the engine's output (no HTTP in the way): TTFT from the
+request's scheduled arrival to its first token, inter-token latency as every gap between two tokens of a request.
+Training throughput is prompt+response tokens of the steps that ended in the window, between the first and the
+last of them, per second of wall time.
+
+Workload: prompts and outputs log-normal like ShareGPT's (heavy right tail), scaled down for a CPU; Poisson
+arrivals; generation ignores EOS so every configuration does the same serving work. The training backlog is
+feedback on requests served elsewhere (their tokens in Redis), so every sample is recomputed: the same work in
+both training configurations. Targets (the issue): p99 TTFT <= 1.15x and p99 ITL <= 1.10x of serving alone,
+training >= 50% of its standalone throughput.
+
+    .venv/bin/python bench/colocation.py                      # SmolLM2-135M-Instruct on CPU, writes docs/
+    .venv/bin/python bench/colocation.py --seconds 20 --rounds 1 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from alchemist_protocol.feedback_client import FeedbackClient
+from alchemist_protocol.job_store import JobStore
+from alchemist_protocol.local_redis import LocalRedis
+from alchemist_protocol.schemas import RequestRecord
+from alchemist_worker.continual.runtime import ContinualRuntime, RuntimeSettings
+from alchemist_worker.continual.settings import TrainerSettings
+from alchemist_worker.engine.config import EngineConfig, RecordingConfig
+from alchemist_worker.engine.engine_loop import EngineLoop
+from alchemist_worker.engine.llm_engine import LLMEngine
+from alchemist_worker.engine.sampling_params import SamplingParams
+from alchemist_worker.engine.serving_engine import GenerationRequest, RequestOutput
+from alchemist_worker.engine.store_recording import StoreRecording
+from alchemist_worker.model.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at_s: float
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclass
+class Trace:
+    first_token_s: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+
+def lognormal(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
+    return max(low, min(high, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def make_trace(args: argparse.Namespace, vocab: int) -> list[Arrival]:
+    rng = random.Random(args.seed)
+    at, out = 0.0, []
+    while True:
+        at += rng.expovariate(args.rate)
+        if at >= args.seconds:
+            return out
+        prompt = [rng.randrange(10, vocab) for _ in range(lognormal(rng, args.prompt_median, 0.9, 8, 512))]
+        out.append(Arrival(at, prompt, lognormal(rng, args.output_median, 0.6, 4, 128)))
+
+
+def seed_backlog(store: JobStore, client: FeedbackClient, args: argparse.Namespace, vocab: int) -> int:
+    rng = random.Random(args.seed + 1)
+    for n in range(args.backlog):
+        prompt = [
+            rng.randrange(10, vocab) for _ in range(lognormal(rng, args.train_prompt_median, 0.9, 8, 512))
+        ]
+        response = [
+            rng.randrange(10, vocab) for _ in range(lognormal(rng, args.train_response_median, 0.6, 4, 256))
+        ]
+        store.put_request(
+            RequestRecord(
+                request_id=f"old-{n}", prompt_tokens=prompt, response_tokens=response,
+                replica="elsewhere", version=0, model="bench",
+            ),
+            ttl_seconds=86_400,
+        )  # fmt: skip
+        client.accept(f"old-{n}")
+    return args.backlog
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+class Run:
+    """One configuration: a fresh engine, loop and runtime on the shared model weights' checkpoint."""
+
+    def __init__(self, args: argparse.Namespace, redis_url: str, job: str, training: bool) -> None:
+        config = EngineConfig(
+            model=args.model, dtype="float32", device=args.device, max_model_len=1024,
+            kv_cache_bytes=512 << 20, recording=RecordingConfig(policy="selective", rate=1.0), seed=args.seed,
+        )  # fmt: skip
+        recording = StoreRecording.from_config(
+            config.recording, ModelConfig.from_pretrained(args.model), str(args.device)
+        )
+        self.engine = LLMEngine.from_config(config, recording=recording)
+        self.loop = EngineLoop(self.engine)
+        self.serving_s = 0.0
+        self.loop.add_step_observer(self._busy)
+        self.versions = Path(tempfile.mkdtemp(prefix="colocation-"))
+        trainer = TrainerSettings(
+            enabled=training, lora_rank=16, learning_rate=1e-4, batch_samples=args.batch,
+            micro_batch_tokens=args.micro_batch_tokens, publish_every_steps=args.publish_every,
+            slice_ms=args.slice_ms, max_wait_s=0.0, keep_versions=3,
+        )  # fmt: skip
+        self.runtime = ContinualRuntime(
+            self.loop, self.engine,
+            RuntimeSettings(redis_url, "bench", job, "bench-0", self.versions, heartbeat_s=1.0),
+            trainer, model_path=args.model,
+        )  # fmt: skip
+        self.store = self.runtime.store
+
+    def _busy(self, _outputs: list[RequestOutput], elapsed_s: float) -> None:
+        self.serving_s += elapsed_s
+
+    def start(self) -> None:
+        self.runtime.start()
+        self.loop.start()
+
+    def stop(self) -> None:
+        self.runtime.stop()
+        self.loop.stop()
+
+    def trained_tokens(self) -> float:
+        value = self.runtime.metrics.registry.get_sample_value("alchemist_training_tokens_total")
+        return float(value or 0.0)
+
+    def slice_seconds(self) -> float:
+        value = self.runtime.metrics.registry.get_sample_value("alchemist_training_slice_seconds_sum")
+        return float(value or 0.0)
+
+    def serve(self, trace: list[Arrival]) -> tuple[list[Trace], float]:
+        traces = [Trace() for _ in trace]
+        done = threading.Semaphore(0)
+        start = time.monotonic() + 0.2
+
+        def sink_for(i: int) -> object:
+            def sink(out: RequestOutput | BaseException) -> None:
+                now = time.monotonic()
+                if isinstance(out, BaseException):
+                    done.release()
+                    return
+                if out.new_token_ids:
+                    if traces[i].first_token_s is None:
+                        traces[i].first_token_s = now - (start + trace[i].at_s)
+                    traces[i].token_times.extend([now] * len(out.new_token_ids))
+                if out.finished:
+                    done.release()
+
+            return sink
+
+        for i, arrival in enumerate(trace):
+            delay = start + arrival.at_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            params = SamplingParams(max_tokens=arrival.max_tokens, temperature=0.0, ignore_eos=True)
+            self.loop.submit(
+                GenerationRequest(f"r{i}", arrival.prompt, params, arrival_time=start + arrival.at_s),
+                sink_for(i),  # type: ignore[arg-type]
+            )
+        for _ in trace:
+            done.acquire(timeout=600)
+        return traces, time.monotonic() - start
+
+
+def latencies(traces: list[Trace]) -> tuple[list[float], list[float]]:
+    """(TTFT of each request, every gap between two tokens of a request), seconds."""
+    ttft = [t.first_token_s for t in traces if t.first_token_s is not None]
+    gaps = [b - a for t in traces for a, b in zip(t.token_times, t.token_times[1:], strict=False)]
+    return ttft, gaps
+
+
+def serving_numbers(ttft: list[float], gaps: list[float]) -> dict[str, float]:
+    return {
+        "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+        "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99),
+        "requests": len(ttft), "gaps": len(gaps),
+    }  # fmt: skip
+
+
+class Progress:
+    """Training throughput between the first and the last step that ended in the window (steps end in jumps)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.points: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _poll(self) -> None:
+        last = self.run.trained_tokens()
+        while not self._stop.wait(0.01):
+            tokens = self.run.trained_tokens()
+            if tokens != last:
+                self.points.append((time.monotonic(), tokens))
+                last = tokens
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        if len(self.points) < 2:
+            return 0.0
+        (t0, k0), (t1, k1) = self.points[0], self.points[-1]
+        return (k1 - k0) / (t1 - t0)
+
+
+def measure(
+    args: argparse.Namespace, redis: LocalRedis, name: str, round_no: int, pooled: dict[str, list[float]]
+) -> dict[str, float]:
+    """One run; its latencies are also added to `pooled` (percentiles are taken over all rounds' samples)."""
+    job = f"{name}-{round_no}-{time.monotonic_ns()}"
+    run = Run(args, redis.url, job, training=name != "serving")
+    vocab = run.engine.runner.config.vocab_size
+    if name != "serving":
+        seed_backlog(run.store, FeedbackClient(run.store.client, run.store.keys), args, vocab)
+    run.start()
+    try:
+        if name != "serving":  # the trainer takes its lease and finishes a first step before timing begins
+            deadline = time.monotonic() + 120
+            while run.trained_tokens() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        tokens0, slices0, serving0, t0 = (
+            run.trained_tokens(),
+            run.slice_seconds(),
+            run.serving_s,
+            time.monotonic(),
+        )
+        if name == "training":
+            time.sleep(args.seconds)
+            numbers: dict[str, float] = {}
+        else:
+            traces, _ = run.serve(make_trace(args, vocab))
+            ttft, gaps = latencies(traces)
+            pooled.setdefault(name + ":ttft", []).extend(ttft)
+            pooled.setdefault(name + ":gaps", []).extend(gaps)
+            numbers = serving_numbers(ttft, gaps)
+        elapsed = time.monotonic() - t0
+        numbers["train_tok_s"] = (run.trained_tokens() - tokens0) / elapsed
+        numbers["serving_busy"] = (run.serving_s - serving0) / elapsed  # share of wall time in engine steps
+        numbers["training_busy"] = (run.slice_seconds() - slices0) / elapsed  # share in training slices
+    finally:
+        run.stop()
+    return numbers
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", type=Path, default=None, help="checkpoint (default: SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of each measured run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rate", type=float, default=0.5, help="requests per second (Poisson)")
+    parser.add_argument("--prompt-median", type=int, default=32)
+    parser.add_argument("--output-median", type=int, default=12)
+    parser.add_argument("--train-prompt-median", type=int, default=48)
+    parser.add_argument("--train-response-median", type=int, default=16)
+    parser.add_argument("--backlog", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--micro-batch-tokens", type=int, default=128)
+    parser.add_argument("--publish-every", type=int, default=8)
+    parser.add_argument("--slice-ms", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model is None:
+        from alchemist_worker.bundled_model import ensure_small_model
+
+        args.model = ensure_small_model()
+    torch.manual_seed(args.seed)
+    results: dict[str, list[dict[str, float]]] = {"serving": [], "training": [], "colocated": []}
+    pooled: dict[str, list[float]] = {}
+    orders = [
+        ("serving", "training", "colocated"),
+        ("training", "colocated", "serving"),
+        ("colocated", "serving", "training"),
+    ]
+    with LocalRedis() as redis:
+        for round_no in range(args.rounds):
+            for name in orders[round_no % 3]:
+                numbers = measure(args, redis, name, round_no, pooled)
+                results[name].append(numbers)
+                print(f"round {round_no} {name}: {fmt(numbers)}", flush=True)
+    table = render(args, results, pooled)
+    print(table)
+    if not args.no_write:
+        out = ROOT / "docs" / "colocation_benchmark.md"
+        out.write_text(table)
+        print(f"wrote {out}")
+    return 0
+
+
+def fmt(numbers: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in numbers.items())
+
+
+def median(runs: list[dict[str, float]], key: str) -> float:
+    values = [r[key] for r in runs if key in r and not math.isnan(r[key])]
+    return statistics.median(values) if values else float("nan")
+
+
+def render(
+    args: argparse.Namespace, results: dict[str, list[dict[str, float]]], pooled: dict[str, list[float]]
+) -> str:
+    alone = serving_numbers(pooled.get("serving:ttft", []), pooled.get("serving:gaps", []))
+    both = serving_numbers(pooled.get("colocated:ttft", []), pooled.get("colocated:gaps", []))
+    train = results["training"]
+    rows = [
+        ("p50 TTFT (ms)", "ttft_p50", 1000.0, None),
+        ("p99 TTFT (ms)", "ttft_p99", 1000.0, 1.15),
+        ("p50 inter-token (ms)", "itl_p50", 1000.0, None),
+        ("p99 inter-token (ms)", "itl_p99", 1000.0, 1.10),
+    ]
+    lines = [
+        "# Co-location: serving and training in one process on one device",
+        "",
+        "Command:",
+        "",
+        "```",
+        "python bench/colocation.py " + " ".join(sys.argv[1:]),
+        "```",
+        "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}; "
+        f"device {args.device}; model {Path(args.model).name}; fp32.",
+        f"Trace: Poisson {args.rate} req/s for {args.seconds:.0f} s, prompts median {args.prompt_median} tokens, "
+        f"outputs median {args.output_median} (log-normal, EOS ignored). Training: LoRA r16, batch {args.batch}, "
+        f"micro-batches of {args.micro_batch_tokens} tokens, samples median {args.train_prompt_median}+"
+        f"{args.train_response_median} tokens (recomputed), a version every {args.publish_every} steps. "
+        f"Slices <= {args.slice_ms:.0f} ms. Medians over {args.rounds} interleaved rounds.",
+        "",
+        "| | serving alone | co-located | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
+    for label, key, scale, target in rows:
+        a, b = alone[key] * scale, both[key] * scale
+        ratio = b / a if a else float("nan")
+        verdict = "" if target is None else (f"<= {target:.2f}x " + ("met" if ratio <= target else "missed"))
+        lines.append(f"| {label} | {a:.1f} | {b:.1f} | {ratio:.2f}x | {verdict} |")
+    t_alone, t_both = median(train, "train_tok_s"), median(both, "train_tok_s")
+    ratio = t_both / t_alone if t_alone else float("nan")
+    verdict = ">= 0.50x " + ("met" if ratio >= 0.5 else "missed")
+    lines.append(
+        f"| training tokens/s | {t_alone:.0f} (training alone) | {t_both:.0f} | {ratio:.2f}x | {verdict} |"
+    )
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
