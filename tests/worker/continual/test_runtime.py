@@ -183,3 +183,15 @@ def test_a_published_version_loads_in_peft_and_matches_what_the_worker_serves(
         reference = tuned(input_ids=torch.tensor([ids])).logits[0]
     assert (served - reference).abs().max() < 1e-4
     assert (served - plain).abs().max() > 1e-3  # the version differs from the base model
+
+
+def test_the_saved_trainer_state_is_a_copy(make_worker: Callable[..., InProcessWorker]) -> None:
+    worker = make_worker()
+    out = worker.generate(PROMPT)
+    worker.feedback.accept(out.request_id)
+    worker.wait_version(1)
+    trainer = worker.runtime.trainer
+    state = worker.runtime.engine_side.call(trainer.state_dict).result()
+    moments = state["optimizer"]["state"][0]["exp_avg"]
+    live = trainer.optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(moments, live) and moments.data_ptr() != live.data_ptr()

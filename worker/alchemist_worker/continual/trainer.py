@@ -14,6 +14,7 @@ training weights installed only during its slices.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterable
@@ -259,8 +260,9 @@ class ContinualTrainer:
 
     # Checkpointed state.
     def state_dict(self) -> dict[str, Any]:
+        """A copy (tensors cloned): the next step must not change a state that is being written to disk."""
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "step_count": self.step_count,
             "head_version": self.head_version,
             "lineage": sorted(self.lineage),
