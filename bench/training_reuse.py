@@ -69,13 +69,14 @@ def load_hf(
     return hf, [p for p in hf.parameters() if p.requires_grad]
 
 
-def time_prefill(model, samples, policy, device) -> float:
+def time_prefill(model, samples, policy, device) -> tuple[float, float]:
+    """(busy seconds of the whole prefill, of which inside the recorder's hook)."""
     clock = busy_clock(device)
     sync(device)
     start = clock()
-    prefill(model, samples, policy)
+    _, hook = prefill(model, samples, policy)
     sync(device)
-    return clock() - start
+    return clock() - start, hook
 
 
 def run_benchmark(args: argparse.Namespace) -> str:
@@ -91,7 +92,10 @@ def run_benchmark(args: argparse.Namespace) -> str:
     hf_timer = Runner(hf, hf_params, device)
     costs = Costs.of(model.config, lora.rank, TARGETS)
     warmup = Workload("warm-up", ((24, 8),) * args.samples)
-    workloads = [warmup, *default_workloads(args.samples, args.tokens_per_sample, args.seed)]
+    chosen = default_workloads(args.samples, args.tokens_per_sample, args.seed)
+    if args.workloads:
+        chosen = [w for w in chosen if w.name in args.workloads]
+    workloads = [warmup, *chosen]
     load_before = os.getloadavg()
     started = time.perf_counter()
 
@@ -99,6 +103,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
     walls: dict[tuple[str, str], list[float]] = defaultdict(list)
     memory: dict[tuple[str, str], list[float]] = defaultdict(list)
     prefill_times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    hook_times: dict[tuple[str, str], list[float]] = defaultdict(list)
     recorded: dict[tuple[str, str], float] = {}
     plans = []
     for w in workloads:
@@ -108,7 +113,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
             store = ActivationStore(
                 StoreConfig(device_budget_bytes=0, host_budget_bytes=1 << 40, device=str(device))
             )
-            records = prefill(model, samples, policy) or []
+            records = prefill(model, samples, policy)[0] or []
             for s, rec in zip(samples, records, strict=True):
                 assert rec is not None and s.record_id is not None
                 store.put(s.record_id, rec)
@@ -135,9 +140,10 @@ def run_benchmark(args: argparse.Namespace) -> str:
                     walls[(w.name, name)].append(wall)
                     memory[(w.name, name)].append(peak)
             for policy in [None, *POLICIES]:
-                seconds = time_prefill(model, samples, policy, device)
+                seconds, hook = time_prefill(model, samples, policy, device)
                 if rep > 0:
                     prefill_times[(w.name, policy.value if policy else "none")].append(seconds)
+                    hook_times[(w.name, policy.value if policy else "none")].append(hook)
         print(f"round {rep} done at {time.perf_counter() - started:.0f}s", file=sys.stderr)
 
     from bench.training_reuse_table import render
@@ -151,6 +157,7 @@ def run_benchmark(args: argparse.Namespace) -> str:
         walls=walls,
         memory=memory,
         prefill_times=prefill_times,
+        hook_times=hook_times,
         recorded=recorded,
         costs=costs,
         flops=(baseline_flops, reuse_flops),
@@ -177,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU-time ratios stable)")
     ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument(
+        "--workloads", nargs="*", default=None, help="run only these (1:1 4:1 16:1 sharegpt-like)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/alchemist-bench"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

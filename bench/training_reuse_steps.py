@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from alchemist_worker.activations import ActivationStore, LayerStreamer, PrefillRecorder, RecordingPolicy
 from alchemist_worker.activations.records import SequenceRecord
-from alchemist_worker.model import DenseCausalAttention, Transformer
+from alchemist_worker.model import DenseCausalAttention, LayerActivations, Transformer
 from alchemist_worker.training import TrainingSample, recompute_backward, reuse_backward
 from alchemist_worker.training.batch import offsets
 
@@ -60,22 +60,38 @@ def busy_clock(device: torch.device) -> Callable[[], float]:
     return time.perf_counter if device.type == "cuda" else time.process_time
 
 
+class TimedRecorder(PrefillRecorder):
+    """A PrefillRecorder that adds up the busy time spent in its hook: the work recording adds to a prefill."""
+
+    hook_seconds = 0.0
+
+    def record_layer(self, layer: int, activations: LayerActivations) -> None:
+        clock = busy_clock(activations.x.device)
+        start = clock()
+        super().record_layer(layer, activations)
+        sync(activations.x.device)
+        self.hook_seconds += clock() - start
+
+
 def prefill(
     model: Transformer, samples: list[TrainingSample], policy: RecordingPolicy | None
-) -> list[SequenceRecord | None] | None:
-    """The prompts' batched prefill, recording under `policy` (None: no recorder at all)."""
+) -> tuple[list[SequenceRecord | None] | None, float]:
+    """The prompts' batched prefill, recording under `policy` (None: no recorder at all); returns the records
+    and the busy seconds spent inside the recorder's hook."""
     device = model.lm_head.weight.device
     ids = torch.cat([s.prompt_ids for s in samples]).to(device)
     cu = offsets([s.prompt_len for s in samples])
     positions = torch.cat([torch.arange(s.prompt_len) for s in samples]).to(device)
-    recorder = None
+    recorder: TimedRecorder | None = None
     if policy is not None:
-        recorder = PrefillRecorder(
+        recorder = TimedRecorder(
             policy, cu, ids, num_layers=model.config.num_layers, version=0, qk_norm=model.config.qk_norm
         )
     with torch.inference_mode():
         model(ids, positions, DenseCausalAttention(cu, sliding_window=model.config.sliding_window), recorder)
-    return recorder.records() if recorder is not None else None
+    if recorder is None:
+        return None, 0.0
+    return recorder.records(), recorder.hook_seconds
 
 
 class Runner:

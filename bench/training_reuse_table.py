@@ -22,6 +22,7 @@ def render(
     walls: dict[tuple[str, str], list[float]],
     memory: dict[tuple[str, str], list[float]],
     prefill_times: dict[tuple[str, str], list[float]],
+    hook_times: dict[tuple[str, str], list[float]],
     recorded: dict[tuple[str, str], float],
     costs: Any,
     flops: tuple[Callable[..., float], Callable[..., float]],
@@ -100,18 +101,21 @@ def render(
         "## Prefill with recording",
         "",
         f"| workload | prompt tokens | policy | recorded bytes / prompt token | prefill {unit} ms, no recorder "
-        f"| prefill {unit} ms, recording | overhead |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        f"| prefill {unit} ms, recording | overhead (difference) | {unit} ms inside the recorder hook "
+        "| overhead (hook time / prefill) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     overheads = []
     for w, samples, _ in plans:
         base = median(prefill_times[(w.name, "none")])
         for policy in ("kv", "selective", "full"):
             t = median(prefill_times[(w.name, policy)])
-            overheads.append((w.name, policy, t / base - 1))
+            hook = median(hook_times[(w.name, policy)])
+            overheads.append((w.name, policy, t / base - 1, hook / base))
             lines.append(
                 f"| {w.name} | {sum(s.prompt_len for s in samples)} | {policy} | "
-                f"{recorded[(w.name, policy)]:.0f} | {base * 1e3:.0f} | {t * 1e3:.0f} | {t / base - 1:+.1%} |"
+                f"{recorded[(w.name, policy)]:.0f} | {base * 1e3:.0f} | {t * 1e3:.0f} | {t / base - 1:+.1%} | "
+                f"{hook * 1e3:.1f} | {hook / base:.1%} |"
             )
     lines += ["", "## Targets (LoRA, policy `full`, offload on, against (a))", ""]
     for name, speedup, ideal, saved in summary:
@@ -121,9 +125,11 @@ def render(
             f"({'met' if saved >= 0.45 else 'missed'}: >= 45%)"
         )
     worst = max(overheads, key=lambda o: o[2])
+    worst_hook = max(overheads, key=lambda o: o[3])
     lines.append(
-        f"- prefill recording overhead: worst {worst[2]:+.1%} ({worst[0]}, {worst[1]}) "
-        f"({'met' if worst[2] <= 0.05 else 'missed'}: <= 5%)"
+        f"- prefill recording overhead, difference of medians: worst {worst[2]:+.1%} ({worst[0]}, {worst[1]}) "
+        f"({'met' if worst[2] <= 0.05 else 'missed'}: <= 5%); time inside the recorder hook: worst "
+        f"{worst_hook[3]:.1%} ({worst_hook[0]}, {worst_hook[1]}) ({'met' if worst_hook[3] <= 0.05 else 'missed'})"
     )
     return "\n".join(lines) + "\n"
 
