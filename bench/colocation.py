@@ -4,6 +4,9 @@ Three configurations run on the same model, the same request trace and the same 
 - serving alone: the engine serves a Poisson trace; the continual trainer is present but disabled;
 - training alone: no requests; the trainer works through a backlog of feedback (a steady supply of steps);
 - co-located: both at once; the trainer runs in slices between engine iterations (continual/co_scheduler.py).
+  Versions are published but serving stays on version 0, so the numbers isolate the cost of training slices;
+  with --switching a fourth configuration also switches serving to each new version (the engine's switch
+  pauses admission until in-flight requests finish, a cost of its own).
 They are interleaved round by round (A, B, C, then B, C, A, ...) so slow drift of a shared machine spreads over
 all three. Latencies are taken in the process at the engine's output (no HTTP in the way): TTFT from the
 request's scheduled arrival to its first token, inter-token latency as every gap between two tokens of a request.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import random
 import statistics
@@ -48,6 +52,7 @@ from alchemist_worker.engine.sampling_params import SamplingParams
 from alchemist_worker.engine.serving_engine import GenerationRequest, RequestOutput
 from alchemist_worker.engine.store_recording import StoreRecording
 from alchemist_worker.model.config import ModelConfig
+from alchemist_worker.rollout.follower import FollowMode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +115,9 @@ def percentile(values: list[float], q: float) -> float:
 class Run:
     """One configuration: a fresh engine, loop and runtime on the shared model weights' checkpoint."""
 
-    def __init__(self, args: argparse.Namespace, redis_url: str, job: str, training: bool) -> None:
+    def __init__(
+        self, args: argparse.Namespace, redis_url: str, job: str, training: bool, switching: bool
+    ) -> None:
         config = EngineConfig(
             model=args.model, dtype="float32", device=args.device, max_model_len=1024,
             kv_cache_bytes=512 << 20, recording=RecordingConfig(policy="selective", rate=1.0), seed=args.seed,
@@ -130,7 +137,10 @@ class Run:
         )  # fmt: skip
         self.runtime = ContinualRuntime(
             self.loop, self.engine,
-            RuntimeSettings(redis_url, "bench", job, "bench-0", self.versions, heartbeat_s=1.0),
+            RuntimeSettings(
+                redis_url, "bench", job, "bench-0", self.versions, heartbeat_s=1.0,
+                follow=FollowMode.LATEST if switching else FollowMode.POINTER,  # no pointer: keep serving v0
+            ),
             trainer, model_path=args.model,
         )  # fmt: skip
         self.store = self.runtime.store
@@ -237,7 +247,7 @@ def measure(
 ) -> dict[str, float]:
     """One run; its latencies are also added to `pooled` (percentiles are taken over all rounds' samples)."""
     job = f"{name}-{round_no}-{time.monotonic_ns()}"
-    run = Run(args, redis.url, job, training=name != "serving")
+    run = Run(args, redis.url, job, training=name != "serving", switching=name == "switching")
     vocab = run.engine.runner.config.vocab_size
     if name != "serving":
         seed_backlog(run.store, FeedbackClient(run.store.client, run.store.keys), args, vocab)
@@ -247,12 +257,9 @@ def measure(
             deadline = time.monotonic() + 120
             while run.trained_tokens() == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
-        tokens0, slices0, serving0, t0 = (
-            run.trained_tokens(),
-            run.slice_seconds(),
-            run.serving_s,
-            time.monotonic(),
-        )
+        slices0, serving0, t0 = run.slice_seconds(), run.serving_s, time.monotonic()
+        progress = Progress(run)
+        progress.start()
         if name == "training":
             time.sleep(args.seconds)
             numbers: dict[str, float] = {}
@@ -263,7 +270,9 @@ def measure(
             pooled.setdefault(name + ":gaps", []).extend(gaps)
             numbers = serving_numbers(ttft, gaps)
         elapsed = time.monotonic() - t0
-        numbers["train_tok_s"] = (run.trained_tokens() - tokens0) / elapsed
+        numbers["train_tok_s"] = progress.stop()
+        numbers["switches"] = float(run.engine.weight_version)
+        numbers["load_avg"] = os.getloadavg()[0]  # other processes on a shared machine
         numbers["serving_busy"] = (run.serving_s - serving0) / elapsed  # share of wall time in engine steps
         numbers["training_busy"] = (run.slice_seconds() - slices0) / elapsed  # share in training slices
     finally:
@@ -294,6 +303,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--switching", action="store_true",
+        help="also run co-located with serving switching to each new version (the engine pauses admission)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -302,7 +315,12 @@ def main() -> int:
 
         args.model = ensure_small_model()
     torch.manual_seed(args.seed)
-    results: dict[str, list[dict[str, float]]] = {"serving": [], "training": [], "colocated": []}
+    results: dict[str, list[dict[str, float]]] = {
+        "serving": [],
+        "training": [],
+        "colocated": [],
+        "switching": [],
+    }
     pooled: dict[str, list[float]] = {}
     orders = [
         ("serving", "training", "colocated"),
@@ -311,7 +329,7 @@ def main() -> int:
     ]
     with LocalRedis() as redis:
         for round_no in range(args.rounds):
-            for name in orders[round_no % 3]:
+            for name in orders[round_no % len(orders)]:
                 numbers = measure(args, redis, name, round_no, pooled)
                 results[name].append(numbers)
                 print(f"round {round_no} {name}: {fmt(numbers)}", flush=True)
