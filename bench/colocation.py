@@ -322,11 +322,8 @@ def main() -> int:
         "switching": [],
     }
     pooled: dict[str, list[float]] = {}
-    orders = [
-        ("serving", "training", "colocated"),
-        ("training", "colocated", "serving"),
-        ("colocated", "serving", "training"),
-    ]
+    names = ["serving", "training", "colocated"] + (["switching"] if args.switching else [])
+    orders = [names[i:] + names[:i] for i in range(len(names))]
     with LocalRedis() as redis:
         for round_no in range(args.rounds):
             for name in orders[round_no % len(orders)]:
@@ -388,12 +385,41 @@ def render(
         ratio = b / a if a else float("nan")
         verdict = "" if target is None else (f"<= {target:.2f}x " + ("met" if ratio <= target else "missed"))
         lines.append(f"| {label} | {a:.1f} | {b:.1f} | {ratio:.2f}x | {verdict} |")
-    t_alone, t_both = median(train, "train_tok_s"), median(both, "train_tok_s")
+    t_alone, t_both = median(train, "train_tok_s"), median(results["colocated"], "train_tok_s")
     ratio = t_both / t_alone if t_alone else float("nan")
     verdict = ">= 0.50x " + ("met" if ratio >= 0.5 else "missed")
     lines.append(
-        f"| training tokens/s | {t_alone:.0f} (training alone) | {t_both:.0f} | {ratio:.2f}x | {verdict} |"
+        f"| training tokens/s | {t_alone:.1f} (training alone) | {t_both:.1f} | {ratio:.2f}x | {verdict} |"
     )
+    if results["switching"]:
+        sw = serving_numbers(pooled.get("switching:ttft", []), pooled.get("switching:gaps", []))
+        lines += [
+            "",
+            "Co-located, and serving switches to each new version as it is published (the engine pauses admission "
+            "until in-flight requests finish, see docs/serving.md); "
+            f"{median(results['switching'], 'switches'):.0f} switches per run (median):",
+            "",
+            "| | serving alone | co-located, switching | ratio |",
+            "|---|---|---|---|",
+        ]
+        for label, key, scale, _target in rows:
+            a, b = alone[key] * scale, sw[key] * scale
+            lines.append(f"| {label} | {a:.1f} | {b:.1f} | {b / a if a else float('nan'):.2f}x |")
+    lines += [
+        "",
+        f"Requests measured: {alone['requests']} alone, {both['requests']} co-located ({alone['gaps']} and "
+        f"{both['gaps']} inter-token gaps); latency percentiles pool all rounds, throughputs are medians over rounds.",
+        f"Time shares (medians): serving alone spent {median(results['serving'], 'serving_busy'):.0%} of the wall "
+        f"time in engine iterations; co-located, serving {median(results['colocated'], 'serving_busy'):.0%} and "
+        f"training slices {median(results['colocated'], 'training_busy'):.0%}; training alone computed "
+        f"{median(train, 'training_busy'):.0%} of the time.",
+        "",
+        "Per run:",
+        "",
+    ]
+    for name, runs in results.items():
+        for i, numbers in enumerate(runs):
+            lines.append(f"- {name} {i}: {fmt(numbers)}")
     lines.append("")
     return "\n".join(lines)
 

@@ -1,22 +1,24 @@
 """How much time training may take between two engine iterations: serving first, training gets the rest.
 
-The runtime asks `slice_budget(load)` after every engine iteration (and while idle) and runs training units
+The runtime asks `slice_budget(load)` after every engine iteration (and while idle) and runs the training step
 until the budget is spent or serving needs the device back. The rules, in order:
 - requests waiting beyond `max_queue_depth`: no training at all (serving is behind);
-- nothing running or waiting: a long idle slice, cut short by any arrival (the runtime checks between units);
-- otherwise a slice bounded three ways: `slice_ms`; a share of the typical decode iteration, so inter-token
-  latency grows by at most that share (`busy_share`, 8% by default: the target is p99 ITL within 1.10x);
-  and an additive-increase / multiplicative-decrease factor driven by measured p99 TTFT and inter-token latency
-  against their configured bounds (halved when a p99 nears its bound, grown slowly while well below it; each
-  decision is made on a fresh window of latencies measured under the previous one).
-
-It also keeps the cost table: measured seconds per unit of training work by kind (forward / backward), per
-token, so the trainer can size micro-batches whose units fit a slice. Pure bookkeeping: imports no torch.
+- nothing running or waiting: idle slices of `slice_ms`, repeated until something arrives;
+- a request waiting for its prefill, or one just prefilled: no training (the slice would add to a TTFT, or to
+  the longest inter-token gaps, the ones that make a p99);
+- otherwise, while decoding: a token bucket. Each decode iteration earns `busy_share` of its duration (8% by
+  default: the target is p99 inter-token latency within 1.10x); a slice spends what it actually took. A slice
+  runs only with credit, for at most that credit and `slice_ms`. A step's operators are not divisible, so a
+  slice may overrun its budget by one of them; the bucket then skips the next iterations until the overrun is
+  paid back, which keeps training's share of decode time at `busy_share` whatever the operator sizes.
+- the busy budget is scaled by an additive-increase / multiplicative-decrease factor driven by measured p99
+  TTFT and inter-token latency against their configured bounds (halved when a p99 nears its bound, grown slowly
+  while well below it; each decision is made on a fresh window of latencies measured under the previous one).
+Pure bookkeeping: imports no torch.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ class ServingLoad:
     waiting: int  # requests admitted by the API but not yet prefilled
     running: int  # requests in the decode batch
     arrivals_pending: bool = False  # something arrived since the last iteration (not yet in the engine)
+    after_prefill: bool = False  # the iteration that just ran was a prefill
 
     @property
     def idle(self) -> bool:
@@ -54,7 +57,7 @@ class CoScheduler:
         self.decode_s: deque[float] = deque(maxlen=window)  # durations of decode iterations
         self.itl_s: deque[float] = deque(maxlen=window)  # decode iteration + the training slice after it
         self.ttft_s: deque[float] = deque(maxlen=window)
-        self.unit_cost: dict[str, float] = {}  # seconds per token, by unit kind (exponential average)
+        self.credit_s = 0.0  # the token bucket of busy slices, in seconds
         self.yielded = 0
         self.slices = 0
         self._min_samples = max(8, window // 4)  # fresh latency samples needed before each AIMD decision
@@ -65,22 +68,13 @@ class CoScheduler:
         if decode:
             self.decode_s.append(seconds)
             self.itl_s.append(seconds + slice_after_s)
+            cap = self.settings.slice_ms / 1000.0
+            self.credit_s = min(cap, self.credit_s + self.busy_share * seconds)
+        self.credit_s -= slice_after_s
         self._adapt()
 
     def observe_ttft(self, seconds: float) -> None:
         self.ttft_s.append(seconds)
-
-    def observe_unit(self, kind: str, tokens: int, seconds: float) -> None:
-        if tokens <= 0:
-            return
-        per_token = seconds / tokens
-        old = self.unit_cost.get(kind)
-        self.unit_cost[kind] = per_token if old is None else 0.8 * old + 0.2 * per_token
-
-    def unit_seconds(self, kind: str, tokens: int) -> float | None:
-        """Predicted seconds of one unit of `kind` over `tokens` tokens; None before any measurement."""
-        cost = self.unit_cost.get(kind)
-        return None if cost is None else cost * tokens
 
     # Decision.
     def slice_budget(self, load: ServingLoad) -> float:
@@ -92,14 +86,11 @@ class CoScheduler:
         if load.idle:
             self.slices += 1
             return s.idle_slice_ms / 1000.0
-        budget = s.slice_ms / 1000.0
-        if self.decode_s:
-            budget = min(budget, self.busy_share * statistics.median(self.decode_s))
-        budget *= self.factor
-        if load.waiting or load.arrivals_pending:
-            budget = min(budget, s.slice_ms / 1000.0 * self.factor * 0.5)  # a prefill is next: keep it short
+        if load.waiting or load.arrivals_pending or load.after_prefill or self.credit_s <= 0:
+            self.yielded += 1
+            return 0.0
         self.slices += 1
-        return budget
+        return min(s.slice_ms / 1000.0, self.credit_s) * self.factor
 
     def _adapt(self) -> None:
         s = self.settings

@@ -107,7 +107,13 @@ class EngineSide:
     def _load(self) -> ServingLoad:
         stats = self.loop.stats
         arrivals = self.loop.num_in_flight > stats.num_running + stats.num_waiting
-        return ServingLoad(waiting=stats.num_waiting, running=stats.num_running, arrivals_pending=arrivals)
+        after_prefill = self._last_iteration is not None and not self._last_iteration[0]
+        return ServingLoad(
+            waiting=stats.num_waiting,
+            running=stats.num_running,
+            arrivals_pending=arrivals,
+            after_prefill=after_prefill,
+        )
 
     def between_iterations(self) -> None:
         # An idle loop waits `idle_wait_s` for commands before calling us again (arrivals wake it at once):
@@ -143,7 +149,7 @@ class EngineSide:
                 self.on_yield()
             return 0.0
         idle = load.idle
-        slice_s = min(budget, self.co_scheduler.settings.slice_ms / 1000.0) if idle else budget
+        slice_s = min(budget, self.co_scheduler.settings.slice_ms / 1000.0)
         deadline = started + budget
         while True:
             self._advance(slice_s)
