@@ -1,3 +1,6 @@
+import threading
+import time
+
 import pytest
 import redis
 from alchemist_protocol.feedback_client import FeedbackClient
@@ -25,7 +28,9 @@ def api(redis_client: redis.Redis) -> TestClient:
     install_error_handlers(app)
     backlog = lambda: int(redis_client.xlen(KEYS.feedback))
     app.include_router(
-        feedback_router(FeedbackClient(redis_client, KEYS), store, max_backlog=3, backlog=backlog)
+        feedback_router(
+            FeedbackClient(redis_client, KEYS), store, max_backlog=3, backlog=backlog, record_grace_s=0.2
+        )
     )
     return TestClient(app)
 
@@ -80,3 +85,27 @@ def test_redis_down_is_a_503(redis_server, redis_client: redis.Redis) -> None:  
         assert r.status_code == 503 and "unreachable" in r.json()["error"]["message"]
     finally:
         redis_server.start()
+
+
+def test_a_record_written_just_after_the_response_is_waited_for(
+    api: TestClient, redis_client: redis.Redis
+) -> None:
+    def write_late() -> None:
+        time.sleep(0.1)
+        JobStore(redis_client, KEYS).put_request(
+            RequestRecord(
+                request_id="cmpl-late",
+                prompt_tokens=[1],
+                response_tokens=[2],
+                replica="r0",
+                version=0,
+                model="m",
+            ),
+            ttl_seconds=60,
+        )
+
+    writer = threading.Thread(target=write_late)
+    writer.start()
+    r = api.post("/v1/feedback", json={"response_id": "cmpl-late", "label": "accept"})
+    writer.join()
+    assert r.status_code == 202, r.text

@@ -14,6 +14,7 @@ feedback is queued, and trained at the next step. When the stream's backlog exce
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,16 +62,27 @@ class FeedbackBody(BaseModel):
             raise bad_request(problems, param) from None
 
 
+def _known(store: JobStore, request_id: str, grace_s: float) -> bool:
+    deadline = time.monotonic() + grace_s
+    while store.get_request(request_id) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def feedback_router(
     client: FeedbackClient,
     store: JobStore | None = None,
     *,
     max_backlog: int = 0,
     backlog: Callable[[], int] | None = None,
+    record_grace_s: float = 2.0,
 ) -> APIRouter:
     """The route. With `store`, feedback for a response id this job never served (or whose request record
-    expired) gets a 404. `backlog` returns the unacknowledged entries (the trainer's lag) for the 429 bound;
-    0 disables it."""
+    expired) gets a 404; a record is waited for up to `record_grace_s`, since a replica writes it just after
+    the response (an application may be faster). `backlog` returns the unacknowledged entries (the trainer's
+    lag) for the 429 bound; 0 disables it."""
     router = APIRouter()
 
     @router.post("/v1/feedback", status_code=202)
@@ -85,7 +97,7 @@ def feedback_router(
                     code="feedback_backlog",
                 )
                 return JSONResponse(error.body(), status_code=429, headers={"Retry-After": "5"})
-            if store is not None and store.get_request(feedback.request_id) is None:
+            if store is not None and not _known(store, feedback.request_id, record_grace_s):
                 raise APIError(
                     404,
                     f"no served response with id {feedback.request_id!r} (unknown, or its record expired)",
