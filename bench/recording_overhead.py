@@ -4,7 +4,9 @@ The load generator (serving_load.py) measures end to end but runs each configura
 after the other, so on a shared machine its differences mix recording cost with load drift. Here four engines
 (recording off, kv, selective, full) share one model in one process; each round times, for every policy in a
 rotating order, one engine step that prefills a prompt (recorded unless off) and a few decode steps of a
-small batch. Medians over rounds are reported side by side.
+small batch. Medians over rounds are reported side by side. Between-run noise on a shared machine can exceed
+the cost itself, so the recording work is also timed inside each recorded step (every `record_layer` copy and
+the store commit): its share of the same step is the direct measure of what recording adds to a prefill.
 
     .venv/bin/python bench/recording_overhead.py --prompt 256 --rounds 7
 """
@@ -27,15 +29,54 @@ from alchemist_worker.engine.serving_engine import GenerationRequest
 from alchemist_worker.engine.serving_tokenizer import ServingTokenizer
 from alchemist_worker.engine.store_recording import StoreRecording
 from alchemist_worker.model.checkpoint import load_model
+from alchemist_worker.model.layer_activations import LayerActivations, Recorder
 
 POLICIES = ("off", "kv", "selective", "full")
+
+
+class TimedRecorder:
+    """Passes hook calls through to the real recorder and adds up the seconds they take."""
+
+    def __init__(self, inner: Recorder, clock: list[float]) -> None:
+        self.inner = inner
+        self.clock = clock
+
+    @property
+    def wants_lse(self) -> bool:
+        return self.inner.wants_lse
+
+    def record_layer(self, layer: int, activations: LayerActivations) -> None:
+        started = time.perf_counter()
+        self.inner.record_layer(layer, activations)
+        self.clock[0] += time.perf_counter() - started
+
+
+class TimedRecording(StoreRecording):
+    """StoreRecording that measures its own work: per-layer copies during the forward, and the commit."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.seconds = [0.0]
+
+    def begin(
+        self, cu_seqlens: list[int], input_ids: list[int], record_ids: list[str | None], weight_version: int
+    ) -> Recorder:
+        started = time.perf_counter()
+        inner = super().begin(cu_seqlens, input_ids, record_ids, weight_version)
+        self.seconds[0] += time.perf_counter() - started
+        return TimedRecorder(inner, self.seconds)
+
+    def commit(self, recorder: Recorder) -> None:
+        started = time.perf_counter()
+        super().commit(recorder.inner if isinstance(recorder, TimedRecorder) else recorder)
+        self.seconds[0] += time.perf_counter() - started
 
 
 def build(model_path: Path, model: torch.nn.Module, tokenizer: ServingTokenizer, policy: str) -> LLMEngine:
     recording = None
     if policy != "off":
         store = ActivationStore(StoreConfig(device_budget_bytes=8 << 30, host_budget_bytes=8 << 30))
-        recording = StoreRecording(store, RecordingPolicy(policy), model.config)  # type: ignore[arg-type]
+        recording = TimedRecording(store, RecordingPolicy(policy), model.config)
     config = EngineConfig(
         model=model_path, dtype="float32", device="cpu", max_model_len=2048, kv_cache_bytes=128 << 20,
         recording=RecordingConfig(policy=policy, rate=1.0),
@@ -96,31 +137,39 @@ def main() -> int:
     engines = {policy: build(args.model, model, tokenizer, policy) for policy in POLICIES}
     rng = random.Random(args.seed)
     prefill: dict[str, list[float]] = {p: [] for p in POLICIES}
+    share: dict[str, list[float]] = {p: [] for p in POLICIES}
     decode: dict[str, list[float]] = {p: [] for p in POLICIES}
     for round_index in range(args.rounds + 1):  # round 0 warms up and is discarded
         prompt = [rng.randrange(1000, 30000) for _ in range(args.prompt)]
         batch = [[rng.randrange(1000, 30000) for _ in range(16)] for _ in range(args.batch)]
         order = POLICIES[round_index % 4 :] + POLICIES[: round_index % 4]
         for policy in order:
+            recording = engines[policy].recording
+            before = recording.seconds[0] if isinstance(recording, TimedRecording) else 0.0
             p, d = time_round(engines[policy], prompt, batch, args.decode_steps)
+            spent = (recording.seconds[0] if isinstance(recording, TimedRecording) else 0.0) - before
             if round_index:
                 prefill[policy].append(p)
                 decode[policy].append(d)
+                share[policy].append(spent / p)
     base_p, base_d = statistics.median(prefill["off"]), statistics.median(decode["off"])
     print(f"Command: `python bench/recording_overhead.py --prompt {args.prompt} --batch {args.batch} "
           f"--decode-steps {args.decode_steps} --rounds {args.rounds} --cpu-threads {args.cpu_threads}`\n")  # fmt: skip
     print(
-        "| recording | prefill step, median (ms) | vs off | decode step, median (ms) | vs off | MiB per prompt |"
+        "| recording | prefill step, median (ms) | vs off | recording work inside the step, median | "
+        "decode step, median (ms) | vs off | MiB per prompt |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for policy in POLICIES:
         p, d = statistics.median(prefill[policy]), statistics.median(decode[policy])
+        inside = statistics.median(share[policy])
         recording = engines[policy].recording
         size = 0.0
         if isinstance(recording, StoreRecording) and recording.recorded:
             size = (recording.store.device_bytes + recording.store.host_bytes) / recording.recorded / 2**20
         print(
-            f"| {policy} | {1000 * p:.0f} | {p / base_p - 1:+.1%} | {1000 * d:.1f} | {d / base_d - 1:+.1%} | {size:.1f} |"
+            f"| {policy} | {1000 * p:.0f} | {p / base_p - 1:+.1%} | {inside:.1%} | {1000 * d:.1f} "
+            f"| {d / base_d - 1:+.1%} | {size:.1f} |"
         )
     return 0
 
