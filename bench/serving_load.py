@@ -10,7 +10,7 @@ Reported per configuration: output throughput on the trace and (recording off, v
 same requests arrive at once; p50/p99 time to first token, p50/p99 inter-token latency (every
 gap between two streamed tokens), and for recording runs the ratio to the run without recording. Usage:
 
-    .venv/bin/python bench/serving_load.py                       # everything, writes docs/serving_benchmark.md
+    .venv/bin/python bench/serving_load.py                       # everything; docs/serving_benchmark.md has a run
     .venv/bin/python bench/serving_load.py --configs off,kv      # a subset, no vLLM
 """
 
@@ -289,9 +289,7 @@ def main() -> int:
         "--cpu-threads", type=int, default=1, help="native engine's torch threads (0: default)"
     )
     parser.add_argument("--port", type=int, default=18431)
-    parser.add_argument(
-        "--out", default=str(ROOT / "docs" / "serving_benchmark.md"), help="empty: print only"
-    )
+    parser.add_argument("--out", default="", help="also write the table to this file (default: print only)")
     args = parser.parse_args()
     if args.model is None:
         from alchemist_worker.bundled_model import ensure_small_model
