@@ -131,5 +131,6 @@ def test_weight_switch_with_nothing_in_flight_applies_at_the_next_step(
     applied: list[bool] = []
     engine.request_weight_switch(WeightSwitch(3, apply=lambda: applied.append(True)))
     assert applied == [] and engine.stats().switch_pending_s >= 0
+    assert engine.has_unfinished()  # so that an idle engine loop still steps and applies it
     engine.step()
-    assert applied == [True] and engine.weight_version == 3
+    assert applied == [True] and engine.weight_version == 3 and not engine.has_unfinished()

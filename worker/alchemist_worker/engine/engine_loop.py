@@ -26,9 +26,6 @@ from alchemist_worker.engine.serving_engine import (
 
 log = logging.getLogger(__name__)
 
-# Statistics (which walk the activation store) are refreshed at most this often, not on every iteration.
-STATS_INTERVAL_S = 0.25
-
 OutputSink = Callable[[RequestOutput | BaseException], None]
 StepObserver = Callable[[list[RequestOutput], float], None]
 
@@ -54,8 +51,9 @@ class EngineLoop:
         self._between_iterations: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats: EngineStats = engine.stats()
-        self._stats_at = time.monotonic()
+        self.stats: EngineStats = (
+            engine.stats()
+        )  # refreshed after every iteration (the co-scheduler reads it)
         self.iterations = 0
         self.failed_iterations = 0
 
@@ -110,9 +108,6 @@ class EngineLoop:
                 self._iterate()
             for callback in self._between_iterations:
                 callback()
-            if time.monotonic() - self._stats_at >= STATS_INTERVAL_S:
-                self.stats = self.engine.stats()
-                self._stats_at = time.monotonic()
         for request_id, sink in list(self._sinks.items()):
             sink(RuntimeError(f"the engine stopped before request {request_id} finished"))
         self._sinks.clear()
@@ -171,5 +166,6 @@ class EngineLoop:
             )
             if sink is not None:
                 sink(out)
+        self.stats = self.engine.stats()
         for observer in self._step_observers:
             observer(outputs, elapsed)

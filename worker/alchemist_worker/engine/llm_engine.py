@@ -175,7 +175,8 @@ class LLMEngine:
             self._aborted.append(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        """Work for `step()`: requests, aborts to report, or a weight switch waiting to be applied."""
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._pending_switch is not None
 
     def add_finished_observer(self, observer: FinishedRequestObserver) -> None:
         self._observers.append(observer)

@@ -7,6 +7,8 @@ API returned), where the store's byte budgets decide its tier (device, host) or 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from alchemist_worker.activations.policy import RecordingPolicy, parse_policy
@@ -17,6 +19,10 @@ from alchemist_worker.engine.recording import RecordingStats
 from alchemist_worker.model.config import ModelConfig
 from alchemist_worker.model.layer_activations import Recorder
 
+# The eviction count comes from the store's full statistics, which walk every record: refreshed at most this
+# often, since the engine reports statistics after every iteration. Byte counts are always current.
+EVICTIONS_REFRESH_S = 0.5
+
 
 class StoreRecording:
     def __init__(self, store: ActivationStore, policy: RecordingPolicy, model_config: ModelConfig) -> None:
@@ -25,6 +31,8 @@ class StoreRecording:
         self.model_config = model_config
         self._pending: tuple[PrefillRecorder, list[str | None]] | None = None
         self.recorded = 0
+        self._evicted = 0
+        self._evicted_at = float("-inf")
 
     @classmethod
     def from_config(cls, config: RecordingConfig, model_config: ModelConfig, device: str) -> StoreRecording:
@@ -69,9 +77,15 @@ class StoreRecording:
                 self.recorded += 1
 
     def stats(self) -> RecordingStats:
-        stats = self.store.stats()
+        now = time.monotonic()
+        if now - self._evicted_at >= EVICTIONS_REFRESH_S:
+            self._evicted = self.store.stats().dropped.get(DropReason.EVICTED.value, 0)
+            self._evicted_at = now
         return RecordingStats(
             recorded_requests=self.recorded,
-            bytes_by_tier={Tier.DEVICE.value: stats.device_bytes, Tier.HOST.value: stats.host_bytes},
-            evicted=stats.dropped.get(DropReason.EVICTED.value, 0),
+            bytes_by_tier={
+                Tier.DEVICE.value: self.store.device_bytes,
+                Tier.HOST.value: self.store.host_bytes,
+            },
+            evicted=self._evicted,
         )
