@@ -85,6 +85,13 @@ def relative_error(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return worst
 
 
+def global_relative_error(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """||ours - ref|| / ||ref|| over all tensors as one vector."""
+    diff = sum(((a.double() - b.double()) ** 2).sum() for a, b in zip(ours, ref, strict=True))
+    norm = sum((b.double() ** 2).sum() for b in ref)
+    return float((diff / norm) ** 0.5)
+
+
 @pytest.fixture
 def store() -> ActivationStore:
     return big_store()
