@@ -33,14 +33,18 @@ async def redis_url_for(job: JobRef, spec: JobSpec, memo: JobMemo) -> str | None
     return spec.feedback.redis_url or memo.config.default_redis_url
 
 
-def _store(memo: JobMemo, job: JobRef, url: str) -> JobStore:
-    if memo.store is None or memo.store_url != url:
+def job_keys(job: JobRef, spec: JobSpec) -> JobKeys:
+    return JobKeys(job.namespace, job.name, spec.feedback.stream)
+
+
+def _store(memo: JobMemo, keys: JobKeys, url: str) -> JobStore:
+    if memo.store is None or memo.store_url != url or memo.store.keys != keys:
         memo.close_store()
         timeout = memo.config.redis_timeout_seconds
         client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
         )
-        memo.store = JobStore(client, JobKeys(job.namespace, job.name))
+        memo.store = JobStore(client, keys)
         memo.store_url = url
     return memo.store
 
@@ -67,7 +71,7 @@ async def _rollout(body: kopf.Body, job: JobRef, spec: JobSpec, memo: JobMemo) -
     url = await redis_url_for(job, spec, memo)
     if url is None:
         return RedisView(reachable=False, error="the Redis URL Secret or its key does not exist")
-    store = _store(memo, job, url)
+    store = _store(memo, job_keys(job, spec), url)
     try:
         snapshot = await asyncio.to_thread(read_snapshot, store, store.keys.feedback, time.time())
         state = snapshot.state
@@ -115,7 +119,9 @@ async def monitor_once(body: kopf.Body, memo: JobMemo) -> dict[str, Any]:
             outcome=memo.outcome,
             workload=workload,
             redis=redis_view,
-            feedback_stream=JobKeys(job.namespace, job.name).feedback,
+            feedback_stream=job_keys(job, spec).feedback
+            if spec is not None
+            else JobKeys(job.namespace, job.name).feedback,
             previous=previous,
             now=datetime.datetime.now(datetime.UTC),
         )

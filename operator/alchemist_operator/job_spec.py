@@ -173,6 +173,7 @@ class SecretKeyRef(SpecModel):
 class FeedbackSpec(SpecModel):
     redis_url: str | None = Field(default=None, pattern=r"^rediss?://")
     redis_secret_ref: SecretKeyRef | None = None
+    stream: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^\S+$")
 
 
 class CanarySpec(SpecModel):

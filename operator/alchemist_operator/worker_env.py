@@ -7,6 +7,8 @@ or is secret (the Redis URL from a Secret) is set in the container's `env`.
 
 from __future__ import annotations
 
+from alchemist_protocol.keys import JobKeys
+
 from alchemist_operator.job_spec import JobSpec, ModelSource
 from alchemist_operator.naming import VERSIONS_DIR, JobRef
 from alchemist_operator.quantities import quantity_bytes
@@ -39,6 +41,7 @@ def worker_config(job: JobRef, spec: JobSpec) -> dict[str, str]:
     recording = spec.recording
     return {
         "ALCHEMIST_JOB": job.name,
+        "ALCHEMIST_FEEDBACK_STREAM": JobKeys(job.namespace, job.name, spec.feedback.stream).feedback,
         "ALCHEMIST_MODEL": model_path(spec),
         "ALCHEMIST_SERVED_MODEL_NAME": spec.model.served_name or job.name,
         "ALCHEMIST_DTYPE": spec.model.dtype.value,

@@ -18,8 +18,10 @@ class FeedbackClient:
         self.keys = keys
 
     @classmethod
-    def from_url(cls, url: str, namespace: str, job: str) -> FeedbackClient:
-        return cls(redis.Redis.from_url(url, decode_responses=True), JobKeys(namespace, job))
+    def from_url(
+        cls, url: str, namespace: str, job: str, feedback_stream: str | None = None
+    ) -> FeedbackClient:
+        return cls(redis.Redis.from_url(url, decode_responses=True), JobKeys(namespace, job, feedback_stream))
 
     def send(self, feedback: Feedback) -> str:
         """Appends the feedback; returns its stream entry id."""

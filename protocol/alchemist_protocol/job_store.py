@@ -27,8 +27,8 @@ class JobStore:
         self.keys = keys
 
     @classmethod
-    def from_url(cls, url: str, namespace: str, job: str) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), JobKeys(namespace, job))
+    def from_url(cls, url: str, namespace: str, job: str, feedback_stream: str | None = None) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), JobKeys(namespace, job, feedback_stream))
 
     # Requests: what any replica needs to recompute a sample.
     def put_request(self, record: RequestRecord, ttl_seconds: int) -> None:

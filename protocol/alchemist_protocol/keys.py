@@ -15,11 +15,16 @@ FEEDBACK_GROUP = "trainers"
 class JobKeys:
     namespace: str
     job: str
+    # The job's spec may name its own feedback stream (an application's existing stream, say).
+    feedback_stream: str | None = None
 
     def __post_init__(self) -> None:
         for field, value in (("namespace", self.namespace), ("job", self.job)):
             if not value or ":" in value or any(c.isspace() for c in value):
                 raise ValueError(f"{field} must be a non-empty name without ':' or whitespace, got {value!r}")
+        stream = self.feedback_stream
+        if stream is not None and (not stream or any(c.isspace() for c in stream)):
+            raise ValueError(f"feedback_stream must be a non-empty key without whitespace, got {stream!r}")
 
     @property
     def prefix(self) -> str:
@@ -28,7 +33,7 @@ class JobKeys:
     @property
     def feedback(self) -> str:
         """Stream written by applications (XADD), read by trainers through the FEEDBACK_GROUP consumer group."""
-        return self.prefix + "feedback"
+        return self.feedback_stream or self.prefix + "feedback"
 
     @property
     def dead_letters(self) -> str:

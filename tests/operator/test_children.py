@@ -190,3 +190,12 @@ def test_config_values_are_exactly_the_documented_variables() -> None:
     names = set(worker_config(JOB, parse_job_spec({"model": {"path": "/m"}}))) | set(env_of(children()))
     documented = {line.split("`")[1] for line in doc.splitlines() if line.startswith("| `ALCHEMIST_")}
     assert names == documented
+
+
+def test_the_feedback_stream_defaults_to_the_jobs_key_and_can_be_named() -> None:
+    default = children()["ConfigMap/chat-config"]["data"]
+    assert default["ALCHEMIST_FEEDBACK_STREAM"] == "alchemist:team-a:chat:feedback"
+    named = children(feedback={"stream": "shop:reactions"})["ConfigMap/chat-config"]["data"]
+    assert named["ALCHEMIST_FEEDBACK_STREAM"] == "shop:reactions"
+    with pytest.raises(ValueError):
+        parse_job_spec({"model": {"path": "/m"}, "feedback": {"stream": "has space"}})

@@ -62,3 +62,11 @@ def test_rollout_pointer_routes_canary_replicas() -> None:
     pointer = RolloutPointer(stable_version=2, canary_version=3, canary_replicas=["job-1"])
     assert pointer.version_for("job-1") == 3
     assert pointer.version_for("job-0") == 2
+
+
+def test_a_job_may_name_its_own_feedback_stream() -> None:
+    keys = JobKeys("ns", "job", feedback_stream="shop:reactions")
+    assert keys.feedback == "shop:reactions"
+    assert keys.dead_letters == "alchemist:ns:job:feedback:dead"
+    with pytest.raises(ValueError, match="feedback_stream"):
+        JobKeys("ns", "job", feedback_stream="two words")
