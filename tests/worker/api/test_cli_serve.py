@@ -152,3 +152,16 @@ def test_cli_rejects_unavailable_engine_and_bad_settings(tiny_checkpoints: dict[
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         main(["serve", "--model", str(tiny_checkpoints["llama"]), "--kv-cache-mib", "0.001"])
+
+
+def test_the_feedback_stream_setting_comes_from_the_environment() -> None:
+    import argparse
+
+    from alchemist_worker.api.serve_settings import add_serve_arguments, resolve_settings
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--model", "/m"])
+    assert resolve_settings(args, {}).feedback_stream == ""
+    settings = resolve_settings(args, {"ALCHEMIST_FEEDBACK_STREAM": "shop:reactions"})
+    assert settings.feedback_stream == "shop:reactions"

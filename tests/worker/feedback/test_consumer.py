@@ -129,3 +129,12 @@ def test_recovers_when_redis_lost_the_group(redis_client: redis.Redis) -> None:
     assert c.poll() == []  # NOGROUP: recreated
     FeedbackClient(redis_client, KEYS).reject("cmpl-2")
     assert [i.feedback.label for i in c.poll()] == [FeedbackLabel.NEGATIVE]
+
+
+def test_a_named_feedback_stream_is_consumed_and_the_default_left_alone(redis_client: redis.Redis) -> None:
+    named = JobKeys("ns", "job", feedback_stream="shop:reactions")
+    c = FeedbackConsumer(redis_client, named, ConsumerSettings(consumer="r0"))
+    c.ensure_group()
+    FeedbackClient(redis_client, named).accept("cmpl-9")
+    assert redis_client.xlen("shop:reactions") == 1 and not redis_client.exists(KEYS.feedback)
+    assert [i.feedback.request_id for i in c.poll()] == ["cmpl-9"]

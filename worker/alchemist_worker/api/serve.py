@@ -114,7 +114,9 @@ def build_worker(settings: ServeSettings) -> Worker:
         from alchemist_protocol.job_store import JobStore
 
         records = RedisRequestRecords(
-            JobStore.from_url(settings.redis_url, settings.namespace, settings.job),
+            JobStore.from_url(
+                settings.redis_url, settings.namespace, settings.job, settings.feedback_stream or None
+            ),
             replica=settings.replica,
             model=engine.model_name,
             ttl_s=settings.request_ttl_s,
@@ -132,6 +134,7 @@ def build_worker(settings: ServeSettings) -> Worker:
                 redis_url=settings.redis_url,
                 namespace=settings.namespace,
                 job=settings.job,
+                feedback_stream=settings.feedback_stream or None,
                 replica=settings.replica,
             ),
             TrainerSettings.from_env(),

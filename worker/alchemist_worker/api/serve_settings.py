@@ -74,6 +74,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis_url", str, "", "Redis for request records (tokens, replica, version); empty: not written"),
     Option("namespace", str, "default", "job namespace (Redis key prefix)"),
     Option("job", str, "local", "job name (Redis key prefix)"),
+    Option("feedback_stream", str, "", "feedback stream key (empty: alchemist:{namespace}:{job}:feedback)"),
     Option("replica", str, socket.gethostname(), "this replica's name"),
     Option("request_ttl_s", int, 86_400, "how long request records live in Redis"),
     Option("weight_version", int, 0, "version of the weights being served at start"),
@@ -105,6 +106,7 @@ class ServeSettings:
     redis_url: str
     namespace: str
     job: str
+    feedback_stream: str
     replica: str
     request_ttl_s: int
     weight_version: int

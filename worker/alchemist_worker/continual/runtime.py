@@ -55,6 +55,7 @@ class RuntimeSettings:
     job: str
     replica: str
     versions_dir: Path
+    feedback_stream: str | None = None  # None: the job's default stream key
     follow: FollowMode = FollowMode.AUTO
     heartbeat_s: float = 5.0
     lease_ttl_s: float = 15.0
@@ -126,7 +127,7 @@ class ContinualRuntime:
         self.redis = redis.Redis.from_url(
             settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
         )
-        keys = JobKeys(settings.namespace, settings.job)
+        keys = JobKeys(settings.namespace, settings.job, settings.feedback_stream or None)
         self.store = JobStore(self.redis, keys)
         tokenizer = engine.tokenizer
         inner = getattr(tokenizer, "inner", None)
