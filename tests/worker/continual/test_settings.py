@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import pytest
+import torch
 from alchemist_worker.continual.settings import ENV, Method, Schedule, TrainerSettings
 
 
@@ -50,3 +53,18 @@ def test_environment_names_match_the_operator() -> None:
         "mode": "ALCHEMIST_TRAINING_MODE",
     }.items():
         assert ENV[name] == var
+
+
+def test_truncated_mode_is_refused_not_substituted(tiny_checkpoints: dict[str, Path]) -> None:
+    from alchemist_worker.activations.store import ActivationStore, StoreConfig
+    from alchemist_worker.continual.settings import Mode
+    from alchemist_worker.continual.trainable_weights import TrainableWeights
+    from alchemist_worker.continual.trainer import ContinualTrainer
+    from alchemist_worker.model.checkpoint import load_model
+
+    model = load_model(tiny_checkpoints["llama"], dtype=torch.float32, device=torch.device("cpu"))
+    settings = TrainerSettings(mode=Mode.TRUNCATED)
+    with pytest.raises(ValueError, match="truncated"):
+        ContinualTrainer(
+            model, TrainableWeights(model, settings), ActivationStore(StoreConfig()), settings, "r0"
+        )

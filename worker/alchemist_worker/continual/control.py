@@ -249,20 +249,26 @@ class TrainingControl:
     def _consume(self) -> None:
         if not self.consumer.has_room:
             return
-        for item in self.consumer.poll():
-            self.metrics.feedback.labels(label=item.feedback.label.value).inc()
-            resolved = self.resolver.resolve(item)
-            if isinstance(resolved, Skip):
-                if resolved.kind is SkipKind.DEAD:
-                    self.consumer.dead_letter(item, resolved.reason)
-                else:
-                    versions = (
-                        {} if resolved.served_version is None else {item.feedback_id: resolved.served_version}
-                    )
-                    self.consumer.finalize([item], versions)
-                continue
-            self.pending.append(Pending(item, resolved))
+        items = self.consumer.poll()
+        for n, item in enumerate(items):
+            try:
+                self._settle_or_keep(item)
+            except BaseException:
+                # Redis went away mid-batch: the rest stay pending in Redis; XAUTOCLAIM brings them back.
+                self.consumer.release(items[n:])
+                raise
         self.metrics.held.set(self.consumer.held)
+
+    def _settle_or_keep(self, item: FeedbackItem) -> None:
+        self.metrics.feedback.labels(label=item.feedback.label.value).inc()
+        resolved = self.resolver.resolve(item)
+        if not isinstance(resolved, Skip):
+            self.pending.append(Pending(item, resolved))
+        elif resolved.kind is SkipKind.DEAD:
+            self.consumer.dead_letter(item, resolved.reason)
+        else:
+            versions = {} if resolved.served_version is None else {item.feedback_id: resolved.served_version}
+            self.consumer.finalize([item], versions)
 
     def _maybe_begin_step(self) -> None:
         if self.in_step is not None or not self.pending:

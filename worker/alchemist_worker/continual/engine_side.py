@@ -69,6 +69,11 @@ class EngineSide:
         self._last_step_end = 0.0
         self._slow_wait_s = loop.idle_wait_s
         self.enabled = True
+        # Where training time went: slices between serving iterations vs while nothing was served.
+        self.busy_slices = 0
+        self.busy_slice_s = 0.0
+        self.max_busy_slice_s = 0.0
+        self.idle_slice_s = 0.0
 
     # Wiring.
     def attach(self) -> None:
@@ -158,6 +163,12 @@ class EngineSide:
                 break
             self._run_tasks()
         spent = time.perf_counter() - started
+        if idle:
+            self.idle_slice_s += spent
+        else:
+            self.busy_slices += 1
+            self.busy_slice_s += spent
+            self.max_busy_slice_s = max(self.max_busy_slice_s, spent)
         if self.on_slice is not None:
             self.on_slice(spent)
         return spent

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from alchemist_worker.activations.store import ActivationStore
-from alchemist_worker.continual.settings import Optimizer, Schedule, TrainerSettings
+from alchemist_worker.continual.settings import Mode, Optimizer, Schedule, TrainerSettings
 from alchemist_worker.continual.step_cursor import StepCursor, cursor_yield
 from alchemist_worker.continual.trainable_weights import TrainableWeights
 from alchemist_worker.feedback.samples import TrainingSample as FeedbackSample
@@ -93,6 +93,11 @@ class ContinualTrainer:
         settings: TrainerSettings,
         replica: str,
     ) -> None:
+        if settings.mode is Mode.TRUNCATED:
+            raise ValueError(
+                "training mode 'truncated' is not available: the training package implements the exact path "
+                "only; set ALCHEMIST_TRAINING_MODE=exact (the truncated mode is never substituted silently)"
+            )
         self.model = model
         self.weights = weights
         self.store = store
