@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from alchemist_protocol.keys import JobKeys
 from alchemist_protocol.local_redis import LocalRedis, free_port, is_reachable
 
 from alchemist_worker.demo.scenario import Scenario, run_scenario
@@ -36,14 +37,29 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def redis_url(stack: ExitStack) -> str:
+def redis_url(stack: ExitStack, job: str, keep_keys: bool) -> str:
     url = os.environ.get("ALCHEMIST_REDIS_URL") or DEFAULT_REDIS
     if is_reachable(url):
         say(f"redis: using {url}")
+        if not keep_keys:  # someone else's Redis: leave nothing of this run behind
+            stack.callback(forget_job, url, job)
         return url
     server = stack.enter_context(LocalRedis())
     say(f"redis: none at {url}; started a private one at {server.url}")
     return server.url
+
+
+def forget_job(url: str, job: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=JobKeys("demo", job).prefix + "*", count=500))
+        if keys:
+            client.delete(*keys)
+        say(f"redis: removed this run's {len(keys)} keys (--keep-keys keeps them)")
+    finally:
+        client.close()
 
 
 def start_worker(model: Path, url: str, job: str, workdir: Path, stack: ExitStack) -> tuple[str, Path]:
@@ -144,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", type=Path, default=Path(".run") / "demo")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of questions and feedback")
+    parser.add_argument("--keep-keys", action="store_true", help="keep this run's keys in an existing Redis")
     args = parser.parse_args(argv)
 
     from alchemist_worker.bundled_model import ensure_small_model
@@ -155,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = (args.workdir / job).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        url = redis_url(stack)
+        url = redis_url(stack, job, args.keep_keys)
         say(f"worker: starting (job demo/{job}, log {workdir / 'worker.log'})")
         base, _log = start_worker(model, url, job, workdir, stack)
         say(f"worker: ready at {base} after {time.monotonic() - started:.0f} s")
