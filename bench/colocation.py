@@ -54,6 +54,9 @@ from alchemist_worker.engine.store_recording import StoreRecording
 from alchemist_worker.model.config import ModelConfig
 from alchemist_worker.rollout.follower import FollowMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: `bench` importable
+from bench.load_trace import lognormal_length, percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -70,10 +73,6 @@ class Trace:
     token_times: list[float] = field(default_factory=list)
 
 
-def lognormal(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
-    return max(low, min(high, round(rng.lognormvariate(math.log(median), sigma))))
-
-
 def make_trace(args: argparse.Namespace, vocab: int) -> list[Arrival]:
     rng = random.Random(args.seed)
     at, out = 0.0, []
@@ -81,18 +80,22 @@ def make_trace(args: argparse.Namespace, vocab: int) -> list[Arrival]:
         at += rng.expovariate(args.rate)
         if at >= args.seconds:
             return out
-        prompt = [rng.randrange(10, vocab) for _ in range(lognormal(rng, args.prompt_median, 0.9, 8, 512))]
-        out.append(Arrival(at, prompt, lognormal(rng, args.output_median, 0.6, 4, 128)))
+        prompt = [
+            rng.randrange(10, vocab) for _ in range(lognormal_length(rng, args.prompt_median, 0.9, 8, 512))
+        ]
+        out.append(Arrival(at, prompt, lognormal_length(rng, args.output_median, 0.6, 4, 128)))
 
 
 def seed_backlog(store: JobStore, client: FeedbackClient, args: argparse.Namespace, vocab: int) -> int:
     rng = random.Random(args.seed + 1)
     for n in range(args.backlog):
         prompt = [
-            rng.randrange(10, vocab) for _ in range(lognormal(rng, args.train_prompt_median, 0.9, 8, 512))
+            rng.randrange(10, vocab)
+            for _ in range(lognormal_length(rng, args.train_prompt_median, 0.9, 8, 512))
         ]
         response = [
-            rng.randrange(10, vocab) for _ in range(lognormal(rng, args.train_response_median, 0.6, 4, 256))
+            rng.randrange(10, vocab)
+            for _ in range(lognormal_length(rng, args.train_response_median, 0.6, 4, 256))
         ]
         store.put_request(
             RequestRecord(
@@ -103,13 +106,6 @@ def seed_backlog(store: JobStore, client: FeedbackClient, args: argparse.Namespa
         )  # fmt: skip
         client.accept(f"old-{n}")
     return args.backlog
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 class Run:

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: `bench` importable
+from bench.load_trace import lognormal_length, percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("off", "kv", "selective", "full")
 
@@ -51,10 +54,6 @@ class Result:
     output_tokens: int = 0
     done_s: float = 0.0
     error: str | None = None
-
-
-def lognormal_length(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
-    return max(low, min(high, round(rng.lognormvariate(math.log(median), sigma))))
 
 
 def make_trace(args: argparse.Namespace) -> list[Arrival]:
@@ -117,13 +116,6 @@ async def run_trace(url: str, model: str, trace: list[Arrival]) -> tuple[list[Re
         start = time.perf_counter()
         results = await asyncio.gather(*(one_request(client, model, a, start) for a in trace))
     return list(results), max(r.done_s for r in results)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
