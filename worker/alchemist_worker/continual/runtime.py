@@ -27,6 +27,7 @@ from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
 from alchemist_worker.activations.store import ActivationStore, StoreConfig
+from alchemist_worker.cache_dir import cache_root
 from alchemist_worker.continual.co_scheduler import CoScheduler
 from alchemist_worker.continual.control import ControlTimings, TrainingControl
 from alchemist_worker.continual.engine_side import EngineSide
@@ -91,10 +92,7 @@ class RuntimeSettings:
                 except ValueError as exc:
                     raise ValueError(f"{var}={raw!r}: {exc}") from None
         if "versions_dir" not in values:  # persistent, and one directory per job (a job's one lineage)
-            cache = os.environ.get("ALCHEMIST_CACHE") or os.path.join(
-                os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "alchemist"
-            )
-            values["versions_dir"] = Path(cache) / "versions" / values["namespace"] / values["job"]
+            values["versions_dir"] = cache_root() / "versions" / values["namespace"] / values["job"]
         return cls(**values)
 
 
