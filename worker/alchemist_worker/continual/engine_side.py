@@ -126,7 +126,7 @@ class EngineSide:
         active = self.trainer.busy or time.monotonic() - self._last_step_end < 0.5
         self.loop.idle_wait_s = IDLE_WAIT_S if active else self._slow_wait_s
         self._run_tasks()
-        if getattr(self.engine, "_pending_switch", None) is not None and not self.engine.has_unfinished():
+        if self.engine.switch_pending and not self._engine_busy():
             self.engine.step()  # applies the switch; nothing else is scheduled
         sliced = 0.0
         if self.enabled and self.trainer.busy:
@@ -136,6 +136,11 @@ class EngineSide:
             self.co_scheduler.observe_iteration(decode, elapsed, sliced)
             self._last_iteration = None
         self._previous_slice_s = sliced
+
+    def _engine_busy(self) -> bool:
+        """Requests in flight (a pending switch alone is not work that needs `step()` to wait for)."""
+        stats = self.engine.stats()
+        return stats.num_running + stats.num_waiting > 0
 
     def _run_tasks(self) -> None:
         while True:

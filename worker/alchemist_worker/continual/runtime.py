@@ -112,12 +112,19 @@ class ContinualRuntime:
         self.engine = engine
         self.settings = settings
         self.training = training
-        model = engine.runner.model
-        recording_store = getattr(getattr(engine, "recording", None), "store", None)
+        model = engine.training_model
+        recording_store = engine.activation_store
         if recording_store is None:  # recording off: every sample is recomputed
-            recording_store = ActivationStore(StoreConfig(device=str(engine.runner.device)))
+            recording_store = ActivationStore(StoreConfig(device=str(engine.device)))
         self.activations: ActivationStore = recording_store
-        self.weights = TrainableWeights(model, training, base_model=str(model_path))
+        # An engine that serves from its own tensors (vLLM) gets versions published into them; the trainer's
+        # fully fine-tuned weights are then a copy of their own, never the tensors being served.
+        self.weights = TrainableWeights(
+            model,
+            training,
+            base_model=str(model_path),
+            separate_training_copy=getattr(engine, "served", None) is not None,
+        )
         self.weights.use_serving()  # serve the base model (or what the follower loads) until told otherwise
         self.trainer = ContinualTrainer(model, self.weights, self.activations, training, settings.replica)
         self.co_scheduler = CoScheduler(training)
@@ -194,9 +201,9 @@ class ContinualRuntime:
         return self.engine_side.call(lambda: self._score(prompt, continuation)).result(timeout=120)
 
     def _score(self, prompt: list[int], continuation: list[int]) -> tuple[float, int]:
-        model = self.engine.runner.model
+        model = self.engine.training_model
         sample = TrainingSample("score", torch.tensor(prompt), torch.tensor(continuation))
-        batch = full_batch([sample], self.engine.runner.device)
+        batch = full_batch([sample], self.engine.device)
         with torch.inference_mode():
             backend = DenseCausalAttention(batch.cu_seqlens, sliding_window=model.config.sliding_window)
             hidden = model(batch.input_ids, batch.positions, backend)

@@ -44,7 +44,16 @@ def _lora_file_name(name: str) -> str:
 
 
 class TrainableWeights:
-    def __init__(self, model: Transformer, settings: TrainerSettings, base_model: str = "") -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        settings: TrainerSettings,
+        base_model: str = "",
+        *,
+        separate_training_copy: bool = False,
+    ) -> None:
+        """`separate_training_copy`: the model's loaded weights are what another engine serves from (vLLM),
+        so full fine-tuning trains a copy of them instead of the loaded tensors themselves."""
         self.model = model
         self.method = settings.method
         self.base_model = base_model
@@ -73,6 +82,13 @@ class TrainableWeights:
         self.training: WeightSet = {
             name: getattr(slots[0][0], slots[0][1]) for name, slots in self._slots.items()
         }
+        if separate_training_copy and self.method is not Method.LORA:
+            self.training = {
+                name: nn.Parameter(p.detach().clone(), requires_grad=True)
+                for name, p in self.training.items()
+                if p is not None
+            }
+            self.install(self.training)
         self.initial = self.snapshot()  # version 0's training weights: what a rollback to the base restores
         self.serving: WeightSet = self.base_serving_set()
 

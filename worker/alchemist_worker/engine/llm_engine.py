@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from alchemist_worker.activations.store import ActivationStore
 from alchemist_worker.engine.block_manager import BlockManager, blocks_for
 from alchemist_worker.engine.config import EngineConfig, EngineConfigError
 from alchemist_worker.engine.detokenizer import IncrementalDetokenizer
@@ -28,6 +29,7 @@ from alchemist_worker.engine.serving_engine import (
     WeightSwitch,
 )
 from alchemist_worker.engine.serving_tokenizer import ServingTokenizer
+from alchemist_worker.engine.store_recording import StoreRecording
 from alchemist_worker.model.checkpoint import load_model
 from alchemist_worker.model.transformer import Transformer
 
@@ -138,6 +140,25 @@ class LLMEngine:
             recording=recording,
             weight_version=weight_version,
         )
+
+    # What the trainer uses (the same names on every engine that can train) ---------------------------------
+
+    @property
+    def training_model(self) -> Transformer:
+        """The model the trainer computes on: the serving model itself (adapters are double-buffered)."""
+        return self.runner.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def activation_store(self) -> ActivationStore | None:
+        return self.recording.store if isinstance(self.recording, StoreRecording) else None
+
+    @property
+    def switch_pending(self) -> bool:
+        return self._pending_switch is not None
 
     # ServingEngine -------------------------------------------------------------------------------------------
 

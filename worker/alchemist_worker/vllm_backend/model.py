@@ -1,0 +1,284 @@
+"""Our Llama-family decoder as a vLLM model class: vLLM's kernels, our recording hook and served adapters.
+
+vLLM loads it in place of its own class (registered under `ARCHITECTURE`, chosen with `hf_overrides`, so the
+stock classes stay untouched). It is stock vLLM's Llama wiring (`LlamaForCausalLM` with our decoder layer) plus
+two things:
+
+- a recorder: on a step that records a prefill, the runner calls `forward(..., recorder=r)` eagerly (never
+  through the compiled graph or a CUDA graph, see engine_hooks.py) and every layer hands `r` the same
+  `LayerActivations` the native model does, so records from either engine are interchangeable;
+- served adapters: each LoRA-targeted projection gets fixed-address buffers (A stacked over the fused slices,
+  B block-diagonal and pre-scaled) that a version switch overwrites in place, so compiled graphs and CUDA graphs
+  keep reading the same memory and see the new values. With no adapter (version 0, or full fine-tuning) they do
+  not exist and the forward is stock.
+
+Linear weights stay plain `[out, in]` tensors (on CPU the prepacking that would empty them is turned off) so
+that the trainer computes on views of these very tensors (weight_views.py): one copy of the base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+
+from alchemist_worker.model.config import ModelConfig
+from alchemist_worker.model.layer_activations import LayerActivations, Recorder
+
+ARCHITECTURE = "AlchemistForCausalLM"
+ADAPTER_CONFIG_KEY = "alchemist_adapter"  # hf_overrides key: {"rank": r, "target_modules": [...]}
+
+
+class ServedAdapter(nn.Module):
+    """scaling * (x A^T) B^T for the slices of one (possibly fused) projection, in fixed-address buffers.
+
+    `slices` are the output widths of the fused projection's parts (q, k, v; or gate, up; or one), `targeted`
+    which of them carry an adapter. A stacks the targeted slices' A matrices ([n * r, in]); B is block-diagonal
+    ([sum(slices), n * r]) with the scaling folded in, so one projection costs two GEMMs whatever its slices.
+    """
+
+    a: Tensor
+    b: Tensor
+
+    def __init__(self, in_features: int, slices: Sequence[int], targeted: Sequence[bool], rank: int) -> None:
+        super().__init__()
+        self.slices, self.targeted, self.rank = list(slices), list(targeted), rank
+        n = sum(self.targeted)
+        self.register_buffer("a", torch.zeros(n * rank, in_features), persistent=False)
+        self.register_buffer("b", torch.zeros(sum(self.slices), n * rank), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.a), self.b)
+
+    @torch.no_grad()
+    def load(self, adapters: Sequence[tuple[Tensor, Tensor, float] | None]) -> None:
+        """In place: per targeted slice, (A [r, in], B [out, r], scaling), or None for a zero adapter."""
+        if len(adapters) != sum(self.targeted):
+            raise ValueError(f"expected {sum(self.targeted)} adapters, got {len(adapters)}")
+        self.a.zero_()
+        self.b.zero_()
+        row, col = 0, 0
+        slot = iter(adapters)
+        for width, targeted in zip(self.slices, self.targeted, strict=True):
+            if targeted:
+                adapter = next(slot)
+                if adapter is not None:
+                    a, b, scaling = adapter
+                    self.a[col : col + self.rank].copy_(a)
+                    self.b[row : row + width, col : col + self.rank].copy_(b * scaling)
+                col += self.rank
+            row += width
+
+
+def _adapter(in_features: int, parts: dict[str, int], config: dict[str, Any] | None) -> ServedAdapter | None:
+    if not config:
+        return None
+    targeted = [name in config["target_modules"] for name in parts]
+    if not any(targeted):
+        return None
+    return ServedAdapter(in_features, list(parts.values()), targeted, int(config["rank"]))
+
+
+def _plain_weights(*layers: nn.Module) -> None:
+    """Keeps linear weights as plain tensors on CPU (vLLM would prepack them and empty `weight`)."""
+    for layer in layers:
+        layer._cpu_skip_gemm_dispatch = True  # type: ignore[assignment]
+
+
+class AlchemistAttention(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, config: ModelConfig, prefix: str) -> None:
+        super().__init__()
+        hf = vllm_config.model_config.hf_config
+        adapter = getattr(hf, ADAPTER_CONFIG_KEY, None)
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            config.head_dim,
+            config.num_heads,
+            config.num_kv_heads,
+            bias=config.qkv_bias,
+            quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            config.q_size,
+            config.hidden_size,
+            bias=config.o_bias,
+            quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        _plain_weights(self.qkv_proj, self.o_proj)
+        self.qkv_adapter = _adapter(
+            config.hidden_size,
+            {"q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size},
+            adapter,
+        )
+        self.o_adapter = _adapter(config.q_size, {"o_proj": config.hidden_size}, adapter)
+        self.q_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.rotary_emb = get_rope(
+            config.head_dim,
+            max_position=config.max_position_embeddings,
+            rope_parameters=getattr(hf, "rope_parameters", None),
+            is_neox_style=True,
+        )
+        self.attn = Attention(
+            config.num_heads,
+            config.head_dim,
+            config.head_dim**-0.5,
+            num_kv_heads=config.num_kv_heads,
+            cache_config=vllm_config.cache_config,
+            quant_config=vllm_config.quant_config,
+            per_layer_sliding_window=config.sliding_window,
+            prefix=f"{prefix}.attn",
+        )
+
+    def _norm_heads(self, t: Tensor, norm: RMSNorm | None, heads: int) -> Tensor:
+        if norm is None:
+            return t
+        return norm(t.view(-1, heads, self.head_dim)).view(t.shape)
+
+    def forward(
+        self, positions: Tensor, x: Tensor, recorder: Recorder | None, layer: int
+    ) -> tuple[Tensor, dict[str, Tensor | None]]:
+        qkv, _ = self.qkv_proj(x)
+        if self.qkv_adapter is not None:
+            qkv = qkv + self.qkv_adapter(x)
+        q_lin, k_lin, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        kept: dict[str, Tensor | None] = {}
+        if recorder is not None:  # rotary embedding and the norms below work in place
+            kept = {"q_lin": q_lin.clone(), "k_lin": k_lin.clone()}
+        q = self._norm_heads(q_lin, self.q_norm, self.num_heads)
+        k = self._norm_heads(k_lin, self.k_norm, self.num_kv_heads)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v)  # [T, heads * head_dim]
+        o, _ = self.o_proj(out)
+        if self.o_adapter is not None:
+            o = o + self.o_adapter(out)
+        if recorder is not None:
+            tokens = x.shape[0]
+            q3 = q.view(tokens, self.num_heads, self.head_dim)
+            k3 = k.view(tokens, self.num_kv_heads, self.head_dim)
+            v3 = v.view(tokens, self.num_kv_heads, self.head_dim)
+            kept.update(
+                k=k3,
+                v=v3,
+                attn=out.view(tokens, self.num_heads, self.head_dim),
+                lse=recorder.attention_lse(layer, q3, k3, v3) if recorder.wants_lse else None,  # type: ignore[attr-defined]
+                o=o.clone(),  # the fused add-norm after attention overwrites it
+            )
+        return o, kept
+
+
+class AlchemistMLP(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, config: ModelConfig, prefix: str) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size,
+            [config.intermediate_size] * 2,
+            bias=config.mlp_bias,
+            quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size,
+            config.hidden_size,
+            bias=config.mlp_bias,
+            quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.down_proj",
+        )
+        _plain_weights(self.gate_up_proj, self.down_proj)
+
+
+class AlchemistDecoderLayer(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", **_: Any) -> None:
+        super().__init__()
+        config = ModelConfig.from_hf(vllm_config.model_config.hf_config.to_dict())
+        adapter = getattr(vllm_config.model_config.hf_config, ADAPTER_CONFIG_KEY, None)
+        self.layer_idx = extract_layer_index(prefix)
+        self.intermediate_size = config.intermediate_size
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = AlchemistAttention(vllm_config, config, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = AlchemistMLP(vllm_config, config, f"{prefix}.mlp")
+        self.gate_up_adapter = _adapter(
+            config.hidden_size,
+            {"gate_proj": config.intermediate_size, "up_proj": config.intermediate_size},
+            adapter,
+        )
+        self.down_adapter = _adapter(config.intermediate_size, {"down_proj": config.hidden_size}, adapter)
+        self.act_fn = SiluAndMul()
+
+    def forward(
+        self,
+        positions: Tensor,
+        hidden_states: Tensor,
+        residual: Tensor | None,
+        recorder: Recorder | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            residual = hidden_states
+            xn = self.input_layernorm(hidden_states)
+        else:
+            xn, residual = self.input_layernorm(hidden_states, residual)
+        # residual is now the layer's input x; the fused add-norm below overwrites it in place
+        x = residual.clone() if recorder is not None else None
+        o, kept = self.self_attn(positions, xn, recorder, self.layer_idx)
+        hn, residual = self.post_attention_layernorm(o, residual)
+        gate_up, _ = self.mlp.gate_up_proj(hn)
+        if self.gate_up_adapter is not None:
+            gate_up = gate_up + self.gate_up_adapter(hn)
+        h = self.act_fn(gate_up)
+        out, _ = self.mlp.down_proj(h)
+        if self.down_adapter is not None:
+            out = out + self.down_adapter(h)
+        if recorder is not None:
+            assert x is not None
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            recorder.record_layer(self.layer_idx, LayerActivations(x=x, gate=gate, up=up, **kept))
+        return out, residual
+
+
+class AlchemistForCausalLM(LlamaForCausalLM):
+    """vLLM's Llama wiring around `AlchemistDecoderLayer`; `forward(recorder=...)` records a prefill eagerly."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=AlchemistDecoderLayer)
+        self.step_recording: Any = None  # set by the runner hook for the one step that records
+
+    def forward(
+        self,
+        input_ids: Tensor | None,
+        positions: Tensor,
+        intermediate_tensors: Any = None,
+        inputs_embeds: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        step = self.step_recording
+        if step is None:
+            return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        recorder = step.recorder(input_ids, positions)
+        # `forward` rather than `__call__`: the undecorated method, so the step runs eagerly and the hooks run
+        return self.model.forward(
+            input_ids, positions, intermediate_tensors, inputs_embeds, recorder=recorder
+        )
