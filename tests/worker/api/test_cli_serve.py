@@ -144,11 +144,11 @@ def test_smollm_answers_sensibly_and_sigterm_drains(
     assert process.wait(30) == 0
 
 
-def test_cli_rejects_unavailable_engine_and_bad_settings(tiny_checkpoints: dict[str, Path]) -> None:
+def test_cli_rejects_unknown_engine_and_bad_settings(tiny_checkpoints: dict[str, Path]) -> None:
     from alchemist_worker.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["serve", "--model", str(tiny_checkpoints["llama"]), "--engine", "vllm"])
+        main(["serve", "--model", str(tiny_checkpoints["llama"]), "--engine", "tgi"])
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         main(["serve", "--model", str(tiny_checkpoints["llama"]), "--kv-cache-mib", "0.001"])

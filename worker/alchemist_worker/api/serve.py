@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from alchemist_worker.api.metrics import ServingMetrics
@@ -20,7 +21,7 @@ from alchemist_worker.api.request_records import RedisRequestRecords
 from alchemist_worker.api.serve_settings import ServeSettings
 from alchemist_worker.api.server import ServerState, build_app
 from alchemist_worker.continual.runtime import ContinualRuntime, RuntimeSettings
-from alchemist_worker.continual.settings import TrainerSettings
+from alchemist_worker.continual.settings import Method, TrainerSettings
 from alchemist_worker.engine.engine_loop import EngineLoop
 from alchemist_worker.engine.llm_engine import LLMEngine, resolve_device
 from alchemist_worker.engine.store_recording import StoreRecording
@@ -69,7 +70,7 @@ class Worker:
     """Everything `serve` runs, built but not started (tests start it in a thread)."""
 
     settings: ServeSettings
-    engine: LLMEngine
+    engine: Any  # a ServingEngine that can also train (LLMEngine or VllmEngine)
     loop: EngineLoop
     state: ServerState
     server: DrainingServer
@@ -93,19 +94,35 @@ class Worker:
                 self.records.stop()
 
 
-def build_worker(settings: ServeSettings) -> Worker:
-    if settings.engine != "native":
-        raise ValueError(
-            f"engine {settings.engine!r} is not available yet: only the native engine serves; "
-            "set ALCHEMIST_ENGINE=native (or --engine native)"
-        )
+def build_engine(settings: ServeSettings, training: TrainerSettings | None) -> Any:
+    """The serving engine `settings.engine` names; vLLM gets adapter buffers when the trainer uses LoRA."""
     config = settings.engine_config()
     recording = None
     if config.recording.enabled:
         device = str(resolve_device(config.device))
         model_config = ModelConfig.from_pretrained(config.model)
         recording = StoreRecording.from_config(config.recording, model_config, device)
-    engine = LLMEngine.from_config(config, recording=recording, weight_version=settings.weight_version)
+    if settings.engine == "native":
+        return LLMEngine.from_config(config, recording=recording, weight_version=settings.weight_version)
+    from alchemist_worker.vllm_backend.engine import VllmEngine  # raises a usage error without vLLM
+
+    adapter = None
+    if training is not None and training.method is Method.LORA:
+        adapter = {"rank": training.lora_rank, "target_modules": list(training.lora_target_modules)}
+    return VllmEngine(
+        config,
+        recording=recording,
+        weight_version=settings.weight_version,
+        adapter=adapter,
+        compile=settings.vllm_compile,
+    )
+
+
+def build_worker(settings: ServeSettings) -> Worker:
+    # The trainer's settings come first: a vLLM engine sizes its adapter buffers from them.
+    training = TrainerSettings.from_env() if settings.redis_url else None
+    engine = build_engine(settings, training)
+    config = settings.engine_config()
     loop = EngineLoop(engine)
     metrics = ServingMetrics(loop)
     loop.add_step_observer(metrics.observe_step)
@@ -137,7 +154,7 @@ def build_worker(settings: ServeSettings) -> Worker:
                 feedback_stream=settings.feedback_stream or None,
                 replica=settings.replica,
             ),
-            TrainerSettings.from_env(),
+            training or TrainerSettings.from_env(),
             model_path=config.model,
             registry=metrics.registry,
         )
@@ -168,11 +185,12 @@ def serve(settings: ServeSettings) -> int:
     )
     worker = build_worker(settings)
     log.info(
-        "serving %s on %s:%d (KV cache %d blocks, recording %s)",
+        "serving %s with the %s engine on %s:%d (KV cache %d blocks, recording %s)",
         worker.engine.model_name,
+        settings.engine,
         settings.host,
         settings.port,
-        worker.engine.block_manager.num_blocks,
+        worker.engine.stats().kv_blocks_total,
         settings.record_policy,
     )
     worker.run()

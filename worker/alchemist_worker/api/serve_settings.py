@@ -49,7 +49,13 @@ def _bool(value: str) -> bool:
 OPTIONS: tuple[Option, ...] = (
     Option("model", Path, None, "HF checkpoint directory to serve (required)"),
     Option(
-        "engine", str, "native", "serving engine (vllm: a later addition behind the same interface)", ENGINES
+        "engine", str, "native", "serving engine: native (built in) or vllm (vLLM 0.32 in-process)", ENGINES
+    ),
+    Option(
+        "vllm_compile",
+        _bool,
+        True,
+        "vllm engine: torch.compile and CUDA graphs (false: eager, faster start, slower steps)",
     ),
     Option("served_model_name", str, "", "model name clients use (default: the directory name)"),
     Option("host", str, "127.0.0.1", "address to listen on"),
@@ -89,6 +95,7 @@ OPTIONS: tuple[Option, ...] = (
 class ServeSettings:
     model: Path
     engine: str
+    vllm_compile: bool
     served_model_name: str
     host: str
     port: int

@@ -181,7 +181,7 @@ class VllmEngine:
         self.served: ServedWeights | None = None
         if own_model_class:
             check_runner(runner)
-            install_hooks(runner, self.served_model, self._plan_step)
+            install_hooks(runner, self.served_model, lambda output: self._plan_step(output))
             self.served = ServedWeights(self.served_model, self.model_config)
         self._runner = runner
         self.recording = recording

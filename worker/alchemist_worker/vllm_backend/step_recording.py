@@ -88,12 +88,13 @@ class StepRecording:
         self.prompts = prompts  # internal request id -> its recording, for the requests of this step
         self.layout_of = layout_of  # read once the runner has prepared the step
         self.on_complete = on_complete  # (response id, record) of each prompt whose record is complete
+        self.layout: BatchLayout | None = None
         self._prefill: PrefillRecorder | None = None
         self._segments: list[tuple[int, int, PromptRecording]] = []  # kept rows [start, end) and their prompt
 
     def recorder(self, input_ids: Tensor, positions: Tensor) -> StepRecording:
         """Called by the model at the start of the step's forward, when the layout is final."""
-        layout = self.layout_of()
+        layout = self.layout = self.layout_of()
         total = int(input_ids.shape[0])
         cuts, keep, starts = [0], [], []
         for i, req_id in enumerate(layout.req_ids):
