@@ -115,6 +115,7 @@ def build_engine(settings: ServeSettings, training: TrainerSettings | None) -> A
         weight_version=settings.weight_version,
         adapter=adapter,
         compile=settings.vllm_compile,
+        own_model_class=settings.vllm_model_class == "alchemist",
     )
 
 
@@ -143,6 +144,8 @@ def build_worker(settings: ServeSettings) -> Worker:
     state = ServerState(loop, metrics)
     app = build_app(state)
     runtime = None
+    if settings.redis_url and getattr(engine, "served", True) is None:
+        raise ValueError("the stock vLLM model class serves only: drop ALCHEMIST_REDIS_URL or use alchemist")
     if settings.redis_url:  # feedback, training, versions and rollout all go through Redis
         runtime = ContinualRuntime(
             loop,

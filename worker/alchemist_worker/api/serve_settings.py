@@ -57,6 +57,13 @@ OPTIONS: tuple[Option, ...] = (
         True,
         "vllm engine: torch.compile and CUDA graphs (false: eager, faster start, slower steps)",
     ),
+    Option(
+        "vllm_model_class",
+        str,
+        "alchemist",
+        "vllm engine: alchemist (records and trains) or stock (vLLM's own classes: serving only, benchmarks)",
+        ("alchemist", "stock"),
+    ),
     Option("served_model_name", str, "", "model name clients use (default: the directory name)"),
     Option("host", str, "127.0.0.1", "address to listen on"),
     Option("port", int, 8000, "port to listen on"),
@@ -96,6 +103,7 @@ class ServeSettings:
     model: Path
     engine: str
     vllm_compile: bool
+    vllm_model_class: str
     served_model_name: str
     host: str
     port: int

@@ -17,11 +17,14 @@ a prefix-cache salt naming its version, so cached KV of one version is never rea
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +32,7 @@ import torch
 from alchemist_worker.activations.policy import parse_policy
 from alchemist_worker.activations.records import SequenceRecord
 from alchemist_worker.activations.store import ActivationStore
+from alchemist_worker.cache_dir import cache_root
 from alchemist_worker.engine.config import EngineConfig, EngineConfigError
 from alchemist_worker.engine.detokenizer import IncrementalDetokenizer
 from alchemist_worker.engine.llm_engine import resolve_device, resolve_dtype
@@ -80,6 +84,12 @@ class _Request:
     @property
     def recorded(self) -> bool:
         return self.recording is not None and self.recording.done
+
+
+def compile_cache_dir(adapter: dict[str, Any] | None) -> Path:
+    """A compile-cache folder per adapter shape: graphs compiled for one rank never load for another."""
+    digest = hashlib.sha256(json.dumps(adapter, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "vllm-compile" / digest
 
 
 def vllm_sampling_params(params: SamplingParams, max_tokens: int, record: bool) -> Any:
@@ -171,6 +181,8 @@ class VllmEngine:
         )
         if overrides:
             options["hf_overrides"] = overrides
+            if compile:  # vLLM's compile cache key misses hf_overrides: the adapter's shape names the folder
+                options["compilation_config"] = {"cache_dir": str(compile_cache_dir(adapter))}
         self.llm = VllmLLMEngine.from_engine_args(EngineArgs(**options))
         client: Any = self.llm.engine_core  # in-process client: it holds the EngineCore itself
         core = client.engine_core
