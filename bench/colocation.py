@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from alchemist_protocol.feedback_client import FeedbackClient
@@ -121,7 +122,14 @@ class Run:
         recording = StoreRecording.from_config(
             config.recording, ModelConfig.from_pretrained(args.model), str(args.device)
         )
-        self.engine = LLMEngine.from_config(config, recording=recording)
+        self.engine: Any
+        if args.engine == "vllm":
+            from alchemist_worker.vllm_backend.engine import VllmEngine
+
+            adapter = {"rank": 16, "target_modules": list(TrainerSettings().lora_target_modules)}
+            self.engine = VllmEngine(config, recording=recording, adapter=adapter, compile=args.vllm_compile)
+        else:
+            self.engine = LLMEngine.from_config(config, recording=recording)
         self.loop = EngineLoop(self.engine)
         self.serving_s = 0.0
         self.decode_s: list[float] = []
@@ -247,7 +255,7 @@ def measure(
     """One run; its latencies are also added to `pooled` (percentiles are taken over all rounds' samples)."""
     job = f"{name}-{round_no}-{time.monotonic_ns()}"
     run = Run(args, redis.url, job, training=name != "serving", switching=name == "switching")
-    vocab = run.engine.runner.config.vocab_size
+    vocab = run.engine.training_model.config.vocab_size
     if name != "serving":
         seed_backlog(run.store, FeedbackClient(run.store.client, run.store.keys), args, vocab)
     run.start()
@@ -295,6 +303,11 @@ def main() -> int:
         "--model", type=Path, default=None, help="checkpoint (default: SmolLM2-135M-Instruct)"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--engine", choices=("native", "vllm"), default="native")
+    parser.add_argument(
+        "--vllm-compile", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+        help="vLLM engine compiled (default) or eager",
+    )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each measured run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rate", type=float, default=0.3, help="requests per second (Poisson)")
@@ -351,7 +364,8 @@ def main() -> int:
     )
     print(table)
     if not args.no_write:
-        out = ROOT / "docs" / "colocation_benchmark.md"
+        suffix = "" if args.engine == "native" else f"_{args.engine}"
+        out = ROOT / "docs" / f"colocation_benchmark{suffix}.md"
         out.write_text(table)
         print(f"wrote {out}")
     return 0
@@ -412,7 +426,8 @@ def render(
         "```",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'cpu'}; "
-        f"device {args.device}; model {Path(args.model).name}; fp32.",
+        f"device {args.device}; model {Path(args.model).name}; fp32; engine {args.engine}"
+        + (f" ({'compiled' if args.vllm_compile else 'eager'})." if args.engine == "vllm" else "."),
         f"Trace: Poisson {args.rate} req/s for {args.seconds:.0f} s, prompts median {args.prompt_median} tokens, "
         f"outputs median {args.output_median} (log-normal, EOS ignored). Training: LoRA r16, batch {args.batch}, "
         f"micro-batches of {args.micro_batch_tokens} tokens, samples median {args.train_prompt_median}+"

@@ -1,4 +1,12 @@
-"""Load generator for the serving side: the native engine with recording off and under each policy, and vLLM.
+"""Load generator for the serving side: the native and vLLM engines, recording off and under each policy.
+
+Configurations (`--configs`, comma-separated):
+- `off`, `kv`, `selective`, `full`: the worker on the native engine with that recording policy;
+- `vllm-stock`: the worker on the vLLM engine with vLLM's own model classes (no recording possible);
+- `vllm-off`, `vllm-kv`, `vllm-selective`, `vllm-full`: the worker on the vLLM engine with our model classes;
+- `vllm`: vLLM's own OpenAI server (`vllm.entrypoints.openai.api_server`), for reference.
+The worker's vLLM runs use vLLM's compilation (`--vllm-compile`, default true); our-classes-off vs stock is the
+cost of our classes, vllm-<policy> vs vllm-off the cost of recording.
 
 Every configuration is a real server process, started in turn, that receives the same trace: requests arrive
 as a Poisson process, each streams a completion over the OpenAI API, prompt and output lengths follow
@@ -12,6 +20,7 @@ gap between two streamed tokens), and for recording runs the ratio to the run wi
 
     .venv/bin/python bench/serving_load.py                       # everything; docs/serving_benchmark.md has a run
     .venv/bin/python bench/serving_load.py --configs off,kv      # a subset, no vLLM
+    .venv/bin/python bench/serving_load.py --configs vllm-stock,vllm-off,vllm-kv,vllm-selective,vllm-full,off
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from bench.load_trace import lognormal_length, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("off", "kv", "selective", "full")
+VLLM_WORKER = ("vllm-off", "vllm-kv", "vllm-selective", "vllm-full", "vllm-stock")
 
 
 @dataclass(frozen=True)
@@ -132,23 +142,26 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float) -> No
     raise RuntimeError(f"server at {url} not ready within {timeout} s")
 
 
-def native_command(args: argparse.Namespace, policy: str, port: int) -> tuple[list[str], dict[str, str]]:
+def native_command(
+    args: argparse.Namespace, policy: str, port: int, engine: str = "native"
+) -> tuple[list[str], dict[str, str]]:
+    """The worker (`alchemist-worker serve`) on `engine` with recording `policy` (vllm: "stock" too)."""
+    model_class = "stock" if policy == "stock" else "alchemist"
+    policy = "off" if policy == "stock" else policy
     command = [
         sys.executable, "-m", "alchemist_worker.cli", "serve", "--model", str(args.model), "--port", str(port),
         "--served-model-name", "bench", "--dtype", "float32", "--max-model-len", str(args.max_model_len),
         "--kv-cache-mib", str(args.kv_cache_mib), "--record-policy", policy, "--record-rate", "1.0",
         "--record-device-mib", str(args.record_mib), "--record-host-mib", str(args.record_mib),
-        "--log-level", "warning", "--cpu-threads", str(args.cpu_threads),
+        "--log-level", "warning", "--cpu-threads", str(args.cpu_threads), "--engine", engine,
+        "--vllm-compile", str(args.vllm_compile).lower(), "--vllm-model-class", model_class,
     ]  # fmt: skip
-    return command, dict(os.environ)
+    return command, {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def vllm_command(args: argparse.Namespace, port: int) -> tuple[list[str], dict[str, str]]:
-    python = subprocess.run(
-        ["bash", str(ROOT / "bench" / "vllm_cpu_env.sh")], check=True, capture_output=True, text=True
-    ).stdout.strip()
     command = [
-        python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model), "--port", str(port),
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model), "--port", str(port),
         "--host", "127.0.0.1", "--served-model-name", "bench", "--dtype", "float32",
         "--max-model-len", str(args.max_model_len), "--uvicorn-log-level", "warning", "--no-enable-prefix-caching",
     ]  # fmt: skip
@@ -211,28 +224,39 @@ def _metric_sum(text: str, prefix: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
+def _baseline(name: str) -> str | None:
+    """The run a row is compared with: recording runs with their engine's run without recording."""
+    if name.startswith("native-") and name != "native-off":
+        return "native-off"
+    if name in ("vllm-kv", "vllm-selective", "vllm-full"):
+        return "vllm-off"
+    if name == "vllm-off":
+        return "vllm-stock"
+    return None
+
+
 def render(
     rows: list[dict[str, object]], args: argparse.Namespace, trace: list[Arrival], command: str
 ) -> str:
-    base = next((r for r in rows if r["name"] == "native-off"), None)
-    vllm = next((r for r in rows if r["name"] == "vllm"), None)
+    by_name = {str(r["name"]): r for r in rows}
     lines = [
         "| server | failed | output tok/s | burst output tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) "
-        "| TTFT p50 vs off | ITL p50 vs off | ITL mean vs off | recorded MiB at end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| compared with | TTFT p50 vs it | ITL p50 vs it | ITL mean vs it | recorded MiB at end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        base = by_name.get(_baseline(str(r["name"])) or "")
 
-        def ratio(key: str, r: dict[str, object] = r) -> str:
-            if base is None or r is base or r["name"] == "vllm":
+        def ratio(key: str, r: dict[str, object] = r, base: dict[str, object] | None = base) -> str:
+            if base is None:
                 return ""
             return f"{float(r[key]) / float(base[key]) - 1:+.1%}"  # type: ignore[arg-type]
 
         lines.append(
-            f"| {r['name']} | {r['failed']} | {float(r['throughput']):.1f} | {_blank_nan(r['capacity'])} "
+            f"| {r['name']} | {r['failed']} | {float(r['throughput']):.1f} | {_blank_nan(r['capacity'])} "  # type: ignore[arg-type]
             f"| {float(r['ttft_p50']):.2f} "  # type: ignore[arg-type]
             f"| {float(r['ttft_p99']):.2f} | {1000 * float(r['itl_p50']):.0f} | {1000 * float(r['itl_p99']):.0f} "  # type: ignore[arg-type]
-            f"| {ratio('ttft_p50')} | {ratio('itl_p50')} | {ratio('itl_mean')} "
+            f"| {base['name'] if base else ''} | {ratio('ttft_p50')} | {ratio('itl_p50')} | {ratio('itl_mean')} "
             f"| {float(r['recorded_bytes']) / 2**20:.0f} |"  # type: ignore[arg-type]
         )
     prompt_lens = [len(a.prompt) for a in trace]
@@ -242,20 +266,34 @@ def render(
         "",
         f"Machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python "
         f"{platform.python_version()}, float32, no GPU; native engine with {args.cpu_threads or 'default'} torch "
-        f"thread(s), vLLM with its default CPU thread binding. Trace: {len(trace)} requests, Poisson arrivals at "
+        f"thread(s), vLLM with its default CPU thread binding, the worker's vLLM engine "
+        f"{'compiled' if args.vllm_compile else 'eager'}. Trace: {len(trace)} requests, Poisson arrivals at "
         f"{args.rate}/s (seed {args.seed}), prompt tokens median {statistics.median(prompt_lens):.0f} "
         f"(max {max(prompt_lens)}), output tokens median {statistics.median(output_lens):.0f} "
         f"(max {max(output_lens)}); total {sum(prompt_lens)} prompt and {sum(output_lens)} output tokens.",
         "",
         *lines,
+        "",
     ]
-    if base is not None and vllm is not None:
-        summary += [
-            "",
-            f"Native output throughput at saturation (burst column) is "
-            f"{float(base['capacity']) / float(vllm['capacity']):.2f}x vLLM's; on the Poisson trace both keep up "  # type: ignore[arg-type]
-            f"with the offered load ({float(base['throughput']) / float(vllm['throughput']):.2f}x).",  # type: ignore[arg-type]
-        ]
+
+    def capacity_ratio(a: str, b: str) -> str:
+        ra, rb = by_name.get(a), by_name.get(b)
+        if ra is None or rb is None:
+            return ""
+        return (
+            f"- {a} / {b}: {float(ra['capacity']) / float(rb['capacity']):.2f}x output throughput at saturation, "  # type: ignore[arg-type]
+            f"{float(ra['throughput']) / float(rb['throughput']):.2f}x on the Poisson trace"  # type: ignore[arg-type]
+        )
+
+    for a, b in (
+        ("vllm-off", "vllm-stock"),
+        ("native-off", "vllm-stock"),
+        ("native-off", "vllm"),
+        ("vllm-stock", "vllm"),
+    ):
+        line = capacity_ratio(a, b)
+        if line:
+            summary.append(line)
     return "\n".join(summary) + "\n"
 
 
@@ -281,6 +319,10 @@ def main() -> int:
         "--cpu-threads", type=int, default=1, help="native engine's torch threads (0: default)"
     )
     parser.add_argument("--port", type=int, default=18431)
+    parser.add_argument(
+        "--vllm-compile", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+        help="worker's vLLM engine: compiled (true, the default) or eager",
+    )  # fmt: skip
     parser.add_argument("--out", default="", help="also write the table to this file (default: print only)")
     args = parser.parse_args()
     if args.model is None:
@@ -298,10 +340,15 @@ def main() -> int:
         elif config in POLICIES:
             command, env = native_command(args, config, args.port)
             name = f"native-{config}"
+        elif config in VLLM_WORKER:
+            command, env = native_command(args, config.removeprefix("vllm-"), args.port, engine="vllm")
+            name = config
         else:
             parser.error(f"unknown config {config!r}")
         started = time.monotonic()
-        row = measure(name, command, env, url, trace, burst=name in ("native-off", "vllm"))
+        row = measure(
+            name, command, env, url, trace, burst=name in ("native-off", "vllm", "vllm-stock", "vllm-off")
+        )
         print(f"{name}: {row} ({time.monotonic() - started:.0f} s)", flush=True)
         rows.append(row)
     invocation = "python bench/serving_load.py " + " ".join(sys.argv[1:])

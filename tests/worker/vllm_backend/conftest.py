@@ -47,7 +47,9 @@ def vllm_engine(
     recording = None
     if recording_config.enabled:
         model_config = ModelConfig.from_pretrained(path)
-        recording = StoreRecording.from_config(recording_config, model_config, "cpu")
+        recording = StoreRecording.from_config(
+            recording_config, model_config, engine_config.device.replace("auto", "cpu")
+        )
     return VllmEngine(engine_config, recording=recording, compile=compile, adapter=adapter)
 
 
@@ -75,7 +77,8 @@ def request(request_id: str, prompt: list[int], max_tokens: int = 6, **params: A
 
 def native_record(model: Transformer, prompt: list[int], policy: RecordingPolicy) -> SequenceRecord:
     """What the native engine records for `prompt` alone, from position 0."""
-    ids = torch.tensor(prompt)
+    device = model.embed_tokens.weight.device
+    ids = torch.tensor(prompt, device=device)
     recorder = PrefillRecorder(
         policy,
         [0, len(prompt)],
@@ -86,7 +89,7 @@ def native_record(model: Transformer, prompt: list[int], policy: RecordingPolicy
     )
     with torch.inference_mode():
         backend = DenseCausalAttention([0, len(prompt)], sliding_window=model.config.sliding_window)
-        model(ids, torch.arange(len(prompt)), backend, recorder)
+        model(ids, torch.arange(len(prompt), device=device), backend, recorder)
     record = recorder.records()[0]
     assert record is not None
     return record
