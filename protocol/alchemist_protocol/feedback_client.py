@@ -9,6 +9,7 @@ from __future__ import annotations
 import redis
 
 from alchemist_protocol.keys import JobKeys
+from alchemist_protocol.redis_connection import connect
 from alchemist_protocol.schemas import Feedback, FeedbackLabel
 
 
@@ -21,7 +22,8 @@ class FeedbackClient:
     def from_url(
         cls, url: str, namespace: str, job: str, feedback_stream: str | None = None
     ) -> FeedbackClient:
-        return cls(redis.Redis.from_url(url, decode_responses=True), JobKeys(namespace, job, feedback_stream))
+        """`url`: redis://, rediss:// (TLS; options in the query string, see redis_connection) or unix://."""
+        return cls(connect(url), JobKeys(namespace, job, feedback_stream))
 
     def send(self, feedback: Feedback) -> str:
         """Appends the feedback; returns its stream entry id."""

@@ -10,7 +10,9 @@ from typing import Any
 
 import redis
 
-from alchemist_protocol.keys import JobKeys
+from alchemist_protocol.feedback_stream import FeedbackLag, feedback_lag
+from alchemist_protocol.keys import FEEDBACK_GROUP, JobKeys
+from alchemist_protocol.redis_connection import bytes_twin, connect
 from alchemist_protocol.schemas import (
     FeedbackLabel,
     ReplicaState,
@@ -25,10 +27,29 @@ class JobStore:
     def __init__(self, client: redis.Redis, keys: JobKeys) -> None:
         self.client = client
         self.keys = keys
+        self._stream_client: redis.Redis | None = None
 
     @classmethod
     def from_url(cls, url: str, namespace: str, job: str, feedback_stream: str | None = None) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), JobKeys(namespace, job, feedback_stream))
+        """`url`: redis://, rediss:// (TLS; options in the query string, see redis_connection) or unix://."""
+        return cls(connect(url), JobKeys(namespace, job, feedback_stream))
+
+    @property
+    def stream_client(self) -> redis.Redis:
+        """The same server through a client whose replies are bytes: for reading stream entries, which
+        applications write and which may hold anything (see redis_connection). Created on first use."""
+        if self._stream_client is None:
+            self._stream_client = bytes_twin(self.client)
+        return self._stream_client
+
+    def feedback_lag(self) -> FeedbackLag:
+        """Feedback entries the trainers have not acknowledged yet, and the age of the oldest."""
+        return feedback_lag(self.stream_client, self.keys.feedback, FEEDBACK_GROUP)
+
+    def close(self) -> None:
+        self.client.close()
+        if self._stream_client is not None:
+            self._stream_client.close()
 
     # Requests: what any replica needs to recompute a sample.
     def put_request(self, record: RequestRecord, ttl_seconds: int) -> None:

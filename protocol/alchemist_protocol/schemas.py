@@ -6,6 +6,7 @@ consumer: `parse_feedback` raises `InvalidFeedback` with a reason that goes to t
 
 from __future__ import annotations
 
+import base64
 import enum
 import time
 from typing import Any
@@ -64,14 +65,33 @@ class Feedback(BaseModel):
         return fields
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+# A dead letter keeps at most this much of each original field: enough to see what was sent, and the
+# dead-letter stream stays small however large the entries were.
+DEAD_LETTER_FIELD_BYTES = 4096
+
+
+def _strict_text(value: str | bytes, what: str) -> str:
+    """UTF-8 text of a raw field, or InvalidFeedback saying which field and where it stops decoding."""
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidFeedback(
+            f"undecodable entry: {what} is not UTF-8 (byte 0x{value[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def parse_feedback(fields: dict[Any, Any]) -> Feedback:
-    """Validates a raw stream entry; raises InvalidFeedback with a one-line reason."""
+    """Validates a raw stream entry (text or bytes, as read); raises InvalidFeedback with a one-line reason.
+
+    Bytes that are not UTF-8 are a reason, never replaced: the entry is not what its sender meant.
+    """
     try:
-        data = {_text(k): _text(v) for k, v in fields.items()}
+        data: dict[str, str] = {}
+        for key, value in fields.items():
+            name = _strict_text(key, f"a field name ({key!r:.60})")
+            data[name] = _strict_text(value, f"field {name!r}")
         return Feedback.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
@@ -82,12 +102,39 @@ def parse_feedback(fields: dict[Any, Any]) -> Feedback:
         raise InvalidFeedback(f"undecodable entry: {exc}") from None
 
 
-def dead_letter_fields(entry_id: str, fields: dict[Any, Any], reason: str) -> dict[str, str]:
-    """A dead-letter entry: the reason, where it came from, and the original fields under `orig.`."""
-    out = {"reason": reason, "source_id": entry_id, "dead_at": repr(time.time())}
+def dead_letter_fields(
+    entry_id: str, fields: dict[Any, Any], reason: str, max_field_bytes: int = DEAD_LETTER_FIELD_BYTES
+) -> dict[str, str]:
+    """A dead-letter entry: the reason, where it came from, and the original fields, each cut to
+    `max_field_bytes`: text under `orig.<name>`, bytes that are not UTF-8 base64-encoded under
+    `orig_b64.<name>` (a name that is not UTF-8 is written with backslash escapes). `truncated` lists the
+    fields that were cut, with their original sizes in bytes."""
+    out = {"reason": reason[:max_field_bytes], "source_id": entry_id, "dead_at": repr(time.time())}
+    cut: list[str] = []
     for key, value in fields.items():
-        out[f"orig.{_text(key)}"] = _text(value)
+        name = key.decode("utf-8", errors="backslashreplace") if isinstance(key, bytes) else str(key)
+        raw = value if isinstance(value, bytes) else str(value).encode("utf-8", errors="surrogatepass")
+        kept = raw[:max_field_bytes]
+        if len(raw) > max_field_bytes:
+            cut.append(f"{name}:{len(raw)}")
+        try:
+            out[f"orig.{name}"] = raw.decode("utf-8") if len(raw) <= max_field_bytes else _cut_text(kept)
+        except UnicodeDecodeError:
+            out[f"orig_b64.{name}"] = base64.b64encode(kept).decode("ascii")
+    if cut:
+        out["truncated"] = ",".join(cut)
     return out
+
+
+def _cut_text(kept: bytes) -> str:
+    """The UTF-8 text of a cut field: a character split by the cut is dropped, anything else undecodable raises."""
+    for drop in range(4):
+        try:
+            return kept[: len(kept) - drop].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(kept) - 4:
+                raise
+    raise UnicodeDecodeError("utf-8", kept, 0, len(kept), "not UTF-8")
 
 
 class RequestRecord(BaseModel):

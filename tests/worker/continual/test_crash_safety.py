@@ -141,7 +141,7 @@ def test_kill_9_repeatedly_loses_nothing_and_never_half_writes(
         wait_until(
             lambda: (
                 int(redis_client.xpending(KEYS.feedback, FEEDBACK_GROUP)["pending"]) == 0
-                and redis_client.scard(KEYS.trained_feedback) == len(sent)
+                and redis_client.zcard(KEYS.trained_feedback) == len(sent)
             ),
             timeout=120,
             what="all feedback trained and acknowledged",

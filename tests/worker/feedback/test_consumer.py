@@ -50,7 +50,7 @@ def test_finalize_acks_counts_per_version_and_is_idempotent(redis_client: redis.
     assert redis_client.hgetall(KEYS.version_feedback(3)) == {"positive": "1", "correction": "1"}
     assert c.finalize(items, versions) == 0  # again (a crash between commit and ack, then a redo)
     assert redis_client.hgetall(KEYS.version_feedback(3)) == {"positive": "1", "correction": "1"}
-    assert redis_client.smembers(KEYS.trained_feedback) == {i.feedback_id for i in items}
+    assert set(redis_client.zrange(KEYS.trained_feedback, 0, -1)) == {i.feedback_id for i in items}
 
 
 def test_same_feedback_id_never_trains_twice(redis_client: redis.Redis) -> None:

@@ -80,10 +80,12 @@ def test_redis_loss_is_repaired_from_the_directory(redis_client: redis.Redis, tm
     store = JobStore(redis_client, KEYS)
     pub = VersionPublisher(VersionDirectory(tmp_path), store, "r0", keep=3)
     pub.commit(draft(1, read_feedback(redis_client, 1)))
-    trained = redis_client.smembers(KEYS.trained_feedback)
+    trained = set(redis_client.zrange(KEYS.trained_feedback, 0, -1))
     redis_client.flushall()
     pub.reconcile()
-    assert store.version_numbers() == [1] and redis_client.smembers(KEYS.trained_feedback) == trained
+    assert (
+        store.version_numbers() == [1] and set(redis_client.zrange(KEYS.trained_feedback, 0, -1)) == trained
+    )
 
 
 def test_prune_spares_served_and_pointed_versions(redis_client: redis.Redis, tmp_path: Path) -> None:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
 import torch
 from alchemist_protocol.feedback_client import FeedbackClient
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import JobKeys
+from alchemist_protocol.redis_connection import connect
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
@@ -63,12 +63,26 @@ class RuntimeSettings:
     feedback_max_held: int = 1024
     feedback_claim_idle_ms: int = 60_000
     feedback_max_backlog: int = 0  # POST /v1/feedback answers 429 beyond this backlog; 0: unbounded
+    feedback_stream_max_len: int = 1_000_000  # acknowledged entries beyond it are deleted; 0: no bound
+    dead_letter_max_len: int = 10_000  # the dead-letter stream keeps about this many entries
+    dead_letter_field_bytes: int = 4096  # each original field of a dead letter is cut to this
+    trained_horizon_s: float = 7 * 86_400  # how long trained feedback ids are remembered (idempotency)
+    request_ttl_s: float | None = None  # the request records' TTL, when known: the horizon must outlive it
+    control_stall_s: float = 60.0  # /readyz answers 503 when a control duty has not succeeded for this long
 
     def __post_init__(self) -> None:
         if not self.redis_url:
             raise ValueError("the continual trainer needs Redis: set ALCHEMIST_REDIS_URL (or --redis-url)")
         if self.heartbeat_s <= 0 or self.lease_ttl_s <= 0:
             raise ValueError("heartbeat and lease intervals must be positive")
+        if self.request_ttl_s is not None and self.trained_horizon_s <= self.request_ttl_s:
+            # Within the records' TTL a duplicate could still resolve and train; beyond it, it cannot.
+            raise ValueError(
+                f"ALCHEMIST_FEEDBACK_TRAINED_HORIZON_SECONDS ({self.trained_horizon_s:g}) must exceed the "
+                f"request-record TTL ({self.request_ttl_s:g} s), or a retried feedback could train twice"
+            )
+        if self.control_stall_s <= 0:
+            raise ValueError("ALCHEMIST_CONTROL_STALL_SECONDS must be positive")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **given: Any) -> RuntimeSettings:
@@ -82,6 +96,11 @@ class RuntimeSettings:
             "feedback_max_held": ("ALCHEMIST_FEEDBACK_MAX_HELD", int),
             "feedback_claim_idle_ms": ("ALCHEMIST_FEEDBACK_CLAIM_IDLE_MS", int),
             "feedback_max_backlog": ("ALCHEMIST_FEEDBACK_MAX_BACKLOG", int),
+            "feedback_stream_max_len": ("ALCHEMIST_FEEDBACK_STREAM_MAX_LEN", int),
+            "dead_letter_max_len": ("ALCHEMIST_FEEDBACK_DEAD_LETTER_MAX_LEN", int),
+            "dead_letter_field_bytes": ("ALCHEMIST_FEEDBACK_DEAD_LETTER_FIELD_BYTES", int),
+            "trained_horizon_s": ("ALCHEMIST_FEEDBACK_TRAINED_HORIZON_SECONDS", float),
+            "control_stall_s": ("ALCHEMIST_CONTROL_STALL_SECONDS", float),
         }
         values = dict(given)
         for name, (var, parse) in table.items():
@@ -129,9 +148,7 @@ class ContinualRuntime:
         self.trainer = ContinualTrainer(model, self.weights, self.activations, training, settings.replica)
         self.co_scheduler = CoScheduler(training)
         self.metrics = TrainingMetrics(registry)
-        self.redis = redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
-        )
+        self.redis = connect(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)  # rediss: TLS
         keys = JobKeys(settings.namespace, settings.job, settings.feedback_stream or None)
         self.store = JobStore(self.redis, keys)
         tokenizer = engine.tokenizer
@@ -152,7 +169,12 @@ class ContinualRuntime:
                 consumer=settings.replica,
                 max_held=settings.feedback_max_held,
                 claim_idle_ms=settings.feedback_claim_idle_ms,
+                stream_max_len=settings.feedback_stream_max_len,
+                dead_letter_max_len=settings.dead_letter_max_len,
+                dead_letter_field_bytes=settings.dead_letter_field_bytes,
+                trained_horizon_s=settings.trained_horizon_s,
             ),
+            stream_client=self.store.stream_client,  # entries are read as bytes (redis_connection)
         )
         resolver = SampleResolver(
             self.store, self._encode_text, eos_ids, max_tokens=engine.max_model_len, end_token=self._end_token
@@ -193,7 +215,7 @@ class ContinualRuntime:
 
     def stop(self) -> None:
         self.control.stop()
-        self.redis.close()
+        self.store.close()
 
     # Scoring (engine thread).
     def score(self, prompt: list[int], continuation: list[int]) -> tuple[float, int]:

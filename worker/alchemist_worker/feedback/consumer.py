@@ -4,8 +4,11 @@ The life of an entry:
 1. Delivered to this consumer (XREADGROUP), or taken over from a dead one (XAUTOCLAIM), or re-read from this
    consumer's own pending list after a restart (XREADGROUP from id 0). Until acknowledged it stays pending in
    Redis, so a crash at any point loses nothing: the entry comes back.
-2. Validated. An invalid entry goes to the dead-letter stream with the reason and its original fields; the
-   dead letter and the acknowledgement are written in one transaction, so a crash cannot duplicate or lose it.
+2. Validated. Entries are read as bytes (through a client that never decodes replies), so anything an
+   application wrote can be looked at: an entry that is not UTF-8, or not valid feedback, goes to the
+   dead-letter stream with the reason and its original fields (cut to a bound; undecodable bytes in base64);
+   the dead letter and the acknowledgement are written in one transaction, so a crash cannot duplicate or lose
+   it. One bad entry never holds back the others read with it.
 3. Deduplicated by feedback id (the application's idempotency key, else the entry id) against the set of
    feedback ids already trained (`trained_feedback`) and against what this consumer already holds.
 4. Held in a bounded buffer until the training step that uses it is committed; then `finalize` marks its
@@ -14,6 +17,11 @@ The life of an entry:
 
 Back-pressure: the consumer stops reading while it holds `max_held` entries; the stream itself is the queue, so
 applications never block. Lag: entries not yet acknowledged by the group, and the age of the oldest of them.
+
+Retention: acknowledged entries are trimmed from the stream (alchemist_protocol.feedback_stream; never one still
+pending or undelivered), the dead-letter stream is capped at about `dead_letter_max_len` entries, and trained
+feedback ids are remembered for `trained_horizon_s` (a sorted set scored by the time they were trained), longer
+than request records live: feedback for a request whose record expired cannot train anyway.
 """
 
 from __future__ import annotations
@@ -24,8 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from alchemist_protocol.feedback_stream import FeedbackLag, entry_time, feedback_lag, trim_acknowledged
 from alchemist_protocol.keys import FEEDBACK_GROUP, JobKeys
+from alchemist_protocol.redis_connection import bytes_twin, text
 from alchemist_protocol.schemas import (
+    DEAD_LETTER_FIELD_BYTES,
     Feedback,
     FeedbackLabel,
     InvalidFeedback,
@@ -33,17 +44,29 @@ from alchemist_protocol.schemas import (
     parse_feedback,
 )
 
-# KEYS: trained set, feedback stream, then one per-version counter hash per item (or "" for none).
-# ARGV: group, then triples (feedback id, entry id, label) per item, in the order of the counter keys.
-# A feedback id seen for the first time is counted once for the version that served its request.
+RawEntry = tuple[str, dict[Any, Any]]  # entry id, fields as read (bytes from the stream client)
+
+# KEYS: trained ids (sorted set: id -> when trained), feedback stream, then one per-version counter hash per
+# item (or "" for none). ARGV: group, horizon in seconds (0: keep all), then triples (feedback id, entry id,
+# label) per item, in the order of the counter keys. A feedback id seen for the first time is counted once for
+# the version that served its request. Ids trained longer than the horizon ago are forgotten.
 _FINALIZE = """
 local trained, stream = KEYS[1], KEYS[2]
-local group = ARGV[1]
+local group, horizon = ARGV[1], tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+if redis.call('TYPE', trained).ok == 'set' then
+  -- written before trained ids had a horizon: keep them, from now on
+  local members = redis.call('SMEMBERS', trained)
+  redis.call('DEL', trained)
+  for _, member in ipairs(members) do redis.call('ZADD', trained, now, member) end
+end
+if horizon > 0 then redis.call('ZREMRANGEBYSCORE', trained, '-inf', '(' .. (now - horizon)) end
 local fresh = 0
 for i = 3, #KEYS do
-  local base = 2 + (i - 3) * 3
+  local base = 3 + (i - 3) * 3
   local fid, entry, label = ARGV[base], ARGV[base + 1], ARGV[base + 2]
-  if redis.call('SADD', trained, fid) == 1 then
+  if redis.call('ZADD', trained, 'NX', now, fid) == 1 then
     fresh = fresh + 1
     if KEYS[i] ~= '' then redis.call('HINCRBY', KEYS[i], label, 1) end
   end
@@ -51,11 +74,6 @@ for i = 3, #KEYS do
 end
 return fresh
 """
-
-
-def entry_time(entry_id: str) -> float:
-    """Seconds since the epoch at which Redis added the entry (stream ids start with milliseconds)."""
-    return int(entry_id.split("-", 1)[0]) / 1000.0
 
 
 @dataclass(frozen=True)
@@ -72,12 +90,17 @@ def finalize_script(client: redis.Redis) -> Any:
     return client.register_script(_FINALIZE)
 
 
-def finalize_feedback(script: Any, keys: JobKeys, settled: Sequence[SettledFeedback]) -> int:
-    """Runs the finalize script: trained set, per-version counters and XACK in one atomic step."""
+def finalize_feedback(
+    script: Any, keys: JobKeys, settled: Sequence[SettledFeedback], horizon_s: float = 0.0
+) -> int:
+    """Runs the finalize script: trained ids, per-version counters and XACK in one atomic step.
+
+    `horizon_s` > 0 also forgets ids trained longer ago than that; 0 forgets nothing.
+    """
     if not settled:
         return 0
     key_list = [keys.trained_feedback, keys.feedback]
-    args: list[str] = [FEEDBACK_GROUP]
+    args: list[str] = [FEEDBACK_GROUP, repr(float(horizon_s))]
     for item in settled:
         for entry_id in item.entry_ids:
             key_list.append("" if item.served_version is None else keys.version_feedback(item.served_version))
@@ -106,6 +129,11 @@ class ConsumerSettings:
     max_held: int = 1024
     claim_idle_ms: int = 60_000  # a pending entry idle this long belongs to a dead consumer
     claim_every_s: float = 5.0
+    stream_max_len: int = 1_000_000  # backstop: acknowledged entries beyond it go even above a pending one
+    trim_every_s: float = 1.0  # acknowledged entries are trimmed at most this often
+    dead_letter_max_len: int = 10_000  # the dead-letter stream keeps about this many (XADD MAXLEN ~)
+    dead_letter_field_bytes: int = DEAD_LETTER_FIELD_BYTES  # each original field of a dead letter cut to this
+    trained_horizon_s: float = 7 * 86_400  # trained feedback ids are remembered this long (idempotency)
 
     def __post_init__(self) -> None:
         if not self.consumer:
@@ -114,6 +142,10 @@ class ConsumerSettings:
             raise ValueError("read_count and max_held must be positive")
         if self.claim_idle_ms < 1:
             raise ValueError("claim_idle_ms must be positive")
+        if self.stream_max_len < 0 or self.dead_letter_max_len < 1 or self.dead_letter_field_bytes < 1:
+            raise ValueError("stream_max_len must be >= 0 (0: no bound); the dead-letter bounds positive")
+        if self.trained_horizon_s <= 0 or self.trim_every_s < 0:
+            raise ValueError("trained_horizon_s must be positive and trim_every_s >= 0")
 
 
 @dataclass
@@ -123,17 +155,21 @@ class ConsumerCounters:
     dead_letters: int = 0
     duplicates: int = 0
     finalized: int = 0
-
-
-@dataclass(frozen=True)
-class FeedbackLag:
-    entries: int  # in the stream and not yet acknowledged by the group (undelivered + pending)
-    seconds: float  # age of the oldest of them; 0 when none
+    trimmed: int = 0
 
 
 class FeedbackConsumer:
-    def __init__(self, client: redis.Redis, keys: JobKeys, settings: ConsumerSettings) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: JobKeys,
+        settings: ConsumerSettings,
+        stream_client: redis.Redis | None = None,
+    ) -> None:
+        """`client` may decode replies; stream entries are read through `stream_client`, whose replies must
+        be bytes (default: a `bytes_twin` of `client`)."""
         self.client = client
+        self.raw = stream_client if stream_client is not None else bytes_twin(client)
         self.keys = keys
         self.settings = settings
         self.counters = ConsumerCounters()
@@ -143,6 +179,7 @@ class FeedbackConsumer:
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
         self._finalize = finalize_script(client)
+        self._next_trim = 0.0
 
     # Reading.
     def ensure_group(self) -> None:
@@ -175,6 +212,7 @@ class FeedbackConsumer:
         Reads nothing while the buffer is full (back-pressure). `block_ms` waits for new entries when none is
         ready; None never waits.
         """
+        self._trim_if_due()
         if not self.has_room:
             return []
         try:
@@ -187,7 +225,7 @@ class FeedbackConsumer:
             return []
 
     def _poll(self, block_ms: int | None) -> list[FeedbackItem]:
-        entries: list[tuple[str, dict[Any, Any]]] = []
+        entries: list[RawEntry] = []
         if self._own_cursor is not None:
             # Our own pending entries: delivered to us before a restart and never acknowledged.
             room = self._room()
@@ -203,34 +241,34 @@ class FeedbackConsumer:
     def _room(self) -> int:
         return max(0, min(self.settings.read_count, self.settings.max_held - self.held))
 
-    def _read(self, start: str, block_ms: int | None) -> list[tuple[str, dict[Any, Any]]]:
+    def _read(self, start: str, block_ms: int | None) -> list[RawEntry]:
         count = self._room()
         if count == 0:
             return []
-        reply = self.client.xreadgroup(
+        reply = self.raw.xreadgroup(
             FEEDBACK_GROUP, self.settings.consumer, {self.keys.feedback: start}, count=count, block=block_ms
         )
-        out: list[tuple[str, dict[Any, Any]]] = []
+        out: list[RawEntry] = []
         gone: list[str] = []
         for _stream, batch in reply or []:
             for eid, fields in batch:
                 if fields:
-                    out.append((str(eid), dict(fields)))
+                    out.append((text(eid), dict(fields)))
                 else:  # a pending entry deleted from the stream meanwhile: nothing left to train on
-                    gone.append(str(eid))
+                    gone.append(text(eid))
         if gone:
             self.client.xack(self.keys.feedback, FEEDBACK_GROUP, *gone)
         if start == ">":
             self.counters.delivered += len(out)
         return out
 
-    def _claim(self) -> list[tuple[str, dict[Any, Any]]]:
+    def _claim(self) -> list[RawEntry]:
         """Takes over entries that another consumer left pending for longer than claim_idle_ms."""
         self._next_claim = time.monotonic() + self.settings.claim_every_s
         count = self._room()
         if count == 0:
             return []
-        reply = self.client.xautoclaim(
+        reply = self.raw.xautoclaim(
             self.keys.feedback,
             FEEDBACK_GROUP,
             self.settings.consumer,
@@ -238,16 +276,16 @@ class FeedbackConsumer:
             start_id=self._claim_cursor,
             count=count,
         )
-        cursor, claimed = str(reply[0]), reply[1]
+        cursor, claimed = text(reply[0]), reply[1]
         # A full scan ends at 0-0; start over next time.
         self._claim_cursor = cursor
         # Entries deleted from the stream while pending come back as None and are dropped by XAUTOCLAIM itself.
-        out = [(str(eid), dict(fields)) for eid, fields in claimed if fields is not None]
+        out = [(text(eid), dict(fields)) for eid, fields in claimed if fields is not None]
         out = [(eid, fields) for eid, fields in out if eid not in self._held_entries]
         self.counters.claimed += len(out)
         return out
 
-    def _accept(self, entries: Sequence[tuple[str, dict[Any, Any]]]) -> list[FeedbackItem]:
+    def _accept(self, entries: Sequence[RawEntry]) -> list[FeedbackItem]:
         parsed: list[FeedbackItem] = []
         for entry_id, fields in entries:
             try:
@@ -258,7 +296,7 @@ class FeedbackConsumer:
             parsed.append(FeedbackItem(entry_id, feedback, feedback.feedback_id(entry_id)))
         if not parsed:
             return []
-        known = self.client.smismember(self.keys.trained_feedback, [item.feedback_id for item in parsed])
+        known = self._already_trained([item.feedback_id for item in parsed])
         already = [item.entry_id for item, seen in zip(parsed, known, strict=True) if seen]
         if already:
             self.client.xack(self.keys.feedback, FEEDBACK_GROUP, *already)
@@ -277,9 +315,20 @@ class FeedbackConsumer:
             self._held_entries.add(item.entry_id)
         return sorted(new, key=lambda item: entry_time(item.entry_id))
 
+    def _already_trained(self, feedback_ids: list[str]) -> list[bool]:
+        try:
+            scores = self.client.zmscore(self.keys.trained_feedback, feedback_ids)
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            # Still the set of a version before the horizon; the next finalize converts it.
+            return [bool(x) for x in self.client.smismember(self.keys.trained_feedback, feedback_ids)]
+        return [score is not None for score in scores]
+
     def _dead_letter(self, entry_id: str, fields: dict[Any, Any], reason: str) -> None:
+        letter = dead_letter_fields(entry_id, fields, reason, self.settings.dead_letter_field_bytes)
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.keys.dead_letters, dead_letter_fields(entry_id, fields, reason))
+        pipe.xadd(self.keys.dead_letters, letter, maxlen=self.settings.dead_letter_max_len, approximate=True)
         pipe.xack(self.keys.feedback, FEEDBACK_GROUP, entry_id)
         pipe.execute()
         self.counters.dead_letters += 1
@@ -307,11 +356,22 @@ class FeedbackConsumer:
             )
             for item in items
         ]
-        fresh = finalize_feedback(self._finalize, self.keys, settled)
+        fresh = finalize_feedback(self._finalize, self.keys, settled, self.settings.trained_horizon_s)
         for item in items:
             self._release(item)
         self.counters.finalized += len(items)
+        self._trim_if_due()
         return fresh
+
+    def _trim_if_due(self) -> None:
+        """Retention of the feedback stream: acknowledged entries go (see feedback_stream.trim_acknowledged)."""
+        now = time.monotonic()
+        if now < self._next_trim:
+            return
+        self._next_trim = now + self.settings.trim_every_s
+        self.counters.trimmed += trim_acknowledged(
+            self.raw, self.keys.feedback, FEEDBACK_GROUP, self.settings.stream_max_len
+        )
 
     def release(self, items: Iterable[FeedbackItem]) -> None:
         """Forgets items without acknowledging them (they stay pending and come back on the next restart)."""
@@ -325,36 +385,11 @@ class FeedbackConsumer:
 
     # Observability.
     def lag(self) -> FeedbackLag:
-        """Entries the group has not acknowledged yet, and how old the oldest is."""
-        try:
-            groups = self.client.xinfo_groups(self.keys.feedback)
-        except redis.ResponseError:
-            return FeedbackLag(0, 0.0)
-        group = next((g for g in groups if _text(g.get("name")) == FEEDBACK_GROUP), None)
-        if group is None:
-            return FeedbackLag(0, 0.0)
-        pending = int(group.get("pending") or 0)
-        last = _text(group.get("last-delivered-id")) or "0-0"
-        undelivered_raw = group.get("lag")
-        if undelivered_raw is None:  # Redis < 7 reports no lag: count what follows the last delivered id
-            undelivered = len(self.client.xrange(self.keys.feedback, min=f"({last}", count=100_000))
-        else:
-            undelivered = int(undelivered_raw)
-        oldest: str | None = None
-        if pending:
-            summary = self.client.xpending(self.keys.feedback, FEEDBACK_GROUP)
-            oldest = _text(summary.get("min")) if summary else None
-        elif undelivered:
-            first = self.client.xrange(self.keys.feedback, min=f"({last}", count=1)
-            oldest = str(first[0][0]) if first else None
-        age = max(0.0, time.time() - entry_time(oldest)) if oldest else 0.0
-        return FeedbackLag(pending + undelivered, age)
+        """Entries the group has not acknowledged yet, and how old the oldest is (never reads a field as text)."""
+        return feedback_lag(self.raw, self.keys.feedback, FEEDBACK_GROUP)
 
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    def close(self) -> None:
+        self.raw.close()
 
 
 def is_trainable(feedback: Feedback) -> bool:
