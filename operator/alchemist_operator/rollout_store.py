@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis
+from alchemist_protocol.feedback_stream import LAG_COUNT_CAP
+from alchemist_protocol.feedback_stream import feedback_lag as stream_lag
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import FEEDBACK_GROUP
 from alchemist_protocol.rollout_state import CounterSnapshot, RolloutProgress, load_rollout, save_rollout
 from alchemist_protocol.schemas import FeedbackLabel, RolloutPointer
 
 from alchemist_operator.rollout import FeedbackCounts, Observation, Phase, RolloutState, versions_to_count
-
-# Beyond this many undelivered entries the lag is reported as this number (counting more costs Redis time).
-LAG_COUNT_CAP = 100_000
 
 
 @dataclass(frozen=True)
@@ -80,24 +78,11 @@ def feedback_counts(store: JobStore, version: int) -> FeedbackCounts:
 
 
 def feedback_lag(client: redis.Redis, stream: str) -> int:
-    """Entries of the feedback stream the trainers have not acknowledged yet (pending or not yet delivered)."""
-    try:
-        groups: list[dict[str, Any]] = client.xinfo_groups(stream)
-    except redis.ResponseError:  # no such stream: nothing was ever sent
-        return 0
-    group = next((g for g in groups if _text(g.get("name")) == FEEDBACK_GROUP), None)
-    if group is None:
-        return min(int(client.xlen(stream)), LAG_COUNT_CAP)
-    pending = int(group.get("pending") or 0)
-    lag = group.get("lag")
-    if lag is None:  # Redis < 7, or a lag Redis cannot tell: count what lies after the last delivered id
-        last = _text(group.get("last-delivered-id")) or "0-0"
-        lag = len(client.xrange(stream, min=f"({last}", count=LAG_COUNT_CAP))
-    return min(pending + int(lag), LAG_COUNT_CAP)
+    """Entries of the feedback stream the trainers have not acknowledged yet (pending or not yet delivered).
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value) if value is not None else ""
+    `client` should return bytes (JobStore.stream_client): an entry that is not UTF-8 then cannot fail it.
+    """
+    return stream_lag(client, stream, FEEDBACK_GROUP, LAG_COUNT_CAP).entries
 
 
 def read_snapshot(store: JobStore, feedback_stream: str, now: float) -> RedisSnapshot:
@@ -112,7 +97,7 @@ def read_snapshot(store: JobStore, feedback_stream: str, now: float) -> RedisSna
         observation=Observation(now=now, published=published, live_replicas=ready, counts=counts),
         replica_versions={r.replica: r.loaded_version for r in replicas},
         ready_replicas=ready,
-        feedback_lag=feedback_lag(store.client, feedback_stream),
+        feedback_lag=feedback_lag(store.stream_client, feedback_stream),
         latest_version=max(published, default=0),
         pointer_exists=pointer is not None,
     )
