@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from alchemist_worker.bundled_model import ensure_small_model
@@ -36,9 +37,23 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return serve(resolve_settings(args))
-        except ValueError as exc:  # bad settings, an unusable checkpoint or a KV budget too small
+        except (
+            ValueError
+        ) as exc:  # bad settings, an unusable checkpoint, a missing engine, a KV budget too small
+            write_termination_message(f"alchemist-worker: {exc}")
             parser.error(str(exc))
     return 0
+
+
+def write_termination_message(message: str) -> None:
+    """Kubernetes shows this file's text as the container's last termination message (the operator reads it,
+    so a pod that cannot start says why in the job's status instead of crash-looping silently)."""
+    path = Path(os.environ.get("ALCHEMIST_TERMINATION_LOG", "/dev/termination-log"))
+    try:
+        if path.is_file():  # Kubernetes mounts it; elsewhere nothing is written
+            path.write_text(message[:4000])
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

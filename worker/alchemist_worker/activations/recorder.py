@@ -40,8 +40,11 @@ class PrefillRecorder:
         qk_norm: bool = False,
         keep: Sequence[bool] | None = None,
         start_positions: Sequence[int] | None = None,
+        copy_stream: torch.cuda.Stream | None = None,
     ) -> None:
+        """`copy_stream` (CUDA): the copies run there, beside the forward's next layers; `records()` waits."""
         self.policy = policy
+        self.copy_stream = copy_stream
         self.offsets = as_offsets(cu_seqlens)
         num_seqs = len(self.offsets) - 1
         self.keep = list(keep) if keep is not None else [True] * num_seqs
@@ -63,6 +66,19 @@ class PrefillRecorder:
         return self.policy.wants_lse
 
     def record_layer(self, layer: int, activations: LayerActivations) -> None:
+        stream = self.copy_stream
+        if stream is None:
+            self._copy(layer, activations)
+            return
+        stream.wait_stream(torch.cuda.current_stream(stream.device))  # the layer's tensors are written
+        with torch.cuda.stream(stream):
+            self._copy(layer, activations)
+        for name in self.fields:  # their memory is not reused before the side stream has read it
+            tensor = getattr(activations, name)
+            if tensor is not None and tensor.is_cuda:
+                tensor.record_stream(stream)
+
+    def _copy(self, layer: int, activations: LayerActivations) -> None:
         with torch.inference_mode(False), torch.no_grad():
             for seq, layers in self._layers.items():
                 start, end = self.offsets[seq], self.offsets[seq + 1]
@@ -78,6 +94,8 @@ class PrefillRecorder:
 
     def records(self) -> list[SequenceRecord | None]:
         """Per sequence of the batch: its record, or None where `keep` said not to record it."""
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
         out: list[SequenceRecord | None] = []
         for seq in range(len(self.offsets) - 1):
             layers = self._layers.get(seq)

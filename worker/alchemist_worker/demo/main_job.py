@@ -62,12 +62,15 @@ def forget_job(url: str, job: str) -> None:
         client.close()
 
 
-def start_worker(model: Path, url: str, job: str, workdir: Path, stack: ExitStack) -> tuple[str, Path]:
+def start_worker(
+    model: Path, url: str, job: str, workdir: Path, stack: ExitStack, engine: str = "native"
+) -> tuple[str, Path]:
     port = free_port()
     log = workdir / "worker.log"
     env = {
         **os.environ,
         "ALCHEMIST_MODEL": str(model),
+        "ALCHEMIST_ENGINE": engine,
         "ALCHEMIST_SERVED_MODEL_NAME": "smollm2",
         "ALCHEMIST_PORT": str(port),
         "ALCHEMIST_DEVICE": "cpu",
@@ -161,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(".run") / "demo")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of questions and feedback")
     parser.add_argument("--keep-keys", action="store_true", help="keep this run's keys in an existing Redis")
+    parser.add_argument(
+        "--engine", choices=("native", "vllm"), default="native", help="the worker's serving engine"
+    )
     args = parser.parse_args(argv)
 
     from alchemist_worker.bundled_model import ensure_small_model
@@ -173,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         url = redis_url(stack, job, args.keep_keys)
-        say(f"worker: starting (job demo/{job}, log {workdir / 'worker.log'})")
-        base, _log = start_worker(model, url, job, workdir, stack)
+        say(f"worker: starting with the {args.engine} engine (job demo/{job}, log {workdir / 'worker.log'})")
+        base, _log = start_worker(model, url, job, workdir, stack, args.engine)
         say(f"worker: ready at {base} after {time.monotonic() - started:.0f} s")
         summary = run_scenario(base, Scenario(rounds=args.rounds), say)
     print_summary(summary)

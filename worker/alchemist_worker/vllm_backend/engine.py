@@ -199,6 +199,7 @@ class VllmEngine:
         self.recording = recording
         self.policy = parse_policy(config.recording.policy) if recording is not None else None
         self.record_sampler = RecordSampler(config.recording)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.weight_version = weight_version
         self._requests: dict[str, _Request] = {}
         self._by_internal: dict[str, _Request] = {}
@@ -351,6 +352,7 @@ class VllmEngine:
             prompts,
             layout_of=lambda: runner_layout(self._runner),
             on_complete=self._store_record,
+            copy_stream=self._copy_stream,
         )
 
     def _store_record(self, response_id: str, record: SequenceRecord) -> None:

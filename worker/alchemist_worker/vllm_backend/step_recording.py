@@ -82,12 +82,14 @@ class StepRecording:
         prompts: dict[str, PromptRecording],
         layout_of: Callable[[], BatchLayout],
         on_complete: Callable[[str, SequenceRecord], None],
+        copy_stream: torch.cuda.Stream | None = None,
     ) -> None:
         self.policy = policy
         self.config = config
         self.prompts = prompts  # internal request id -> its recording, for the requests of this step
         self.layout_of = layout_of  # read once the runner has prepared the step
         self.on_complete = on_complete  # (response id, record) of each prompt whose record is complete
+        self.copy_stream = copy_stream  # CUDA: record copies run beside the forward
         self.layout: BatchLayout | None = None
         self._prefill: PrefillRecorder | None = None
         self._segments: list[tuple[int, int, PromptRecording]] = []  # kept rows [start, end) and their prompt
@@ -128,6 +130,7 @@ class StepRecording:
             qk_norm=self.config.qk_norm,
             keep=keep,
             start_positions=starts,
+            copy_stream=self.copy_stream,
         )
         return self
 
@@ -149,6 +152,8 @@ class StepRecording:
         did; vLLM does not return the statistic, so it is computed again here for the recorded rows only.
         """
         lse = torch.zeros(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+        if self.copy_stream is not None and self._segments:  # earlier chunks' keys may still be copying
+            torch.cuda.current_stream(q.device).wait_stream(self.copy_stream)
         for begin, end, prompt in self._segments:
             keys = [c.layers[layer]["k"].to(k.device) for c in prompt.chunks] + [k[begin:end]]
             values = [c.layers[layer]["v"].to(v.device) for c in prompt.chunks] + [v[begin:end]]
