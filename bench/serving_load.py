@@ -185,7 +185,11 @@ def measure(
         metrics = httpx.get(url + "/metrics", timeout=5).text if name.startswith("native") else ""
         capacity = float("nan")
         if burst:  # every request at once: output tokens per second at saturation
-            together = [Arrival(0.0, a.prompt, a.max_tokens) for a in trace]
+            # fresh prompts of the same lengths: a prefix cache must not serve the burst from the trace's run
+            rng = random.Random(len(trace))
+            together = [
+                Arrival(0.0, [rng.randrange(1000, 30000) for _ in a.prompt], a.max_tokens) for a in trace
+            ]
             burst_results, burst_span = asyncio.run(run_trace(url, "bench", together))
             capacity = sum(r.output_tokens for r in burst_results) / burst_span
     finally:

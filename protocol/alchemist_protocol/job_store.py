@@ -6,6 +6,7 @@ Synchronous on purpose: callers in async code (the operator) run it in a thread.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import redis
@@ -23,10 +24,45 @@ from alchemist_protocol.schemas import (
 )
 
 
+class VersionCommit(enum.StrEnum):
+    """What the fenced commit of a version did."""
+
+    COMMITTED = "committed"  # published now, or by an earlier attempt of this very commit (same metadata)
+    FENCED = "fenced"  # the committer's lease token is no longer the current one: another trainer took over
+    TAKEN = "taken"  # another commit published this version number
+    MOVED = "moved"  # the head is not the one the committer built on (a newer version, or a gap)
+
+
+# KEYS: version metadata, versions index, version events, trainer lease.
+# ARGV: version, metadata JSON, parent, fencing token ('' = unfenced), expected head ('' = any lower head).
+# One script, so the fence, the head check and the three writes are one atomic step: a trainer whose lease was
+# taken over cannot publish, even if it was paused between its check and its write.
+_COMMIT_VERSION = """
+local existing = redis.call('GET', KEYS[1])
+if existing and existing == ARGV[2] then return 'committed' end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[4] then return 'fenced' end
+if existing then return 'taken' end
+local version = tonumber(ARGV[1])
+local top = redis.call('ZREVRANGE', KEYS[2], 0, 0)
+local head = 0
+if top[1] then head = tonumber(top[1]) end
+if ARGV[5] ~= '' then
+  if head ~= tonumber(ARGV[5]) then return 'moved' end
+elseif head >= version then
+  return 'moved'
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], version, ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'version', ARGV[1], 'parent', ARGV[3])
+return 'committed'
+"""
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, keys: JobKeys) -> None:
         self.client = client
         self.keys = keys
+        self._commit_version = client.register_script(_COMMIT_VERSION)
         self._stream_client: redis.Redis | None = None
 
     @classmethod
@@ -67,6 +103,27 @@ class JobStore:
         pipe.zadd(self.keys.versions, {str(info.version): info.version})
         pipe.xadd(self.keys.version_events, {"version": str(info.version), "parent": str(info.parent)})
         pipe.execute()
+
+    def commit_version(
+        self, info: VersionInfo, fence: str | None, expected_head: int | None = None
+    ) -> VersionCommit:
+        """Publishes `info` only while `fence` is the trainer lease's token and the head is as expected.
+
+        `expected_head` None accepts any head below the version (rebuilding the index after a Redis loss).
+        Idempotent: retrying a commit whose reply was lost answers COMMITTED again and writes nothing.
+        """
+        outcome = self._commit_version(
+            keys=[self.keys.version(info.version), self.keys.versions, self.keys.version_events,
+                  self.keys.trainer_lease],
+            args=[info.version, info.model_dump_json(), info.parent, fence or "",
+                  "" if expected_head is None else expected_head],
+        )  # fmt: skip
+        return VersionCommit(outcome.decode() if isinstance(outcome, bytes) else str(outcome))
+
+    def holds_fence(self, fence: str) -> bool:
+        """Whether `fence` is still the trainer lease's token (checked again, atomically, by the commit)."""
+        value = self.client.get(self.keys.trainer_lease)
+        return (value.decode() if isinstance(value, bytes) else value) == fence
 
     def get_version(self, number: int) -> VersionInfo | None:
         raw = self.client.get(self.keys.version(number))

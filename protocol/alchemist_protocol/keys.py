@@ -83,8 +83,13 @@ class JobKeys:
 
     @property
     def trainer_lease(self) -> str:
-        """Holder of the right to train and publish versions (one trainer per job keeps one lineage); has a TTL."""
+        """Fencing token of the trainer (`holder/epoch/nonce`), the right to publish versions; has a TTL."""
         return self.prefix + "trainer:lease"
+
+    @property
+    def trainer_epoch(self) -> str:
+        """Counter bumped at every lease acquisition: the fencing epoch a commit must still hold (no TTL)."""
+        return self.prefix + "trainer:epoch"
 
     @property
     def rollback(self) -> str:

@@ -184,6 +184,8 @@ class ReplicaState(BaseModel):
     ready: bool
     heartbeat_at: float = Field(default_factory=time.time)
     feedback_lag: int = Field(default=0, ge=0)
+    # "class: message" while the trainer's version commits keep failing (io, redis); "" when they succeed.
+    commit_error: str = ""
 
 
 class RolloutPointer(BaseModel):

@@ -44,6 +44,7 @@ class InProcessWorker:
         *,
         replica: str = "r0",
         follow: FollowMode = FollowMode.AUTO,
+        claim_idle_ms: int = 60_000,
         **training: object,
     ) -> None:
         config = EngineConfig(
@@ -66,11 +67,20 @@ class InProcessWorker:
             self.loop,
             self.engine,
             RuntimeSettings(
-                redis_url, KEYS.namespace, KEYS.job, replica, versions, follow=follow, heartbeat_s=0.2
+                redis_url,
+                KEYS.namespace,
+                KEYS.job,
+                replica,
+                versions,
+                follow=follow,
+                heartbeat_s=0.2,
+                feedback_claim_idle_ms=claim_idle_ms,
             ),
             TrainerSettings(**settings),  # type: ignore[arg-type]
             model_path=checkpoint,
-            timings=ControlTimings(poll_s=0.01, lease_s=0.2, follow_s=0.05, heartbeat_s=0.2),
+            timings=ControlTimings(
+                poll_s=0.01, lease_s=0.2, follow_s=0.05, heartbeat_s=0.2, commit_retry_s=0.2, commit_retry_max_s=1.0
+            ),
         )
         self.feedback = FeedbackClient(self.store.client, KEYS)
         self._n = 0

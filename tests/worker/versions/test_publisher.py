@@ -7,8 +7,13 @@ from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import FEEDBACK_GROUP, JobKeys
 from alchemist_protocol.schemas import ArtifactKind, ReplicaState, RolloutPointer
 from alchemist_worker.feedback.consumer import ConsumerSettings, FeedbackConsumer, SettledFeedback
-from alchemist_worker.versions.directory import VersionDirectory, VersionExists
-from alchemist_worker.versions.publisher import VersionDraft, VersionPublisher, entry_ranges
+from alchemist_worker.versions.directory import VersionDirectory
+from alchemist_worker.versions.publisher import (
+    CommitConflict,
+    VersionDraft,
+    VersionPublisher,
+    entry_ranges,
+)
 
 KEYS = JobKeys("ns", "job")
 
@@ -53,7 +58,7 @@ def test_commit_publishes_and_acknowledges(redis_client: redis.Redis, tmp_path: 
     assert info.feedback_ranges == [(feedback[0].entry_ids[0], feedback[1].entry_ids[0])]
     assert pending(redis_client) == 0
     assert redis_client.hget(KEYS.version_feedback(0), "positive") == "2"
-    with pytest.raises(VersionExists):
+    with pytest.raises(CommitConflict):  # the number is taken on disk
         pub.commit(draft(1, []))
 
 

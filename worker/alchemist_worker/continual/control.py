@@ -10,6 +10,11 @@ waited `max_wait_s`) and `step_interval_s` has passed since the previous one; it
 samples and `batch_tokens` tokens. Every `publish_every_steps` finished steps become a version, and only then
 is their feedback acknowledged (at-least-once). A failed step puts its samples back, to be retried one at a
 time; a sample that fails `MAX_FAILURES` times goes to the dead-letter stream.
+
+Commits (pending_commit.py, versions/publisher.py): a version is committed under the lease's fencing token. A
+conflict (the lease was taken over, or the head moved) abandons the uncommitted steps: their feedback goes back,
+unacknowledged, and training restarts from the newest committed version if the lease is still ours. An I/O or a
+Redis failure keeps the draft and retries it on a timer with back-off; no step starts meanwhile.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from alchemist_protocol.job_store import JobStore
 from alchemist_worker.continual.engine_side import EngineSide, StepDone
 from alchemist_worker.continual.lease import TrainerLease
 from alchemist_worker.continual.metrics import TrainingMetrics
+from alchemist_worker.continual.pending_commit import CommitHealth, PendingCommit
 from alchemist_worker.continual.settings import TrainerSettings
 from alchemist_worker.continual.step_cursor import StepCancelled
 from alchemist_worker.continual.trainable_weights import TrainableWeights
@@ -40,8 +46,15 @@ from alchemist_worker.feedback.samples import SampleResolver, Skip, SkipKind, Tr
 from alchemist_worker.rollout.follower import RolloutFollower
 from alchemist_worker.rollout.heartbeat import Heartbeat
 from alchemist_worker.versions.artifacts import read_trainer_state, write_trainer_state
-from alchemist_worker.versions.directory import VersionDirectory, VersionExists
-from alchemist_worker.versions.publisher import VersionDraft, VersionPublisher, entry_ranges
+from alchemist_worker.versions.directory import VersionDirectory
+from alchemist_worker.versions.publisher import (
+    CommitConflict,
+    CommitFailure,
+    RedisUnavailable,
+    VersionDraft,
+    VersionPublisher,
+    entry_ranges,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +75,8 @@ class ControlTimings:
     lease_s: float = 2.0
     follow_s: float = 0.25
     heartbeat_s: float = 5.0
+    commit_retry_s: float = 0.5  # first retry of a failed commit; doubles up to commit_retry_max_s
+    commit_retry_max_s: float = 30.0
 
 
 class TrainingControl:
@@ -107,6 +122,9 @@ class TrainingControl:
         self._honoured: tuple[int, float] | None = None  # the rollback request already acted upon
         self.uncommitted: list[tuple[list[Pending], StepResult]] = []
         self.training = False  # holds the lease and restored the trainer
+        self._fence: str | None = None  # the lease token training started under; commits carry it
+        self.committing: PendingCommit | None = None  # a commit not finished yet (retried on a timer)
+        self.commit_health = CommitHealth()
         self.switching_to: int | None = None
         self.redis_errors = 0
         self.last_error = ""
@@ -167,6 +185,8 @@ class TrainingControl:
         self._handle_done()
         if self._is_due("lease", self.timings.lease_s):
             self._lease_tick()
+        if self.training and self.committing is not None and self.committing.due():
+            self._attempt_commit()
         if self.training:
             self._check_rollback()
             self._consume()
@@ -182,6 +202,12 @@ class TrainingControl:
             return
         held = self.lease.acquire_or_renew()
         self.metrics.trainer_lease.set(1 if held else 0)
+        if held and self.training and self.lease.token != self._fence:
+            # Our lease lapsed (a pause, a Redis restart) and was taken again: anyone may have trained meanwhile.
+            log.warning(
+                "trainer lease re-acquired as %s: restarting from the newest version", self.lease.token
+            )
+            self._stop_training()
         if held and not self.training:
             self._become_trainer()
         elif not held and self.training:
@@ -190,9 +216,11 @@ class TrainingControl:
 
     def _become_trainer(self) -> None:
         self.consumer.ensure_group()
-        report = self.publisher.reconcile()
+        self.consumer.reset_after_redis_loss()  # re-read our own pending entries now, not after the claim idle
+        self._fence = self.lease.token
+        report = self.publisher.reconcile(self._fence)
         self._run_id = self._redis_run_id()
-        head = self.directory.latest()
+        head = self.store.latest_version()  # Redis lists the lineage; the directory may hold unpublished ones
         rollback = self.store.get_rollback()
         if rollback is not None and rollback.applies_to(head):
             head = rollback.version
@@ -218,6 +246,7 @@ class TrainingControl:
         self.pending.clear()
         self.in_step = None
         self.uncommitted.clear()
+        self.committing = None
         self.training = False
 
     def _all_held(self) -> list[Pending]:
@@ -226,10 +255,12 @@ class TrainingControl:
 
     def _check_rollback(self) -> None:
         rollback = self.store.get_rollback()
-        if rollback is None or not rollback.applies_to(self.directory.latest()):
+        if rollback is None or not rollback.applies_to(self.store.latest_version()):
             return
         if self._honoured == (rollback.version, rollback.requested_at):
             return
+        if self.committing is not None and self.committing.draft is not None:
+            self.publisher.withdraw(self.committing.draft)  # written on the abandoned branch, not published
         if rollback.version != 0 and rollback.version not in self.directory.committed():
             log.error(
                 "rollback to version %d requested, but it is not in %s", rollback.version, self.directory.root
@@ -242,6 +273,7 @@ class TrainingControl:
         self.pending.extendleft(reversed(again))
         self.in_step = None
         self.uncommitted.clear()
+        self.committing = None
         self._restore(rollback.version)
         self._honoured = (rollback.version, rollback.requested_at)
 
@@ -271,7 +303,7 @@ class TrainingControl:
             self.consumer.finalize([item], versions)
 
     def _maybe_begin_step(self) -> None:
-        if self.in_step is not None or not self.pending:
+        if self.in_step is not None or not self.pending or self.committing is not None:
             return
         s = self.settings
         now = time.monotonic()
@@ -316,7 +348,7 @@ class TrainingControl:
                     self._failed(batch, done.error)
                 continue
             result = done.result
-            self.metrics.step_committed(
+            self.metrics.step_finished(
                 tokens=result.tokens,
                 loss=result.loss,
                 wall_s=result.wall_s,
@@ -326,7 +358,8 @@ class TrainingControl:
             )
             self.uncommitted.append((batch, result))
             if done.snapshot is not None and done.state is not None:
-                self._commit(done.snapshot, done.state)
+                self.committing = PendingCommit(done.snapshot, done.state, steps=len(self.uncommitted))
+                self._attempt_commit()
 
     def _failed(self, batch: list[Pending], error: BaseException | None) -> None:
         for pending in reversed(batch):
@@ -336,9 +369,46 @@ class TrainingControl:
             else:
                 self.pending.appendleft(pending)
 
-    def _commit(self, snapshot: dict[str, Any], state: dict[str, Any]) -> None:
-        version = max(self.directory.latest(), self.store.latest_version()) + 1
-        parent = int(state["head_version"])
+    def _attempt_commit(self) -> None:
+        """Commits the pending version, or resumes it where the last attempt stopped; classifies failures."""
+        pending = self.committing
+        assert pending is not None
+        try:
+            if pending.draft is None:
+                pending.draft = self._draft(pending)
+            if not pending.published:
+                info = self.publisher.publish(pending.draft, self._fence)
+                pending.published = True
+                version = pending.draft.version
+                self.engine_side.call(lambda: self.trainer.committed(version)).result()
+                self.metrics.versions_published.inc()
+                self.metrics.steps.inc(pending.steps)
+                self.metrics.version.labels(role="training").set(version)
+                log.info(
+                    "published version %d (parent %d, %d samples, loss %.4f)",
+                    version,
+                    info.parent,
+                    info.samples,
+                    info.loss or 0,
+                )
+            self.publisher.finalize(pending.draft)
+        except redis.RedisError as exc:  # building the draft: same as the publisher's RedisUnavailable
+            self._commit_failed(pending, RedisUnavailable(f"Redis unavailable before committing: {exc}"))
+            return
+        except CommitFailure as failure:
+            self._commit_failed(pending, failure)
+            return
+        self.commit_health.record_success(pending.draft.version)
+        self.consumer.release([p.item for batch, _ in self.uncommitted for p in batch])
+        self.uncommitted.clear()
+        self.committing = None
+        self.publisher.prune(protect={pending.draft.version, self.engine.weight_version})
+
+    def _draft(self, pending: PendingCommit) -> VersionDraft:
+        head = self.store.latest_version()
+        version = head + 1
+        state = pending.state
+        parent = int(state["head_version"])  # the head, or a rollback's target
         state = {**state, "head_version": version, "lineage": sorted({*state["lineage"], version})}
         batches = [batch for batch, _ in self.uncommitted]
         results = [result for _, result in self.uncommitted]
@@ -349,13 +419,14 @@ class TrainingControl:
             )
             for p in items
         ]
+        snapshot = pending.snapshot
 
         def write(path: Path) -> None:
             self.weights.write(path, snapshot, self.model_config)
             write_trainer_state(path, state)
 
         tokens = sum(r.response_tokens for r in results)
-        draft = VersionDraft(
+        return VersionDraft(
             version=version,
             parent=parent,
             kind=self.weights.kind,
@@ -370,26 +441,23 @@ class TrainingControl:
                 "recomputed": sum(x.path == "recomputed" for r in results for x in r.results),
             },
             feedback_ranges=entry_ranges([e for s in settled for e in s.entry_ids]),
+            expected_head=head,
         )
-        try:
-            info = self.publisher.commit(draft)
-        except VersionExists:
-            log.error("version %d was published by another trainer; discarding this step", version)
+
+    def _commit_failed(self, pending: PendingCommit, failure: CommitFailure) -> None:
+        version = None if pending.draft is None else pending.draft.version
+        self.metrics.commit_failures.labels(failure.kind).inc()
+        retrying = not isinstance(failure, CommitConflict)
+        self.commit_health.record_failure(failure, version, retrying)
+        if not retrying:
+            log.error("%s; discarding the uncommitted steps (their feedback trains again)", failure)
             self._stop_training()
+            self._due["lease"] = 0.0  # still the holder (the head moved)? restart from the newest version now
             return
-        self.consumer.release([p.item for p in items])
-        self.uncommitted.clear()
-        self.engine_side.call(lambda: self.trainer.committed(version)).result()
-        self.metrics.versions_published.inc()
-        self.metrics.version.labels(role="training").set(version)
-        log.info(
-            "published version %d (parent %d, %d samples, loss %.4f)",
-            version,
-            parent,
-            len(items),
-            info.loss or 0,
+        delay = pending.failed(self.timings.commit_retry_s, self.timings.commit_retry_max_s)
+        log.warning(
+            "commit of version %s failed (%s): %s; retrying in %.1fs", version, failure.kind, failure, delay
         )
-        self.publisher.prune(protect={version, self.engine.weight_version})
 
     # Serving side: rollout and heartbeat.
     def _follow(self) -> None:
@@ -421,7 +489,12 @@ class TrainingControl:
         if lag is not None:
             self.metrics.lag_entries.set(lag.entries)
             self.metrics.lag_seconds.set(lag.seconds)
-        self.heartbeat.beat(self.engine.weight_version, ready=True, feedback_lag=lag.entries if lag else 0)
+        self.heartbeat.beat(
+            self.engine.weight_version,
+            ready=True,
+            feedback_lag=lag.entries if lag else 0,
+            commit_error=self.commit_health.unresolved,
+        )
         counters = self.consumer.counters
         dead, dup, _ = self._seen
         self.metrics.dead_letters.inc(counters.dead_letters - dead)
@@ -430,11 +503,10 @@ class TrainingControl:
         self.metrics.refresh_throughput()
         run_id = self._redis_run_id()
         if self.training and self._run_id is not None and run_id != self._run_id:
-            log.warning(
-                "Redis restarted (run id changed): rebuilding versions and trained feedback from disk"
-            )
-            self.consumer.ensure_group()
-            self.publisher.reconcile()
+            # Its data may be gone, the lease included: the lease tick then takes a new token and restarts
+            # training, whose reconcile rebuilds versions and trained feedback from the directory.
+            log.warning("Redis restarted (run id changed): checking the trainer lease now")
+            self._due["lease"] = 0.0
         self._run_id = run_id
 
     def _redis_run_id(self) -> str:
@@ -444,7 +516,7 @@ class TrainingControl:
         """For /v1/versions and tests (called from the HTTP server's threads)."""
         try:
             lag = self.consumer.lag().entries if self.training else 0
-        except redis.RedisError:
+        except Exception:  # informative only: the route answers without it
             lag = -1
         return {
             "feedback_lag": lag,
@@ -457,4 +529,6 @@ class TrainingControl:
             "steps": self.trainer.step_count,
             "redis_errors": self.redis_errors,
             "last_error": self.last_error,
+            "lease_epoch": self.lease.epoch,
+            "commit": self.commit_health.snapshot(self.committing),
         }

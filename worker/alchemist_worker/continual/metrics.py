@@ -41,7 +41,11 @@ class TrainingMetrics:
             buckets=STEP_BUCKETS,
             registry=r,
         )
-        self.steps = Counter("alchemist_training_steps", "Committed training steps", registry=r)
+        self.steps = Counter(
+            "alchemist_training_steps",
+            "Training steps in committed versions (counted at the commit)",
+            registry=r,
+        )
         self.samples = Counter(
             "alchemist_training_samples",
             "Trained samples by path (reused a record or recomputed) and reason",
@@ -92,12 +96,19 @@ class TrainingMetrics:
         self.versions_published = Counter(
             "alchemist_versions_published", "Versions this replica published", registry=r
         )
+        self.commit_failures = Counter(
+            "alchemist_version_commit_failures",
+            "Failed version commits by class: conflict (lease taken over or head moved; training restarts), "
+            "io (the versions directory refused a write) or redis (unavailable); io and redis are retried",
+            ["class"],
+            registry=r,
+        )
         self.trainer_lease = Gauge(
             "alchemist_trainer_lease_held", "1 when this replica holds the job's trainer lease", registry=r
         )
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
 
-    def step_committed(
+    def step_finished(
         self,
         *,
         tokens: int,
@@ -107,9 +118,8 @@ class TrainingMetrics:
         outcomes: Iterable[tuple[str, str]],
         staleness: Iterable[int],
     ) -> None:
-        """`outcomes`: (path, reason) per sample, path "reused" or "recomputed"."""
+        """`outcomes`: (path, reason) per sample, path "reused" or "recomputed". Not yet committed: see `steps`."""
         now = time.monotonic()
-        self.steps.inc()
         self.tokens.inc(tokens)
         self.loss.set(loss)
         self.step_seconds.observe(wall_s)

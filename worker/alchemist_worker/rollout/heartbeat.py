@@ -1,4 +1,5 @@
-"""The replica's heartbeat: its loaded version, readiness and feedback lag, with a TTL the operator reads."""
+"""The replica's heartbeat: its loaded version, readiness, feedback lag and any failing commit, with a TTL the
+operator reads."""
 
 from __future__ import annotations
 
@@ -25,9 +26,15 @@ class Heartbeat:
     def due(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) >= self._next
 
-    def beat(self, loaded_version: int, ready: bool, feedback_lag: int = 0) -> ReplicaState:
+    def beat(
+        self, loaded_version: int, ready: bool, feedback_lag: int = 0, commit_error: str = ""
+    ) -> ReplicaState:
         state = ReplicaState(
-            replica=self.replica, loaded_version=loaded_version, ready=ready, feedback_lag=feedback_lag
+            replica=self.replica,
+            loaded_version=loaded_version,
+            ready=ready,
+            feedback_lag=feedback_lag,
+            commit_error=commit_error,
         )
         self.store.report_replica(state, ttl_seconds=self.ttl_seconds)
         self._next = time.monotonic() + self.interval_s

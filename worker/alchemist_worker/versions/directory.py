@@ -13,19 +13,28 @@ Layout (a volume shared by the job's pods in Kubernetes):
 
 Publishing writes everything into a staging directory, fsyncs each file and the directory, and renames it to
 its final name; then fsyncs the parent so the rename itself survives a power cut. A rename onto an existing
-version fails, which also fences two trainers racing for the same number. Deleting renames first, so a
-version is either complete or absent at every instant, whatever kills the process. Imports no torch.
+version fails (VersionExists). Deleting renames first, so a version is either complete or absent at every
+instant, whatever kills the process. Imports no torch.
+
+A version directory is durable, not yet part of the lineage: the fenced commit in Redis decides that (see
+publisher.py). Its manifest names its `writer` (one id per commit attempt chain), so a retry recognises its own
+directory and re-commits it instead of writing a sibling.
+
+Errors keep their class: a rename refused because the name is taken is VersionExists; anything else (EACCES,
+ENOSPC, EROFS, EIO) is raised as the OSError it is, after the staging directory is removed. A staging directory
+that cannot be removed at once (its parent turned unwritable) is removed at the next `stage()`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from alchemist_protocol.schemas import VersionInfo
@@ -60,6 +69,7 @@ class VersionManifest(BaseModel):
     info: VersionInfo
     feedback: list[TrainedFeedback] = Field(default_factory=list)
     files: list[str] = Field(default_factory=list)
+    writer: str = ""  # the commit that wrote it (a retry re-commits its own directory); fencing token inside
 
 
 def version_dirname(version: int) -> str:
@@ -99,6 +109,7 @@ class VersionDirectory:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._host = socket.gethostname().replace("-", "_")
+        self._undeleted: set[Path] = set()  # staging directories a failed publish could not remove yet
 
     def path(self, version: int) -> Path:
         return self.root / version_dirname(version)
@@ -126,13 +137,32 @@ class VersionDirectory:
 
     # Writing.
     def stage(self, version: int) -> StagedVersion:
+        self._remove_undeleted()
         name = f"{_STAGING}{version_dirname(version)}-{self._host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         path = self.root / name
         path.mkdir()
         return StagedVersion(version, path)
 
-    def commit(self, staged: StagedVersion, manifest: VersionManifest) -> Path:
-        """Makes the staged version visible, complete and durable in one rename; raises VersionExists."""
+    def commit(
+        self,
+        staged: StagedVersion,
+        manifest: VersionManifest,
+        before_rename: Callable[[], None] | None = None,
+    ) -> Path:
+        """Makes the staged version visible, complete and durable in one rename; raises VersionExists.
+
+        `before_rename` runs last before the rename (the publisher checks its fence there); if it raises, the
+        staging directory is removed and the exception goes on. Any failure removes the staging directory.
+        """
+        try:
+            return self._commit(staged, manifest, before_rename)
+        except BaseException:
+            self.discard(staged)
+            raise
+
+    def _commit(
+        self, staged: StagedVersion, manifest: VersionManifest, before_rename: Callable[[], None] | None
+    ) -> Path:
         if manifest.info.version != staged.version:
             raise ValueError(f"manifest says version {manifest.info.version}, staged {staged.version}")
         target = self.path(staged.version)
@@ -144,19 +174,29 @@ class VersionDirectory:
         for name in [*files, MANIFEST]:
             _fsync_path(staged.path / name)
         _fsync_path(staged.path)
+        if before_rename is not None:
+            before_rename()
         if target.exists():
-            self.discard(staged)
             raise VersionExists(f"version {staged.version} already exists at {target}")
         try:
             os.rename(staged.path, target)
-        except OSError as exc:  # ENOTEMPTY/EEXIST: someone committed it in between
-            self.discard(staged)
-            raise VersionExists(f"version {staged.version} already exists at {target}") from exc
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # someone committed it in between
+                raise VersionExists(f"version {staged.version} already exists at {target}") from exc
+            raise  # permissions, a full or read-only disk: not a conflict, and the caller must know which
         _fsync_path(self.root)
         return target
 
     def discard(self, staged: StagedVersion) -> None:
         shutil.rmtree(staged.path, ignore_errors=True)
+        if staged.path.exists():
+            self._undeleted.add(staged.path)
+
+    def _remove_undeleted(self) -> None:
+        for path in list(self._undeleted):
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                self._undeleted.discard(path)
 
     def delete(self, version: int) -> None:
         """Removes a version: renamed out of sight first, so it is never seen half-deleted."""

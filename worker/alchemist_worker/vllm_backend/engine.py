@@ -52,6 +52,7 @@ from alchemist_worker.engine.store_recording import StoreRecording
 from alchemist_worker.model.config import ModelConfig
 from alchemist_worker.vllm_backend.runner_hooks import (
     check_runner,
+    check_scheduler,
     check_version,
     install_hooks,
     unwrap_model,
@@ -84,6 +85,19 @@ class _Request:
     @property
     def recorded(self) -> bool:
         return self.recording is not None and self.recording.done
+
+
+def count_preemptions(scheduler: Any) -> list[int]:
+    """A counter of vLLM's preemptions (its scheduler keeps none): wraps this scheduler's `_preempt_request`."""
+    counter = [0]
+    preempt = scheduler._preempt_request
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counter[0] += 1
+        return preempt(*args, **kwargs)
+
+    scheduler._preempt_request = counted
+    return counter
 
 
 def compile_cache_dir(adapter: dict[str, Any] | None) -> Path:
@@ -187,6 +201,8 @@ class VllmEngine:
         client: Any = self.llm.engine_core  # in-process client: it holds the EngineCore itself
         core = client.engine_core
         self._scheduler = core.scheduler
+        check_scheduler(self._scheduler)
+        self._preemptions = count_preemptions(self._scheduler)
         runner = core.model_executor.driver_worker.worker.model_runner
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.served_model = unwrap_model(runner)
@@ -304,7 +320,7 @@ class VllmEngine:
             num_running=len(self._scheduler.running),
             kv_blocks_used=pool.num_gpu_blocks - pool.get_num_free_blocks(),
             kv_blocks_total=pool.num_gpu_blocks,
-            num_preemptions=0,
+            num_preemptions=self._preemptions[0],
             prompt_tokens_total=self._prompt_tokens,
             generated_tokens_total=self._generated_tokens,
             weight_version=self.weight_version,

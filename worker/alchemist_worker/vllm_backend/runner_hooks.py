@@ -50,6 +50,16 @@ def check_version() -> None:
         )
 
 
+def check_scheduler(scheduler: Any) -> None:
+    if not callable(getattr(scheduler, "_preempt_request", None)) or not hasattr(
+        scheduler, "kv_cache_manager"
+    ):
+        raise VllmCompatibilityError(
+            f"vLLM {vllm_version()}: its scheduler ({type(scheduler).__name__}) has no _preempt_request or "
+            f"kv_cache_manager; supported: vLLM {SUPPORTED_VLLM}x"
+        )
+
+
 def check_runner(runner: Any) -> None:
     """Raises VllmCompatibilityError unless `runner` has every attribute and parameter the hooks use."""
     problems = []
