@@ -40,6 +40,11 @@ class JobKeys:
         """Stream of feedback entries that failed validation, with the reason and the original fields."""
         return self.prefix + "feedback:dead"
 
+    def feedback_idempotency(self, key: str) -> str:
+        """Hash of one idempotency key: the stream entry its first submission made and a digest of its content
+        (with a TTL), so a retry gets that entry back and a different feedback under the same key a conflict."""
+        return self.prefix + f"feedback:idempotency:{key}"
+
     @property
     def trained_feedback(self) -> str:
         """Set of feedback ids already trained on: makes training idempotent under redelivery."""
