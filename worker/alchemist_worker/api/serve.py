@@ -156,6 +156,7 @@ def build_worker(settings: ServeSettings) -> Worker:
                 job=settings.job,
                 feedback_stream=settings.feedback_stream or None,
                 replica=settings.replica,
+                request_ttl_s=settings.request_ttl_s,  # trained feedback ids must be remembered longer
             ),
             training or TrainerSettings.from_env(),
             model_path=config.model,
@@ -163,6 +164,7 @@ def build_worker(settings: ServeSettings) -> Worker:
         )
         for router in runtime.routers():
             app.include_router(router)
+        state.readiness_checks.append(runtime.readiness_problem)
     uv_config = uvicorn.Config(
         app,
         host=settings.host,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from alchemist_worker.api.async_engine import AsyncEngine
@@ -48,6 +48,8 @@ class ServerState:
     loop: EngineLoop
     metrics: ServingMetrics
     draining: bool = False
+    # More reasons not to be ready (the continual trainer's control loop): each returns a reason or None.
+    readiness_checks: list[Callable[[], str | None]] = field(default_factory=list)
 
     @property
     def engine(self) -> Any:
@@ -113,9 +115,14 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        ready = state.loop.alive and not state.draining
-        status = "ready" if ready else ("draining" if state.draining else "not ready")
-        return JSONResponse({"status": status}, status_code=200 if ready else 503)
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not state.loop.alive:
+            return JSONResponse({"status": "not ready", "reason": "engine loop stopped"}, status_code=503)
+        reasons = [reason for check in state.readiness_checks if (reason := check())]
+        if reasons:
+            return JSONResponse({"status": "not ready", "reason": "; ".join(reasons)}, status_code=503)
+        return JSONResponse({"status": "ready"}, status_code=200)
 
     @app.get("/metrics")
     async def metrics() -> Response:

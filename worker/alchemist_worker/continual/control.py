@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import redis
 from alchemist_protocol.job_store import JobStore
 
+from alchemist_worker.continual.duties import ControlDuties
 from alchemist_worker.continual.engine_side import EngineSide, StepDone
 from alchemist_worker.continual.lease import TrainerLease
 from alchemist_worker.continual.metrics import TrainingMetrics
@@ -98,6 +100,7 @@ class TrainingControl:
         metrics: TrainingMetrics,
         model_config: Path | None = None,
         timings: ControlTimings = ControlTimings(),
+        duties: ControlDuties | None = None,
     ) -> None:
         self.store = store
         self.consumer = consumer
@@ -115,6 +118,7 @@ class TrainingControl:
         self.metrics = metrics
         self.model_config = model_config
         self.timings = timings
+        self.duties = duties or ControlDuties()  # each duty fails alone (duties.py)
         self.done: queue.SimpleQueue[StepDone] = queue.SimpleQueue()
         self.pending: deque[Pending] = deque()
         self.in_step: list[Pending] | None = None
@@ -160,6 +164,7 @@ class TrainingControl:
         while not self._stop.is_set():
             try:
                 self.tick()
+                self.duties.tick_done()
                 backoff = 0.0
             except redis.RedisError as exc:
                 self.redis_errors += 1
@@ -174,6 +179,13 @@ class TrainingControl:
             self._wake.wait(self.timings.poll_s)
             self._wake.clear()
 
+    def _duty(self, name: str, duty: Callable[[], object]) -> None:
+        """Runs one duty; its failure is logged, counted and backed off, and never stops the others."""
+        error = self.duties.run(name, duty)
+        if error is not None:
+            self.redis_errors += isinstance(error, redis.RedisError)
+            self.last_error = f"{name}: {type(error).__name__}: {error}"
+
     def _is_due(self, what: str, every: float) -> bool:
         now = time.monotonic()
         if now < self._due.get(what, 0.0):
@@ -182,19 +194,19 @@ class TrainingControl:
         return True
 
     def tick(self) -> None:
-        self._handle_done()
+        self._duty("step_results", self._handle_done)
         if self._is_due("lease", self.timings.lease_s):
-            self._lease_tick()
+            self._duty("lease", self._lease_tick)
         if self.training and self.committing is not None and self.committing.due():
-            self._attempt_commit()
+            self._duty("commit", self._attempt_commit)
         if self.training:
-            self._check_rollback()
-            self._consume()
-            self._maybe_begin_step()
+            self._duty("rollback", self._check_rollback)
+            self._duty("feedback", self._consume)
+            self._duty("step_start", self._maybe_begin_step)
         if self._is_due("follow", self.timings.follow_s):
-            self._follow()
+            self._duty("follow", self._follow)
         if self._is_due("heartbeat", self.timings.heartbeat_s):
-            self._heartbeat()
+            self._duty("heartbeat", self._heartbeat)
 
     # Lease and restore.
     def _lease_tick(self) -> None:
@@ -527,6 +539,7 @@ class TrainingControl:
             "in_step": len(self.in_step or []),
             "uncommitted_steps": len(self.uncommitted),
             "steps": self.trainer.step_count,
+            "duties": self.duties.snapshot(),
             "redis_errors": self.redis_errors,
             "last_error": self.last_error,
             "lease_epoch": self.lease.epoch,

@@ -30,6 +30,7 @@ from alchemist_worker.activations.store import ActivationStore, StoreConfig
 from alchemist_worker.cache_dir import cache_root
 from alchemist_worker.continual.co_scheduler import CoScheduler
 from alchemist_worker.continual.control import ControlTimings, TrainingControl
+from alchemist_worker.continual.duties import ControlDuties
 from alchemist_worker.continual.engine_side import EngineSide
 from alchemist_worker.continual.lease import TrainerLease
 from alchemist_worker.continual.metrics import TrainingMetrics
@@ -200,6 +201,7 @@ class ContinualRuntime:
             model_config=model_path / "config.json" if (model_path / "config.json").is_file() else None,
             timings=timings
             or ControlTimings(heartbeat_s=settings.heartbeat_s, lease_s=settings.lease_ttl_s / 3),
+            duties=ControlDuties(self.metrics.registry, stall_s=settings.control_stall_s),
         )
         self.engine_side.on_step_done = self.control.on_step_done
         self.engine_side.on_slice = self.metrics.slice_seconds.observe
@@ -216,6 +218,10 @@ class ContinualRuntime:
     def stop(self) -> None:
         self.control.stop()
         self.store.close()
+
+    def readiness_problem(self) -> str | None:
+        """Why this replica should not receive traffic (a control duty failing or stuck), or None; /readyz."""
+        return self.control.duties.problem()
 
     # Scoring (engine thread).
     def score(self, prompt: list[int], continuation: list[int]) -> tuple[float, int]:
