@@ -6,6 +6,13 @@ request's sink callback, called on this thread (the caller makes it thread-safe,
 
 `between_iterations` callbacks run after each iteration and while idle: that is where the runtime will run
 bounded training slices, so serving never waits on training for more than one slice.
+
+Health. A failure that the engine pins on some requests fails only those. An iteration that fails as a whole
+(`step()` raised, or every request in it failed with `EngineStepFailed`) fails its requests with a retriable
+`EngineStepFailed`; after `max_failed_iterations` of those in a row, with no token produced in between,
+`health_problem()` says the engine is broken, and /healthz and /readyz turn 503 so that the pod is restarted
+and gets no traffic meanwhile. One iteration that produces a token clears it. A loop thread that died is
+reported too, and whatever was in flight or queued fails instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 
 from alchemist_worker.engine.serving_engine import (
     EngineStats,
+    EngineStepFailed,
     GenerationRequest,
     RequestOutput,
     ServingEngine,
@@ -27,6 +35,7 @@ from alchemist_worker.engine.serving_engine import (
 log = logging.getLogger(__name__)
 
 OutputSink = Callable[[RequestOutput | BaseException], None]
+MAX_FAILED_ITERATIONS = 3  # whole-iteration failures in a row that make the engine unhealthy
 StepObserver = Callable[[list[RequestOutput], float], None]
 
 
@@ -42,9 +51,15 @@ class _Abort:
 
 
 class EngineLoop:
-    def __init__(self, engine: ServingEngine, idle_wait_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        engine: ServingEngine,
+        idle_wait_s: float = 0.05,
+        max_failed_iterations: int = MAX_FAILED_ITERATIONS,
+    ) -> None:
         self.engine = engine
         self.idle_wait_s = idle_wait_s
+        self.max_failed_iterations = max_failed_iterations
         self._commands: queue.SimpleQueue[_Submit | _Abort] = queue.SimpleQueue()
         self._sinks: dict[str, OutputSink] = {}
         self._step_observers: list[StepObserver] = []
@@ -56,6 +71,12 @@ class EngineLoop:
         )  # refreshed after every iteration (the co-scheduler reads it)
         self.iterations = 0
         self.failed_iterations = 0
+        self.consecutive_failed_iterations = 0
+        self.last_failure: str | None = None
+        self._death: str | None = None
+        # Guards `_closed`, so that nothing is submitted after the loop thread failed what was queued.
+        self._submit_lock = threading.Lock()
+        self._closed = False
 
     # Wiring (before start) -------------------------------------------------------------------------------
 
@@ -69,7 +90,11 @@ class EngineLoop:
     # Thread-safe API ---------------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, sink: OutputSink) -> None:
-        self._commands.put(_Submit(request, sink))
+        with self._submit_lock:
+            if not self._closed:
+                self._commands.put(_Submit(request, sink))
+                return
+        sink(EngineStepFailed(f"the engine is not running ({self._death or 'stopped'}); retry elsewhere"))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
@@ -87,6 +112,17 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def health_problem(self) -> str | None:
+        """Why this engine cannot serve (its loop is not running, or it fails every iteration), or None."""
+        if not self.alive:
+            return self._death or "the engine loop is not running"
+        if self.consecutive_failed_iterations >= self.max_failed_iterations:
+            return (
+                f"the engine failed its last {self.consecutive_failed_iterations} iterations; "
+                f"last error: {self.last_failure}"
+            )
+        return None
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the engine loop is already started")
@@ -101,16 +137,40 @@ class EngineLoop:
     # Loop thread -------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            busy = self.engine.has_unfinished()
-            self._drain_commands(block=not busy)
-            if self.engine.has_unfinished():
-                self._iterate()
-            for callback in self._between_iterations:
-                callback()
+        try:
+            while not self._stop.is_set():
+                busy = self.engine.has_unfinished()
+                self._drain_commands(block=not busy)
+                if self.engine.has_unfinished():
+                    self._iterate()
+                for callback in self._between_iterations:
+                    callback()
+        except Exception as exc:  # logged and reported by health_problem(); the thread ends here
+            self._death = f"the engine loop died: {type(exc).__name__}: {exc}"
+            log.exception("the engine loop died")
+        finally:
+            self._fail_everything()
+
+    def _fail_everything(self) -> None:
+        """Fails what is in flight and what is still queued; later submits fail at once."""
+        with self._submit_lock:
+            self._closed = True
+        reason = self._death or "the engine stopped"
         for request_id, sink in list(self._sinks.items()):
-            sink(RuntimeError(f"the engine stopped before request {request_id} finished"))
+            sink(EngineStepFailed(f"{reason} before request {request_id} finished"))
         self._sinks.clear()
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Submit):
+                command.sink(EngineStepFailed(f"{reason}; retry the request"))
+
+    def _count_failure(self, exc: BaseException) -> None:
+        self.failed_iterations += 1
+        self.consecutive_failed_iterations += 1
+        self.last_failure = f"{type(exc).__name__}: {exc}"
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -146,12 +206,14 @@ class EngineLoop:
         started = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # a failed forward pass must not kill the server: fail its requests
+        except Exception as exc:  # the iteration could not run at all: fail what is in flight, not the server
             log.exception("engine iteration failed; failing %d in-flight requests", len(self._sinks))
-            self.failed_iterations += 1
+            self._count_failure(exc)
+            error = EngineStepFailed(f"the engine failed an iteration ({type(exc).__name__}: {exc}); retry")
+            error.__cause__ = exc
             for request_id, failed_sink in list(self._sinks.items()):
                 self.engine.abort(request_id)
-                failed_sink(exc)
+                failed_sink(error)
             self._sinks.clear()
             try:
                 self.engine.step()  # reports the aborts; nothing is left to compute
@@ -160,12 +222,18 @@ class EngineLoop:
             return
         elapsed = time.perf_counter() - started
         self.iterations += 1
+        if any(out.error is None and out.new_token_ids for out in outputs):
+            self.consecutive_failed_iterations = 0
+        else:
+            stalled = next((o.error for o in outputs if isinstance(o.error, EngineStepFailed)), None)
+            if stalled is not None:
+                self._count_failure(stalled)
         for out in outputs:
             sink: OutputSink | None = (
                 self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
             )
             if sink is not None:
-                sink(out)
+                sink(out if out.error is None else out.error)
         self.stats = self.engine.stats()
         for observer in self._step_observers:
             observer(outputs, elapsed)

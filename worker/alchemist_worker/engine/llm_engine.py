@@ -15,16 +15,18 @@ from alchemist_worker.activations.store import ActivationStore
 from alchemist_worker.engine.block_manager import BlockManager, blocks_for
 from alchemist_worker.engine.config import EngineConfig, EngineConfigError
 from alchemist_worker.engine.detokenizer import IncrementalDetokenizer
+from alchemist_worker.engine.fault_isolation import run_isolating_faults
 from alchemist_worker.engine.model_runner import ModelRunner
 from alchemist_worker.engine.paged_attention import KVCacheSpec
 from alchemist_worker.engine.recording import PrefillRecording, RecordingStats, RecordSampler
 from alchemist_worker.engine.scheduler import ScheduledBatch, Scheduler, StepKind
-from alchemist_worker.engine.sequence import FinishReason, Sequence, TokenLogprob
+from alchemist_worker.engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
 from alchemist_worker.engine.serving_engine import (
     EngineStats,
     FinishedRequest,
     FinishedRequestObserver,
     GenerationRequest,
+    RequestFailed,
     RequestOutput,
     WeightSwitch,
 )
@@ -175,6 +177,8 @@ class LLMEngine:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if request.params.top_k > vocab:
+            raise ValueError(f"top_k {request.params.top_k} is larger than the vocabulary ({vocab} tokens)")
         if self.scheduler.find(request.request_id) is not None:
             raise ValueError(f"request id {request.request_id} is already in flight")
         seq = Sequence(
@@ -238,10 +242,17 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return outputs
-        token_ids, logprobs = self._run(batch)
         now = time.monotonic()
-        for seq, token_id, logprob in zip(batch.seqs, token_ids, logprobs, strict=True):
-            outputs.append(self._postprocess(seq, token_id, logprob, now))
+        for result in run_isolating_faults(self._run, batch):  # a failure fails only its own requests
+            if result.error is not None:
+                outputs.append(self._fail(result.seq, result.error))
+                continue
+            try:
+                outputs.append(self._postprocess(result.seq, result.token_id, result.logprob, now))
+            except Exception as exc:
+                log.exception("post-processing request %s failed", result.seq.request_id)
+                error = RequestFailed(f"generation failed for this request: {type(exc).__name__}: {exc}")
+                outputs.append(self._fail(result.seq, error))
         return outputs
 
     # Internals -------------------------------------------------------------------------------------------
@@ -279,7 +290,11 @@ class LLMEngine:
         if self.recording is None or not any(record_ids):
             return self.runner.run(batch)
         recorder = self.recording.begin(cu, input_ids, record_ids, self.weight_version)
-        result = self.runner.run(batch, recorder)
+        try:
+            result = self.runner.run(batch, recorder)
+        except BaseException:
+            self.recording.discard(recorder)  # else every later recorded prefill finds it uncommitted
+            raise
         self.recording.commit(recorder)
         for seq, record_id in zip(batch.seqs, record_ids, strict=True):
             seq.recorded = seq.recorded or record_id is not None
@@ -326,6 +341,22 @@ class LLMEngine:
             weight_version=seq.weight_version,
             recorded=seq.recorded,
         )
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """Ends `seq` because of `error`: its blocks and state are freed, its caller gets the error."""
+        if seq.status is not SequenceStatus.FINISHED:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        try:
+            output = self._finish(seq)
+        except Exception:  # it failed while finishing: what is left of its state goes now
+            self._detokenizers.pop(seq.request_id, None)
+            self.runner.release(seq.request_id)
+            output = RequestOutput(
+                seq.request_id, [], "", [], True, FinishReason.ABORT, seq.num_prompt_tokens,
+                seq.num_output_tokens, seq.weight_version, seq.recorded,
+            )  # fmt: skip
+        output.error = error
+        return output
 
     def _finish(
         self,

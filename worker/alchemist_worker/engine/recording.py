@@ -6,7 +6,7 @@ the request is ever scheduled, so a recording never depends on how requests happ
 
 `PrefillRecording` is what the engine needs from the activation store's side: a recorder for one prefill
 batch (told which sequences of the flat batch to keep, under which record id), a commit after the forward
-pass, and statistics for metrics. Decode steps never get a recorder.
+pass (or a discard when it failed), and statistics for metrics. Decode steps never get a recorder.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ class PrefillRecording(Protocol):
 
     def commit(self, recorder: Recorder) -> None:
         """Hands what `recorder` kept to the store, one record per record id; called after the forward pass."""
+        ...
+
+    def discard(self, recorder: Recorder) -> None:
+        """Drops `recorder` without storing anything; called instead of commit when the forward pass failed."""
         ...
 
     def stats(self) -> RecordingStats: ...

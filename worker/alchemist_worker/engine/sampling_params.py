@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
+# What torch.Generator.manual_seed accepts: a seed outside raises inside the sampling step, mid-iteration.
+MIN_SEED = -(2**63)
+MAX_SEED = 2**64 - 1
+MAX_STOP_STRINGS = 4
+# Streaming holds back as many characters as the longest stop string: a longer one would hold back everything.
+MAX_STOP_STRING_CHARS = 1024
 
 
 class InvalidParameter(ValueError):
@@ -39,6 +45,8 @@ class SamplingParams:
     max_stop_chars: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
+        # Everything a request can set is checked here, before the engine sees it: a value that fails inside
+        # an iteration would fail it for every request in the batch. NaN fails every range check below.
         if self.max_tokens < 1:
             raise InvalidParameter("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
@@ -47,6 +55,8 @@ class SamplingParams:
             raise InvalidParameter("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise InvalidParameter("top_k", f"top_k must be -1, 0 (off) or positive, got {self.top_k}")
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            raise InvalidParameter("seed", f"seed must be between {MIN_SEED} and {MAX_SEED}, got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidParameter(
                 "logprobs", f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}"
@@ -57,8 +67,14 @@ class SamplingParams:
                 raise InvalidParameter(name, f"{name} must be in [-2, 2], got {value}")
         if any(not s for s in self.stop):
             raise InvalidParameter("stop", "stop strings must be non-empty")
-        if len(self.stop) > 4:
-            raise InvalidParameter("stop", f"at most 4 stop strings are allowed, got {len(self.stop)}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidParameter(
+                "stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"
+            )
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise InvalidParameter(
+                "stop", f"a stop string may hold at most {MAX_STOP_STRING_CHARS} characters"
+            )
         if any(t < 0 for t in self.stop_token_ids):
             raise InvalidParameter("stop_token_ids", "stop_token_ids must be non-negative token ids")
         object.__setattr__(self, "max_stop_chars", max((len(s) for s in self.stop), default=0))

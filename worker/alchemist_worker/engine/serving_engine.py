@@ -44,9 +44,23 @@ class GenerationRequest:
     arrival_time: float = field(default_factory=time.monotonic)
 
 
+class RequestFailed(RuntimeError):
+    """This request's own computation failed (the others in its batch went on); sending it again would fail
+    again, so it is not retriable. The API answers it with a 500 that names the cause."""
+
+
+class EngineStepFailed(RuntimeError):
+    """An iteration failed and no request in it could be blamed: the engine itself may be broken. Retriable
+    (here once the engine recovers, or on another replica); the API answers it with a 503."""
+
+
 @dataclass
 class RequestOutput:
-    """What one iteration produced for one request: only the new part (deltas), plus totals."""
+    """What one iteration produced for one request: only the new part (deltas), plus totals.
+
+    `error` is set on the last output of a request that failed (finished, reason abort): the engine loop hands
+    the error, not the output, to the request's caller.
+    """
 
     request_id: str
     new_token_ids: list[int]
@@ -58,6 +72,7 @@ class RequestOutput:
     num_output_tokens: int
     weight_version: int | None
     recorded: bool
+    error: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +154,10 @@ class ServingEngine(Protocol):
         ...
 
     def step(self) -> list[RequestOutput]:
-        """Runs one iteration (a prefill batch or a decode step) and returns what changed."""
+        """Runs one iteration (a prefill batch or a decode step) and returns what changed.
+
+        A failure that belongs to some requests fails only those (outputs with `error` set); `step` raises only
+        when the iteration as a whole could not run, and the loop then fails every request in flight."""
         ...
 
     def has_unfinished(self) -> bool: ...

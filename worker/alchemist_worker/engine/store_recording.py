@@ -76,6 +76,11 @@ class StoreRecording:
                 self.store.put(record_id, record)
                 self.recorded += 1
 
+    def discard(self, recorder: Recorder) -> None:
+        """Forgets the recorder of a failed forward pass: nothing of it is stored, and the next begin() works."""
+        if self._pending is not None and self._pending[0] is recorder:
+            self._pending = None
+
     def stats(self) -> RecordingStats:
         now = time.monotonic()
         if now - self._evicted_at >= EVICTIONS_REFRESH_S:
