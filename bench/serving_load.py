@@ -3,10 +3,13 @@
 Configurations (`--configs`, comma-separated):
 - `off`, `kv`, `selective`, `full`: the worker on the native engine with that recording policy;
 - `vllm-stock`: the worker on the vLLM engine with vLLM's own model classes (no recording possible);
-- `vllm-off`, `vllm-kv`, `vllm-selective`, `vllm-full`: the worker on the vLLM engine with our model classes;
+- `vllm-off`: our model classes, recording off, weights as vLLM lays them out for serving alone (on CPU: packed);
+- `vllm-shared`: the same with the weights kept plain so the trainer computes on them (what a training worker runs);
+- `vllm-kv`, `vllm-selective`, `vllm-full`: `vllm-shared` recording every request under that policy;
 - `vllm`: vLLM's own OpenAI server (`vllm.entrypoints.openai.api_server`), for reference.
-The worker's vLLM runs use vLLM's compilation (`--vllm-compile`, default true); our-classes-off vs stock is the
-cost of our classes, vllm-<policy> vs vllm-off the cost of recording.
+The worker's vLLM runs use vLLM's compilation (`--vllm-compile`, default true). vllm-off vs vllm-stock is the cost
+of our classes, vllm-shared vs vllm-off the cost of one shared copy of the weights, vllm-<policy> vs vllm-shared
+the cost of recording.
 
 Every configuration is a real server process, started in turn, that receives the same trace: requests arrive
 as a Poisson process, each streams a completion over the OpenAI API, prompt and output lengths follow
@@ -47,7 +50,7 @@ from bench.load_trace import lognormal_length, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("off", "kv", "selective", "full")
-VLLM_WORKER = ("vllm-off", "vllm-kv", "vllm-selective", "vllm-full", "vllm-stock")
+VLLM_WORKER = ("vllm-off", "vllm-shared", "vllm-kv", "vllm-selective", "vllm-full", "vllm-stock")
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,8 @@ def native_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The worker (`alchemist-worker serve`) on `engine` with recording `policy` (vllm: "stock" too)."""
     model_class = "stock" if policy == "stock" else "alchemist"
-    policy = "off" if policy == "stock" else policy
+    share = policy not in ("stock", "off")  # recording rows run as a training worker would: weights shared
+    policy = "off" if policy in ("stock", "shared") else policy
     command = [
         sys.executable, "-m", "alchemist_worker.cli", "serve", "--model", str(args.model), "--port", str(port),
         "--served-model-name", "bench", "--dtype", "float32", "--max-model-len", str(args.max_model_len),
@@ -155,6 +159,7 @@ def native_command(
         "--record-device-mib", str(args.record_mib), "--record-host-mib", str(args.record_mib),
         "--log-level", "warning", "--cpu-threads", str(args.cpu_threads), "--engine", engine,
         "--vllm-compile", str(args.vllm_compile).lower(), "--vllm-model-class", model_class,
+        "--vllm-share-weights", str(share).lower(),
     ]  # fmt: skip
     return command, {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -233,6 +238,8 @@ def _baseline(name: str) -> str | None:
     if name.startswith("native-") and name != "native-off":
         return "native-off"
     if name in ("vllm-kv", "vllm-selective", "vllm-full"):
+        return "vllm-shared"
+    if name == "vllm-shared":
         return "vllm-off"
     if name == "vllm-off":
         return "vllm-stock"
@@ -351,7 +358,12 @@ def main() -> int:
             parser.error(f"unknown config {config!r}")
         started = time.monotonic()
         row = measure(
-            name, command, env, url, trace, burst=name in ("native-off", "vllm", "vllm-stock", "vllm-off")
+            name,
+            command,
+            env,
+            url,
+            trace,
+            burst=name in ("native-off", "vllm", "vllm-stock", "vllm-off", "vllm-shared"),
         )
         print(f"{name}: {row} ({time.monotonic() - started:.0f} s)", flush=True)
         rows.append(row)

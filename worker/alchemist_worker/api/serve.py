@@ -16,10 +16,12 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from alchemist_worker.api.auth import AccessKeys
 from alchemist_worker.api.metrics import ServingMetrics
 from alchemist_worker.api.request_records import RedisRequestRecords
 from alchemist_worker.api.serve_settings import ServeSettings
 from alchemist_worker.api.server import ServerState, build_app
+from alchemist_worker.api.tokenizer_pool import TokenizerPool
 from alchemist_worker.continual.runtime import ContinualRuntime, RuntimeSettings
 from alchemist_worker.continual.settings import Method, TrainerSettings
 from alchemist_worker.engine.engine_loop import EngineLoop
@@ -90,6 +92,7 @@ class Worker:
             if self.runtime is not None:
                 self.runtime.stop()
             self.loop.stop()
+            self.state.tokenizer_pool.shutdown()
             if self.records is not None:
                 self.records.stop()
 
@@ -116,6 +119,7 @@ def build_engine(settings: ServeSettings, training: TrainerSettings | None) -> A
         adapter=adapter,
         compile=settings.vllm_compile,
         own_model_class=settings.vllm_model_class == "alchemist",
+        share_weights=settings.vllm_share_weights or training is not None,  # the trainer computes on them
     )
 
 
@@ -141,8 +145,8 @@ def build_worker(settings: ServeSettings) -> Worker:
             on_failure=metrics.redis_write_failures.inc,
         )
         engine.add_finished_observer(records)
-    state = ServerState(loop, metrics)
-    app = build_app(state)
+    state = ServerState(loop, metrics, tokenizer_pool=TokenizerPool(settings.tokenizer_threads))
+    app = build_app(state, keys=AccessKeys.from_env(), max_body_bytes=settings.max_body_bytes)
     runtime = None
     if settings.redis_url and getattr(engine, "served", True) is None:
         raise ValueError("the stock vLLM model class serves only: drop ALCHEMIST_REDIS_URL or use alchemist")
@@ -162,7 +166,7 @@ def build_worker(settings: ServeSettings) -> Worker:
             model_path=config.model,
             registry=metrics.registry,
         )
-        for router in runtime.routers():
+        for router in runtime.routers(offload=state.tokenizer_pool.run):
             app.include_router(router)
         state.readiness_checks.append(runtime.readiness_problem)
     uv_config = uvicorn.Config(

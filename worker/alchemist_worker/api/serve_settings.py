@@ -64,6 +64,12 @@ OPTIONS: tuple[Option, ...] = (
         "vllm engine: alchemist (records and trains) or stock (vLLM's own classes: serving only, benchmarks)",
         ("alchemist", "stock"),
     ),
+    Option(
+        "vllm_share_weights",
+        _bool,
+        False,
+        "vllm engine: keep weights plain for the trainer even without Redis (always on when training runs)",
+    ),
     Option("served_model_name", str, "", "model name clients use (default: the directory name)"),
     Option("host", str, "127.0.0.1", "address to listen on"),
     Option("port", int, 8000, "port to listen on"),
@@ -95,6 +101,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", int, 0, "seed of sampling without a request seed, and of the recording coin"),
     Option("cpu_threads", int, 0, "torch CPU threads for the engine (0: torch's default, one per core)"),
     Option("log_level", str, "info", "log level", ("debug", "info", "warning", "error")),
+    Option("max_body_bytes", int, 4 * MIB, "request bodies larger than this get 413 before they are parsed"),
+    Option("tokenizer_threads", int, 2, "threads that tokenize prompts off the event loop"),
 )
 
 
@@ -104,6 +112,7 @@ class ServeSettings:
     engine: str
     vllm_compile: bool
     vllm_model_class: str
+    vllm_share_weights: bool
     served_model_name: str
     host: str
     port: int
@@ -129,6 +138,8 @@ class ServeSettings:
     seed: int
     cpu_threads: int
     log_level: str
+    max_body_bytes: int
+    tokenizer_threads: int
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

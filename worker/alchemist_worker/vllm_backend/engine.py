@@ -100,9 +100,10 @@ def count_preemptions(scheduler: Any) -> list[int]:
     return counter
 
 
-def compile_cache_dir(adapter: dict[str, Any] | None) -> Path:
-    """A compile-cache folder per adapter shape: graphs compiled for one rank never load for another."""
-    digest = hashlib.sha256(json.dumps(adapter, sort_keys=True).encode()).hexdigest()[:16]
+def compile_cache_dir(variant: Any) -> Path:
+    """A compile-cache folder per model variant (adapter shape, weight layout): graphs compiled for one
+    never load for another."""
+    digest = hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root() / "vllm-compile" / digest
 
 
@@ -155,14 +156,17 @@ class VllmEngine:
         adapter: dict[str, Any] | None = None,
         compile: bool = True,
         own_model_class: bool = True,
+        share_weights: bool = True,
     ) -> None:
+        """`share_weights`: the trainer computes on views of the served weights (`training_model`); off, vLLM
+        may repack them for its CPU kernels and nothing can train (serving, recording and benchmarks only)."""
         for name, value in VLLM_ENVIRONMENT.items():
             os.environ.setdefault(name, value)
         check_version()
         from vllm import EngineArgs, ModelRegistry
         from vllm.v1.engine.llm_engine import LLMEngine as VllmLLMEngine
 
-        from alchemist_worker.vllm_backend.model import ADAPTER_CONFIG_KEY, ARCHITECTURE
+        from alchemist_worker.vllm_backend.model import ADAPTER_CONFIG_KEY, ARCHITECTURE, SHARE_WEIGHTS_KEY
 
         if config.recording.enabled and recording is None:
             raise EngineConfigError(f"recording policy {config.recording.policy!r} needs an activation store")
@@ -177,7 +181,11 @@ class VllmEngine:
         overrides: dict[str, Any] = {}
         if own_model_class:
             ModelRegistry.register_model(ARCHITECTURE, f"{__package__}.model:{ARCHITECTURE}")
-            overrides = {"architectures": [ARCHITECTURE], ADAPTER_CONFIG_KEY: adapter}
+            overrides = {
+                "architectures": [ARCHITECTURE],
+                ADAPTER_CONFIG_KEY: adapter,
+                SHARE_WEIGHTS_KEY: share_weights,
+            }
         if config.cpu_threads and self.device.type == "cpu":
             os.environ.setdefault("OMP_NUM_THREADS", str(config.cpu_threads))
         options: dict[str, Any] = dict(
@@ -196,7 +204,7 @@ class VllmEngine:
         if overrides:
             options["hf_overrides"] = overrides
             if compile:  # vLLM's compile cache key misses hf_overrides: the adapter's shape names the folder
-                options["compilation_config"] = {"cache_dir": str(compile_cache_dir(adapter))}
+                options["compilation_config"] = {"cache_dir": str(compile_cache_dir([adapter, share_weights]))}
         self.llm = VllmLLMEngine.from_engine_args(EngineArgs(**options))
         client: Any = self.llm.engine_core  # in-process client: it holds the EngineCore itself
         core = client.engine_core
@@ -210,7 +218,8 @@ class VllmEngine:
         if own_model_class:
             check_runner(runner)
             install_hooks(runner, self.served_model, lambda output: self._plan_step(output))
-            self.served = ServedWeights(self.served_model, self.model_config)
+            if share_weights:
+                self.served = ServedWeights(self.served_model, self.model_config)
         self._runner = runner
         self.recording = recording
         self.policy = parse_policy(config.recording.policy) if recording is not None else None
@@ -233,7 +242,7 @@ class VllmEngine:
     def training_model(self) -> torch.nn.Module:
         """The native model the trainer computes on: views of the served weights (one copy of the base)."""
         if self.served is None:
-            raise EngineConfigError("training needs the engine's own model class (own_model_class=True)")
+            raise EngineConfigError("training needs the engine's own model class sharing its weights")
         return self.served.model
 
     @property

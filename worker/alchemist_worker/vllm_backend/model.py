@@ -42,6 +42,7 @@ from alchemist_worker.model.layer_activations import LayerActivations, Recorder
 
 ARCHITECTURE = "AlchemistForCausalLM"
 ADAPTER_CONFIG_KEY = "alchemist_adapter"  # hf_overrides key: {"rank": r, "target_modules": [...]}
+SHARE_WEIGHTS_KEY = "alchemist_share_weights"  # hf_overrides key: keep weights plain so the trainer can view them
 
 
 class ServedAdapter(nn.Module):
@@ -94,8 +95,11 @@ def _adapter(in_features: int, parts: dict[str, int], config: dict[str, Any] | N
     return ServedAdapter(in_features, list(parts.values()), targeted, int(config["rank"]))
 
 
-def _plain_weights(*layers: nn.Module) -> None:
-    """Keeps linear weights as plain tensors on CPU (vLLM would prepack them and empty `weight`)."""
+def _plain_weights(vllm_config: VllmConfig, *layers: nn.Module) -> None:
+    """Keeps linear weights as plain tensors on CPU (vLLM would prepack them and empty `weight`) when the
+    trainer shares them; serving alone keeps vLLM's packed CPU kernels."""
+    if not getattr(vllm_config.model_config.hf_config, SHARE_WEIGHTS_KEY, True):
+        return
     for layer in layers:
         layer._cpu_skip_gemm_dispatch = True  # type: ignore[assignment]
 
@@ -127,7 +131,7 @@ class AlchemistAttention(nn.Module):
             quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.o_proj",
         )
-        _plain_weights(self.qkv_proj, self.o_proj)
+        _plain_weights(vllm_config, self.qkv_proj, self.o_proj)
         self.qkv_adapter = _adapter(
             config.hidden_size,
             {"q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size},
@@ -207,7 +211,7 @@ class AlchemistMLP(nn.Module):
             quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.down_proj",
         )
-        _plain_weights(self.gate_up_proj, self.down_proj)
+        _plain_weights(vllm_config, self.gate_up_proj, self.down_proj)
 
 
 class AlchemistDecoderLayer(nn.Module):
