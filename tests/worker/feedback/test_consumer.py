@@ -3,7 +3,7 @@ import time
 import redis
 from alchemist_protocol.feedback_client import FeedbackClient
 from alchemist_protocol.keys import FEEDBACK_GROUP, JobKeys
-from alchemist_protocol.schemas import FeedbackLabel
+from alchemist_protocol.schemas import Feedback, FeedbackLabel
 from alchemist_worker.feedback.consumer import ConsumerSettings, FeedbackConsumer
 
 KEYS = JobKeys("ns", "job")
@@ -55,14 +55,15 @@ def test_finalize_acks_counts_per_version_and_is_idempotent(redis_client: redis.
 
 def test_same_feedback_id_never_trains_twice(redis_client: redis.Redis) -> None:
     c = consumer(redis_client)
-    fc = FeedbackClient(redis_client, KEYS)
-    fc.accept("cmpl-1", idempotency_key="k1")
-    fc.accept("cmpl-1", idempotency_key="k1")
+    # Written straight to the stream: the client itself dedupes a key it saw recently, a raw writer does not.
+    fields = Feedback(request_id="cmpl-1", label=FeedbackLabel.POSITIVE, idempotency_key="k1").to_fields()
+    redis_client.xadd(KEYS.feedback, fields)
+    redis_client.xadd(KEYS.feedback, fields)
     items = c.poll()
     assert len(items) == 1 and len(items[0].entry_ids) == 2
     c.finalize(items)
     assert pending(redis_client) == 0
-    fc.accept("cmpl-1", idempotency_key="k1")  # the application retries long after
+    redis_client.xadd(KEYS.feedback, fields)  # the application retries long after
     assert c.poll() == []
     assert pending(redis_client) == 0
     assert c.counters.duplicates == 2

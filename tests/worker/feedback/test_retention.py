@@ -8,6 +8,7 @@ import time
 import redis
 from alchemist_protocol.feedback_client import FeedbackClient
 from alchemist_protocol.keys import FEEDBACK_GROUP, JobKeys
+from alchemist_protocol.schemas import Feedback
 from alchemist_worker.feedback.consumer import ConsumerSettings, FeedbackConsumer
 
 KEYS = JobKeys("ns", "job")
@@ -70,14 +71,19 @@ def test_length_backstop_removes_only_the_excess(redis_client: redis.Redis) -> N
 
 
 def test_trained_ids_are_kept_within_the_horizon_and_forgotten_after(redis_client: redis.Redis) -> None:
-    fc = FeedbackClient(redis_client, KEYS)
     c = consumer(redis_client, trained_horizon_s=1.0)
-    fc.accept("cmpl-1", idempotency_key="k-old")
+
+    def send(request_id: str, key: str) -> None:  # raw: the client would itself dedupe a recent key
+        redis_client.xadd(
+            KEYS.feedback, Feedback(request_id=request_id, label="positive", idempotency_key=key).to_fields()
+        )
+
+    send("cmpl-1", "k-old")
     c.finalize(c.poll())
-    fc.accept("cmpl-1", idempotency_key="k-old")  # a retry inside the horizon: never trains twice
+    send("cmpl-1", "k-old")  # a retry inside the horizon: never trains twice
     assert c.poll() == [] and c.counters.duplicates == 1
     time.sleep(1.2)
-    fc.accept("cmpl-2", idempotency_key="k-new")
+    send("cmpl-2", "k-new")
     c.finalize(c.poll())  # prunes what was trained more than the horizon ago
     assert redis_client.zrange(KEYS.trained_feedback, 0, -1) == ["k-new"]
 

@@ -360,13 +360,17 @@ class FeedbackConsumer:
         for item in items:
             self._release(item)
         self.counters.finalized += len(items)
-        self._trim_if_due()
+        self._trim_if_due(force=True)
         return fresh
 
-    def _trim_if_due(self) -> None:
-        """Retention of the feedback stream: acknowledged entries go (see feedback_stream.trim_acknowledged)."""
+    def _trim_if_due(self, force: bool = False) -> None:
+        """Retention of the feedback stream: acknowledged entries go (see feedback_stream.trim_acknowledged).
+
+        At most every `trim_every_s` from `poll`; at once after `finalize`, and at the first poll after a
+        `release` (which follows a version's commit, whose feedback the publisher acknowledged).
+        """
         now = time.monotonic()
-        if now < self._next_trim:
+        if not force and now < self._next_trim:
             return
         self._next_trim = now + self.settings.trim_every_s
         self.counters.trimmed += trim_acknowledged(
@@ -377,6 +381,7 @@ class FeedbackConsumer:
         """Forgets items without acknowledging them (they stay pending and come back on the next restart)."""
         for item in items:
             self._release(item)
+        self._next_trim = 0.0
 
     def _release(self, item: FeedbackItem) -> None:
         self._held.pop(item.feedback_id, None)
