@@ -39,6 +39,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="Redis for jobs that name none [ALCHEMIST_DEFAULT_REDIS_URL]",
     )
     parser.add_argument(
+        "--redis-password",
+        default=env("ALCHEMIST_DEFAULT_REDIS_PASSWORD"),
+        help="password of that Redis; prefer the environment variable [ALCHEMIST_DEFAULT_REDIS_PASSWORD]",
+    )
+    parser.add_argument(
+        "--drift-check-interval",
+        type=float,
+        default=float(env("ALCHEMIST_OPERATOR_DRIFT_CHECK_INTERVAL", OperatorConfig.drift_check_seconds)),
+        help="seconds between two checks that every child of a job matches its spec (drift is repaired)",
+    )
+    parser.add_argument(
         "--monitor-interval",
         type=float,
         default=float(env("ALCHEMIST_OPERATOR_MONITOR_INTERVAL", OperatorConfig.monitor_interval_seconds)),
@@ -75,6 +86,8 @@ def config_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[O
     config = OperatorConfig(
         worker_image=args.worker_image,
         default_redis_url=args.redis_url or None,
+        default_redis_password=args.redis_password or None,
+        drift_check_seconds=args.drift_check_interval,
         monitor_interval_seconds=args.monitor_interval,
         namespaces=tuple(n.strip() for n in namespaces),
         peering_name=args.peering,

@@ -1,6 +1,6 @@
 """The operator's one door to the Kubernetes API for the objects it owns.
 
-Small on purpose: apply a manifest, read an object, patch a job's status, read a Secret's key. Idempotence lives
+Small on purpose: apply a manifest, read or list objects, patch a job's status, read a Secret's keys. Idempotence lives
 here: applying an object that is already there updates it (server-side apply, so fields the operator stops setting
 are removed), a 404 on apply means "create it", a 409 on create means someone created it meanwhile (apply again),
 and a 404 on read or status patch means the object is gone, which is not an error for a reconciler.
@@ -26,6 +26,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "Secret"): "secrets",
+    ("v1", "Pod"): "pods",
     ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
     ("apps/v1", "StatefulSet"): "statefulsets",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
@@ -176,6 +177,12 @@ class ClusterApi:
                     raise
         raise ApiError(409, "APPLY", resource_path(api_version, kind, namespace, name), "kept conflicting")
 
+    def _list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        listing = self._request(
+            "GET", resource_path(api_version, kind, namespace), query=[("labelSelector", selector)]
+        )
+        return list(listing.get("items") or [])
+
     def _patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         path = resource_path(API_VERSION, "ContinualLearningJob", namespace, name) + "/status"
         try:
@@ -196,6 +203,14 @@ class ClusterApi:
         plain = (secret.get("stringData") or {}).get(key)
         return str(plain) if plain is not None else None
 
+    def _secret_keys(self, namespace: str, name: str) -> frozenset[str] | None:
+        secret = self._get("v1", "Secret", namespace, name)
+        if secret is None:
+            return None
+        return frozenset((secret.get("data") or {}).keys()) | frozenset(
+            (secret.get("stringData") or {}).keys()
+        )
+
     # The async API.
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
@@ -215,3 +230,13 @@ class ClusterApi:
 
     async def secret_value(self, namespace: str, name: str, key: str) -> str | None:
         return await asyncio.to_thread(self._secret_value, namespace, name, key)
+
+    async def secret_keys(self, namespace: str, name: str) -> frozenset[str] | None:
+        """The Secret's key names (never its values), or None when it does not exist."""
+        return await asyncio.to_thread(self._secret_keys, namespace, name)
+
+    async def list_objects(
+        self, api_version: str, kind: str, namespace: str, selector: str
+    ) -> list[dict[str, Any]]:
+        """The objects of a kind in a namespace that match a label selector."""
+        return await asyncio.to_thread(self._list, api_version, kind, namespace, selector)

@@ -14,7 +14,7 @@ from alchemist_protocol.job_store import JobStore
 
 from alchemist_operator.cluster_api import ClusterApi
 from alchemist_operator.job_spec import JobSpec
-from alchemist_operator.job_status import ReconcileOutcome
+from alchemist_operator.job_status import Blocker, ReconcileOutcome
 from alchemist_operator.operator_config import OperatorConfig
 
 
@@ -27,7 +27,11 @@ class JobMemo:
     last_status: dict[str, Any] | None = None
     store: JobStore | None = None
     store_url: str | None = None
+    posted_blockers: frozenset[Blocker] = frozenset()  # reported by a Warning Event already
+    last_drift_check: float = 0.0  # monotonic time of the monitor's last comparison of children and spec
+    reported_failures: tuple[str, ...] = ()  # worker failures reported by a Warning Event already
     _wakeup: asyncio.Event | None = None
+    _lock: asyncio.Lock | None = None
 
     @property
     def wakeup(self) -> asyncio.Event:
@@ -35,6 +39,13 @@ class JobMemo:
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
         return self._wakeup
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while children are applied: the spec handler and the monitor's drift repair never interleave."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
     def wake(self) -> None:
         self.wakeup.set()

@@ -2,12 +2,15 @@
 
 Runs as a kopf daemon for as long as the job exists (and this operator is the active peer). It wakes up every
 `monitor_interval_seconds`, or at once when the spec handler has reconciled. Redis being away is a condition in
-the status, never a crash: the loop keeps going and picks up where the rollout state in Redis left it.
+the status, never a crash: the loop keeps going and picks up where the rollout state in Redis left it. A Redis
+that comes back empty gets the rollout pointer remembered in the status (`rollout_memory`), never version 0.
+Every `drift_check_seconds` it also puts back children that were deleted or edited by hand (`repair_drift`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import time
 from typing import Any
@@ -21,9 +24,17 @@ from alchemist_operator.job_memo import JobMemo
 from alchemist_operator.job_spec import JobSpec
 from alchemist_operator.job_status import RedisView, StatusInputs, WorkloadView, compute_status, status_patch
 from alchemist_operator.naming import JobRef
-from alchemist_operator.reconcile import job_ref
-from alchemist_operator.rollout import Phase, RolloutPolicy, read_gates, step
-from alchemist_operator.rollout_store import read_snapshot, request_trainer_rollback, write_state
+from alchemist_operator.pod_health import pod_problems
+from alchemist_operator.reconcile import job_ref, repair_drift
+from alchemist_operator.rollout import Phase, RolloutEvent, RolloutPolicy, read_gates, step
+from alchemist_operator.rollout_memory import remembered_state, restored_state, rewind_reason
+from alchemist_operator.rollout_store import (
+    RedisSnapshot,
+    read_snapshot,
+    request_trainer_rollback,
+    write_state,
+)
+from alchemist_operator.worker_env import uses_default_redis
 
 
 async def redis_url_for(job: JobRef, spec: JobSpec, memo: JobMemo) -> str | None:
@@ -33,31 +44,52 @@ async def redis_url_for(job: JobRef, spec: JobSpec, memo: JobMemo) -> str | None
     return spec.feedback.redis_url or memo.config.default_redis_url
 
 
+async def redis_password_for(job: JobRef, spec: JobSpec, memo: JobMemo) -> str | None:
+    """The job's Redis password from its Secret, or the default Redis's for a job that uses that Redis."""
+    ref = spec.redis.password_secret
+    if ref is not None:
+        return await memo.cluster.secret_value(job.namespace, ref.name, ref.key)
+    return memo.config.default_redis_password if uses_default_redis(spec) else None
+
+
 def job_keys(job: JobRef, spec: JobSpec) -> JobKeys:
     return JobKeys(job.namespace, job.name, spec.feedback.stream)
 
 
-def _store(memo: JobMemo, keys: JobKeys, url: str) -> JobStore:
-    if memo.store is None or memo.store_url != url or memo.store.keys != keys:
+def _store(memo: JobMemo, keys: JobKeys, url: str, password: str | None) -> JobStore:
+    """A client per job, kept while its URL and password stay the same; a password in the URL wins."""
+    identity = f"{url}\x00{password or ''}"
+    if memo.store is None or memo.store_url != identity or memo.store.keys != keys:
         memo.close_store()
         timeout = memo.config.redis_timeout_seconds
         client = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+            url,
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            password=password,
         )
         memo.store = JobStore(client, keys)
-        memo.store_url = url
+        memo.store_url = identity
     return memo.store
 
 
-async def _workload(job: JobRef, memo: JobMemo) -> WorkloadView | None:
+async def _workload(body: kopf.Body, job: JobRef, memo: JobMemo) -> WorkloadView | None:
     live = await memo.cluster.get("apps/v1", "StatefulSet", job.namespace, job.statefulset)
     if live is None:
         return None
     status = live.get("status") or {}
+    pods = await memo.cluster.list_objects("v1", "Pod", job.namespace, job.selector())
+    failing = pod_problems(pods)
+    new = [line for line in failing if line not in memo.reported_failures]
+    if new:
+        kopf.event(body, type="Warning", reason="WorkerFailing", message="; ".join(new))
+    memo.reported_failures = failing
     return WorkloadView(
         replicas=int(status.get("replicas") or 0),
         ready_replicas=int(status.get("readyReplicas") or 0),
         updated_replicas=int(status.get("updatedReplicas") or 0),
+        failing=failing,
     )
 
 
@@ -66,14 +98,42 @@ def _post(body: kopf.Body, events: tuple[Any, ...]) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
-async def _rollout(body: kopf.Body, job: JobRef, spec: JobSpec, memo: JobMemo) -> RedisView:
+def _guard_rewind(
+    store: JobStore, snapshot: RedisSnapshot, previous: dict[str, Any]
+) -> tuple[RedisSnapshot, RolloutEvent | None]:
+    """Writes the remembered pointer back when Redis lost it: the snapshot to go on with, and the Warning."""
+    remembered = remembered_state(previous)
+    if remembered is None:
+        return snapshot, None
+    rollback = store.get_rollback() if snapshot.pointer_exists else None
+    why = rewind_reason(
+        snapshot.state, snapshot.pointer_exists, remembered, rollback.version if rollback else None
+    )
+    if why is None:
+        return snapshot, None
+    restored = restored_state(snapshot.state, remembered)
+    write_state(store, restored)
+    message = f"{why}; restored the pointer to version {restored.stable} instead of moving replicas back"
+    event = RolloutEvent("Warning", "RedisStateLost", message)
+    return dataclasses.replace(snapshot, state=restored, pointer_exists=True), event
+
+
+async def _rollout(
+    body: kopf.Body, job: JobRef, spec: JobSpec, memo: JobMemo, previous: dict[str, Any]
+) -> RedisView:
     """Reads Redis, takes at most one rollout decision and writes it back; Redis errors become the view's error."""
     url = await redis_url_for(job, spec, memo)
     if url is None:
         return RedisView(reachable=False, error="the Redis URL Secret or its key does not exist")
-    store = _store(memo, job_keys(job, spec), url)
+    password = await redis_password_for(job, spec, memo)
+    if spec.redis.password_secret is not None and password is None:
+        return RedisView(reachable=False, error="the Redis password Secret or its key does not exist")
+    store = _store(memo, job_keys(job, spec), url, password)
     try:
         snapshot = await asyncio.to_thread(read_snapshot, store, store.keys.feedback, time.time())
+        snapshot, lost = await asyncio.to_thread(_guard_rewind, store, snapshot, previous)
+        if lost is not None:
+            _post(body, (lost,))
         state = snapshot.state
         if not spec.suspend:  # a suspended job has no replicas to roll out to; its rollout waits
             policy = RolloutPolicy.from_spec(spec.rollout)
@@ -107,11 +167,14 @@ async def monitor_once(body: kopf.Body, memo: JobMemo) -> dict[str, Any]:
         # Just started (or took over): keep the last status until this operator has reconciled the spec, rather
         # than flap every condition to Unknown.
         return dict(body["status"])
+    if time.monotonic() - memo.last_drift_check >= memo.config.drift_check_seconds:
+        memo.last_drift_check = time.monotonic()
+        await repair_drift(body, memo)
     spec = memo.spec
     valid = memo.outcome is not None and memo.outcome.problem is None
-    workload = await _workload(job, memo)
-    redis_view = await _rollout(body, job, spec, memo) if spec is not None and valid else None
     previous = memo.last_status if memo.last_status is not None else dict(body.get("status") or {})
+    workload = await _workload(body, job, memo)
+    redis_view = await _rollout(body, job, spec, memo, previous) if spec is not None and valid else None
     status = compute_status(
         StatusInputs(
             job=job,
@@ -124,6 +187,7 @@ async def monitor_once(body: kopf.Body, memo: JobMemo) -> dict[str, Any]:
             else JobKeys(job.namespace, job.name).feedback,
             previous=previous,
             now=datetime.datetime.now(datetime.UTC),
+            generation=body["metadata"].get("generation"),
         )
     )
     patch = status_patch(previous, status)

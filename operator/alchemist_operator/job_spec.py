@@ -16,6 +16,10 @@ from pydantic.alias_generators import to_camel
 
 from alchemist_operator.quantities import QUANTITY_PATTERN, parse_quantity
 
+# The CRD's bounds, repeated here for specs that reach the operator without the API server's validation.
+MAX_REPLICAS = 64
+MAX_GPUS = 1  # the worker drives one device; more would be requested, paid for and left idle
+
 
 class SpecModel(BaseModel):
     """camelCase in YAML, snake_case in Python; unknown fields are an error (the API server prunes them)."""
@@ -124,11 +128,20 @@ class ResourcesSpec(SpecModel):
     tolerations: list[Toleration] = Field(default_factory=list)
 
 
+def _checked_positive_quantity(value: str | int) -> str | int:
+    if parse_quantity(value) <= 0:
+        raise ValueError(f"{value!r} must be more than zero")
+    return value
+
+
+PositiveQuantity = Annotated[Quantity, AfterValidator(_checked_positive_quantity)]
+
+
 class ServingSpec(SpecModel):
     port: int = Field(default=8000, ge=1024, le=65535)
     max_model_len: int = Field(default=4096, ge=16)
     max_num_seqs: int = Field(default=64, ge=1)
-    kv_cache_memory: Quantity = Field(default="4Gi")
+    kv_cache_memory: PositiveQuantity = Field(default="4Gi")
 
 
 class RecordingSpec(SpecModel):
@@ -197,9 +210,61 @@ class VersionsSpec(SpecModel):
     retain_on_delete: bool = False
 
 
+class KeySelector(SpecModel):
+    """A key of a Secret or ConfigMap in the job's namespace, as a pod's env takes it."""
+
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+    optional: bool | None = None
+
+
+class FieldSelector(SpecModel):
+    field_path: str = Field(min_length=1)
+    api_version: str | None = None
+
+
+class ResourceFieldSelector(SpecModel):
+    resource: str = Field(min_length=1)
+    container_name: str | None = None
+    divisor: Quantity | None = None
+
+
+class EnvVarSource(SpecModel):
+    secret_key_ref: KeySelector | None = None
+    config_map_key_ref: KeySelector | None = None
+    field_ref: FieldSelector | None = None
+    resource_field_ref: ResourceFieldSelector | None = None
+
+
 class EnvVar(SpecModel):
     name: str = Field(min_length=1)
-    value: str = ""
+    value: str | None = None
+    value_from: EnvVarSource | None = None
+
+
+class SecretKey(SpecModel):
+    """One key of a Secret in the job's namespace."""
+
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+
+
+class AuthSpec(SpecModel):
+    """API keys for the worker's HTTP API, mounted as files; the Secrets hold one key per line."""
+
+    api_keys_secret: SecretKey | None = None
+    admin_keys_secret: SecretKey | None = None
+
+
+class PasswordSecret(SpecModel):
+    name: str = Field(min_length=1)
+    key: str = Field(default="password", min_length=1)
+
+
+class RedisSpec(SpecModel):
+    """Credentials for the job's Redis, kept out of the URL (and so out of the ConfigMap and the pod spec)."""
+
+    password_secret: PasswordSecret | None = None
 
 
 class JobSpec(SpecModel):
@@ -207,12 +272,14 @@ class JobSpec(SpecModel):
     image: str | None = Field(default=None, min_length=1)
     image_pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
     engine: Engine = Engine.NATIVE
-    replicas: int = Field(default=1, ge=0)
+    replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     recording: RecordingSpec = Field(default_factory=RecordingSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
+    redis: RedisSpec = Field(default_factory=RedisSpec)
+    auth: AuthSpec = Field(default_factory=AuthSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     versions: VersionsSpec = Field(default_factory=VersionsSpec)
     env: list[EnvVar] = Field(default_factory=list)

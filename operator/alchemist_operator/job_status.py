@@ -2,6 +2,9 @@
 
 One writer (the job's monitor) writes the whole status each time it changes, so conditions never race. Phases,
 from the most to the least pressing: Invalid, Suspended, Pending, Degraded, Progressing, Running.
+
+`Ready` is what `kubectl wait --for=condition=Ready` relies on: True only when the spec is valid, this generation
+of it was applied without a blocker, no worker is failing, and every requested replica is ready and updated.
 """
 
 from __future__ import annotations
@@ -17,14 +20,25 @@ from alchemist_operator.naming import JobRef
 from alchemist_operator.rollout import GateReading, Phase, RolloutState, next_candidate, replicas_behind
 
 VALID, READY, FEEDBACK, ROLLOUT = "Valid", "Ready", "FeedbackConnected", "RolloutProgressing"
+RECONCILED = "Reconciled"
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Something outside the spec that keeps the job from working; `reason` is CamelCase for conditions."""
+
+    reason: str
+    message: str
 
 
 @dataclass(frozen=True)
 class ReconcileOutcome:
-    """What the last reconcile of the spec did: applied the children, or found the spec invalid."""
+    """What the last reconcile of the spec did: applied the children, found the spec invalid (`problem`), or
+    could not finish for a reason outside the spec (`blockers`: a missing Secret, a refused request)."""
 
     generation: int | None
     problem: str | None = None
+    blockers: tuple[Blocker, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,7 @@ class WorkloadView:
     replicas: int = 0
     ready_replicas: int = 0
     updated_replicas: int = 0
+    failing: tuple[str, ...] = ()  # why worker pods fail to start or keep crashing, one line per pod
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class StatusInputs:
     feedback_stream: str
     previous: Mapping[str, Any]  # the status as it is now
     now: datetime.datetime
+    generation: int | None = None  # the job's metadata.generation now; None: take the outcome's as current
 
 
 def _valid(outcome: ReconcileOutcome | None) -> Condition:
@@ -73,13 +89,46 @@ def _desired(spec: JobSpec | None, workload: WorkloadView | None) -> int:
     return workload.replicas if workload else 0
 
 
-def _ready(spec: JobSpec | None, desired: int, ready: int) -> Condition:
+def _reconciled(outcome: ReconcileOutcome | None) -> Condition:
+    if outcome is None:
+        return Condition(RECONCILED, UNKNOWN, "Reconciling", "the operator has not reconciled this spec yet")
+    if outcome.problem:
+        return Condition(RECONCILED, FALSE, "InvalidSpec", "an invalid spec is not applied")
+    if outcome.blockers:
+        first = outcome.blockers[0]
+        return Condition(RECONCILED, FALSE, first.reason, "; ".join(b.message for b in outcome.blockers))
+    return Condition(RECONCILED, TRUE, "ChildrenApplied", "every child matches the spec")
+
+
+def _ready(inputs: StatusInputs, desired: int) -> Condition:
+    spec, outcome, workload = inputs.spec, inputs.outcome, inputs.workload
+    if outcome is None:
+        return Condition(READY, FALSE, "Reconciling", "the operator has not reconciled this spec yet")
+    if outcome.problem:
+        return Condition(READY, FALSE, "InvalidSpec", "the spec is invalid; see the Valid condition")
+    if (
+        inputs.generation is not None
+        and outcome.generation is not None
+        and outcome.generation < inputs.generation
+    ):
+        return Condition(
+            READY, FALSE, "Reconciling", f"generation {inputs.generation} of the spec is not applied yet"
+        )
+    if outcome.blockers:
+        return Condition(
+            READY, FALSE, outcome.blockers[0].reason, "; ".join(b.message for b in outcome.blockers)
+        )
     if spec is not None and spec.suspend:
         return Condition(
             READY, FALSE, "Suspended", "suspended: scaled to zero, versions and feedback are kept"
         )
+    if workload is None:
+        return Condition(READY, FALSE, "StatefulSetMissing", "the job's StatefulSet does not exist")
+    if workload.failing:
+        return Condition(READY, FALSE, "WorkersFailing", "; ".join(workload.failing))
     if desired == 0:
         return Condition(READY, TRUE, "ScaledToZero", "no replicas requested")
+    ready = min(workload.ready_replicas, workload.updated_replicas)
     if ready >= desired:
         return Condition(READY, TRUE, "ReplicasReady", f"{ready}/{desired} replicas ready")
     return Condition(READY, FALSE, "ReplicasNotReady", f"{ready}/{desired} replicas ready")
@@ -117,6 +166,8 @@ def _phase(conditions: dict[str, Condition], spec: JobSpec | None, desired: int,
         return "Invalid"
     if spec is not None and spec.suspend:
         return "Suspended"
+    if conditions[RECONCILED].status == FALSE or conditions[READY].reason == "WorkersFailing":
+        return "Degraded"
     if conditions[VALID].status == UNKNOWN or (desired > 0 and ready == 0):
         return "Pending"
     if conditions[FEEDBACK].status == FALSE or conditions[ROLLOUT].reason == "CanaryHeld":
@@ -158,7 +209,8 @@ def compute_status(inputs: StatusInputs) -> dict[str, Any]:
     ready = workload.ready_replicas if workload else 0
     conditions = {
         VALID: _valid(inputs.outcome),
-        READY: _ready(spec, desired, ready),
+        RECONCILED: _reconciled(inputs.outcome),
+        READY: _ready(inputs, desired),
         FEEDBACK: _feedback(redis),
         ROLLOUT: _rollout(redis),
     }

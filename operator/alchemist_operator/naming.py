@@ -53,6 +53,12 @@ class JobRef:
     def versions_claim(self) -> str:
         return f"{self.name}-versions"
 
+    @property
+    def redis_secret(self) -> str:
+        """The Secret with the operator's default Redis password, for the pods (they read Secrets of their own
+        namespace only)."""
+        return f"{self.name}-default-redis"
+
     def selector_labels(self) -> dict[str, str]:
         return {
             "app.kubernetes.io/name": "alchemist-worker",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from alchemist_operator.job_spec import (
+    MAX_GPUS,
     InvalidSpec,
     JobSpec,
     ModelSource,
@@ -66,12 +67,33 @@ def spec_problems(name: str, spec: JobSpec, config: OperatorConfig) -> list[str]
             f"spec.recording.hostMemory ({spec.recording.host_memory}) must be smaller than "
             f"spec.resources.memory ({spec.resources.memory}): the records live in the pod's memory"
         )
+    if spec.resources.gpus > MAX_GPUS:
+        problems.append(
+            f"spec.resources.gpus is {spec.resources.gpus}, but the worker uses {MAX_GPUS} device per pod: the "
+            "others would be reserved and idle; set gpus to 1 and add replicas instead"
+        )
+    problems += _env_problems(spec)
     reserved = sorted({var.name for var in spec.env} & set(POD_ENV_NAMES))
     if reserved:
         problems.append(f"spec.env must not set {', '.join(reserved)}: the operator sets them for each pod")
     duplicates = sorted({v.name for v in spec.env if [w.name for w in spec.env].count(v.name) > 1})
     if duplicates:
         problems.append(f"spec.env sets {', '.join(duplicates)} more than once")
+    return problems
+
+
+def _env_problems(spec: JobSpec) -> list[str]:
+    problems: list[str] = []
+    for var in spec.env:
+        if var.value is not None and var.value_from is not None:
+            problems.append(f"spec.env {var.name}: set value or valueFrom, not both")
+        if var.value_from is not None:
+            sources = [name for name, v in var.value_from if v is not None]
+            if len(sources) != 1:
+                problems.append(
+                    f"spec.env {var.name}: valueFrom needs exactly one of secretKeyRef, configMapKeyRef, "
+                    f"fieldRef or resourceFieldRef, got {len(sources)}"
+                )
     return problems
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from alchemist_operator.job_spec import JobSpec, ModelSource, VersionsStorage
 from alchemist_operator.naming import CONFIG_HASH_ANNOTATION, VERSIONS_DIR, WORKER_CONTAINER, JobRef
-from alchemist_operator.worker_env import pod_env
+from alchemist_operator.worker_env import ADMIN_KEYS_FILE, API_KEYS_FILE, pod_env
 
 WORKER_UID = 1000
 # Loading a large checkpoint can take many minutes; liveness starts counting only after the first success.
@@ -48,7 +48,8 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
 
 
 def _volumes(job: JobRef, spec: JobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(pod volumes, container mounts): versions, shared memory, and the model when it is on a volume."""
+    """(pod volumes, container mounts): versions, shared memory, the model when it is on a volume, and the API key
+    Secrets when the job names them (read-only files, so keys never pass through the environment)."""
     if spec.versions.storage is VersionsStorage.EMPTY_DIR:
         versions: dict[str, Any] = {"name": "versions", "emptyDir": {"sizeLimit": str(spec.versions.size)}}
     else:
@@ -66,13 +67,36 @@ def _volumes(job: JobRef, spec: JobSpec) -> tuple[list[dict[str, Any]], list[dic
             {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.claim_name, "readOnly": True}}
         )
         mounts.append({"name": "model", "mountPath": spec.model.mount_path, "readOnly": True})
+    for name, ref, path in (
+        ("api-keys", spec.auth.api_keys_secret, API_KEYS_FILE),
+        ("admin-keys", spec.auth.admin_keys_secret, ADMIN_KEYS_FILE),
+    ):
+        if ref is None:
+            continue
+        directory, file = path.rsplit("/", 1)
+        volumes.append(
+            {
+                "name": name,
+                "secret": {
+                    "secretName": ref.name,
+                    "items": [{"key": ref.key, "path": file}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+        mounts.append({"name": name, "mountPath": directory, "readOnly": True})
     return volumes, mounts
 
 
 def build_statefulset(
-    job: JobRef, spec: JobSpec, image: str, config_data: dict[str, str], default_redis_url: str | None
+    job: JobRef,
+    spec: JobSpec,
+    image: str,
+    config_data: dict[str, str],
+    default_redis_url: str | None,
+    default_password: bool = False,
 ) -> dict[str, Any]:
-    env = pod_env(spec, default_redis_url)
+    env = pod_env(job, spec, default_redis_url, default_password)
     volumes, mounts = _volumes(job, spec)
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
@@ -88,6 +112,9 @@ def build_statefulset(
         "livenessProbe": _probe("/healthz", 10, 3),
         "readinessProbe": _probe("/readyz", 5, 3),
         "volumeMounts": mounts,
+        # A worker that exits on start (a model path that does not exist, a bad setting) leaves its last log
+        # lines as the termination message, which the operator reports in the job's status and Events.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     pod_spec: dict[str, Any] = {

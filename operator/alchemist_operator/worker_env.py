@@ -2,10 +2,13 @@
 
 Everything that is the same for every pod of a job goes into the job's ConfigMap (the pods load it with
 `envFrom`, and a hash of it in the pod template rolls the pods when it changes); what differs per pod (its name)
-or is secret (the Redis URL from a Secret) is set in the container's `env`.
+or is secret (the Redis URL from a Secret, the Redis password) is set in the container's `env`, secrets always as
+`valueFrom.secretKeyRef` so that no secret value appears in the ConfigMap or the pod spec.
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 from alchemist_protocol.keys import JobKeys
 
@@ -35,11 +38,29 @@ def model_path(spec: JobSpec) -> str:
     return path
 
 
+# Where the API key Secrets are mounted: one directory per Secret, the chosen key as the file `keys`.
+AUTH_DIR = "/etc/alchemist/auth"
+API_KEYS_FILE = f"{AUTH_DIR}/api/keys"
+ADMIN_KEYS_FILE = f"{AUTH_DIR}/admin/keys"
+# The key of the Secret the operator writes into a job's namespace for its default Redis's password.
+DEFAULT_PASSWORD_KEY = "password"
+
+
+def auth_config(spec: JobSpec) -> dict[str, str]:
+    """The key files' paths (never the keys): the worker reads the files, which follow Secret updates."""
+    config: dict[str, str] = {}
+    if spec.auth.api_keys_secret is not None:
+        config["ALCHEMIST_API_KEYS_FILE"] = API_KEYS_FILE
+    if spec.auth.admin_keys_secret is not None:
+        config["ALCHEMIST_ADMIN_KEYS_FILE"] = ADMIN_KEYS_FILE
+    return config
+
+
 def worker_config(job: JobRef, spec: JobSpec) -> dict[str, str]:
     """ConfigMap data: the job-wide settings, all strings."""
     training = spec.training
     recording = spec.recording
-    return {
+    return auth_config(spec) | {
         "ALCHEMIST_JOB": job.name,
         "ALCHEMIST_FEEDBACK_STREAM": JobKeys(job.namespace, job.name, spec.feedback.stream).feedback,
         "ALCHEMIST_MODEL": model_path(spec),
@@ -76,33 +97,80 @@ def worker_config(job: JobRef, spec: JobSpec) -> dict[str, str]:
     }
 
 
-def redis_env(spec: JobSpec, default_redis_url: str | None) -> dict[str, object]:
-    """ALCHEMIST_REDIS_URL: from the job's Secret, its URL, or the operator's default, in that order."""
+def uses_default_redis(spec: JobSpec) -> bool:
+    return spec.feedback.redis_url is None and spec.feedback.redis_secret_ref is None
+
+
+def password_source(job: JobRef, spec: JobSpec, default_password: bool) -> dict[str, str] | None:
+    """The secretKeyRef holding the Redis password: the job's own Secret, else the one the operator writes for
+    its default Redis (`default_password`: the operator was installed with a password for it), else None."""
+    ref = spec.redis.password_secret
+    if ref is not None:
+        return {"name": ref.name, "key": ref.key}
+    if default_password and uses_default_redis(spec):
+        return {"name": job.redis_secret, "key": DEFAULT_PASSWORD_KEY}
+    return None
+
+
+def url_with_password_reference(url: str) -> str:
+    """`url` with `$(ALCHEMIST_REDIS_PASSWORD)` as its password, for Kubernetes to expand in the container.
+
+    The password then reaches the worker inside the URL without being written in the pod spec. Kubernetes does
+    not URL-encode what it expands, so the password must use URL-safe characters (generated ones do). A URL that
+    carries a password of its own, or a unix socket URL, is returned unchanged; `rediss://` stays TLS.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or parts.password is not None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return url.replace(parts.netloc, f"{user}:$(ALCHEMIST_REDIS_PASSWORD)@{host}", 1)
+
+
+def redis_env(
+    job: JobRef, spec: JobSpec, default_redis_url: str | None, default_password: bool
+) -> list[dict[str, object]]:
+    """ALCHEMIST_REDIS_PASSWORD (when there is one), then ALCHEMIST_REDIS_URL: from the job's Secret, its URL, or
+    the operator's default, in that order."""
+    env: list[dict[str, object]] = []
+    password = password_source(job, spec, default_password)
+    if password is not None:
+        env.append({"name": "ALCHEMIST_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": password}})
     feedback = spec.feedback
     if feedback.redis_secret_ref is not None:
         ref = feedback.redis_secret_ref
-        return {
-            "name": "ALCHEMIST_REDIS_URL",
-            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-        }
+        env.append(
+            {"name": "ALCHEMIST_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        )
+        return env
     url = feedback.redis_url or default_redis_url
     if url is None:
         raise NoRedis(
             "no Redis for feedback: set spec.feedback.redisUrl or spec.feedback.redisSecretRef, "
             "or install the operator with a Redis (Helm value redis.enabled or redis.externalUrl)"
         )
-    return {"name": "ALCHEMIST_REDIS_URL", "value": url}
+    if password is not None:
+        url = url_with_password_reference(url)
+    env.append({"name": "ALCHEMIST_REDIS_URL", "value": url})
+    return env
 
 
-POD_ENV_NAMES = ("ALCHEMIST_NAMESPACE", "ALCHEMIST_REPLICA", "ALCHEMIST_REDIS_URL")
+POD_ENV_NAMES = (
+    "ALCHEMIST_NAMESPACE",
+    "ALCHEMIST_REPLICA",
+    "ALCHEMIST_REDIS_URL",
+    "ALCHEMIST_REDIS_PASSWORD",
+)
 
 
-def pod_env(spec: JobSpec, default_redis_url: str | None) -> list[dict[str, object]]:
-    """Container env: the per-pod identity, the Redis URL, then the job's own extra variables."""
+def pod_env(
+    job: JobRef, spec: JobSpec, default_redis_url: str | None, default_password: bool = False
+) -> list[dict[str, object]]:
+    """Container env: the per-pod identity, the Redis password and URL, then the job's own extra variables."""
     env: list[dict[str, object]] = [
         {"name": "ALCHEMIST_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "ALCHEMIST_REPLICA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        redis_env(spec, default_redis_url),
+        *redis_env(job, spec, default_redis_url, default_password),
     ]
-    env.extend({"name": var.name, "value": var.value} for var in spec.env)
+    env.extend(var.model_dump(by_alias=True, exclude_none=True) for var in spec.env)
     return env

@@ -29,6 +29,10 @@ NON_DEFAULT: dict[str, Any] = {
 PERSISTENT_REDIS: dict[str, Any] = {
     "redis": {"enabled": True, "persistence": {"enabled": True, "size": "20Gi"}}
 }
+EPHEMERAL_REDIS: dict[str, Any] = {
+    "redis": {"enabled": True, "persistence": {"enabled": False}, "auth": {"password": "given-pw"}},
+    "networkPolicy": {"enabled": False},
+}
 EXTERNAL_REDIS: dict[str, Any] = {"redis": {"enabled": False, "externalUrl": "rediss://redis.example:6380/2"}}
 
 
@@ -56,8 +60,8 @@ def test_chart_crds_are_identical_to_the_crds_folder() -> None:
 
 @pytest.mark.parametrize(
     "values",
-    [None, NON_DEFAULT, PERSISTENT_REDIS, EXTERNAL_REDIS],
-    ids=["default", "namespaced", "persistent-redis", "external-redis"],
+    [None, NON_DEFAULT, PERSISTENT_REDIS, EXTERNAL_REDIS, EPHEMERAL_REDIS],
+    ids=["default", "namespaced", "persistent-redis", "external-redis", "ephemeral-redis"],
 )
 def test_helm_lint(helm: Path, tmp_path: Path, values: dict[str, Any] | None) -> None:
     args: list[str | Path] = [helm, "lint", "--strict", CHART]
@@ -78,7 +82,10 @@ def test_default_render(render: Render) -> None:
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
         "PodDisruptionBudget",
+        "Secret",
         "Service",
         "ServiceAccount",
     ]
@@ -162,8 +169,8 @@ def test_redis_variants(render: Render) -> None:
 
 @pytest.mark.parametrize(
     "values",
-    [None, NON_DEFAULT, PERSISTENT_REDIS, EXTERNAL_REDIS],
-    ids=["default", "namespaced", "persistent-redis", "external-redis"],
+    [None, NON_DEFAULT, PERSISTENT_REDIS, EXTERNAL_REDIS, EPHEMERAL_REDIS],
+    ids=["default", "namespaced", "persistent-redis", "external-redis", "ephemeral-redis"],
 )
 def test_every_rendered_manifest_is_valid_offline(
     render: Render, crd_docs: list[dict[str, Any]], values: dict[str, Any] | None
@@ -206,12 +213,14 @@ def test_rbac_is_least_privilege(render: Render) -> None:
         assert not {"delete", "deletecollection", "update", "escalate", "bind", "impersonate"} & set(
             rule["verbs"]
         )
-    assert granted[("", "secrets")] == {"get"}
+    # Secrets: read (the ones jobs name) and written (the Redis password beside each job), never listed.
+    assert granted[("", "secrets")] == {"get", "create", "patch"}
+    assert granted[("", "pods")] == {"get", "list"}  # read for their failures, never written
     # Every kind the operator applies is creatable and patchable, and nothing else is.
     applied = {
         (api.split("/")[0] if "/" in api else "", plural)
         for (api, kind), plural in PLURALS.items()
-        if kind not in ("Secret", "ContinualLearningJob")
+        if kind not in ("Pod", "ContinualLearningJob")
     }
     writable = {key for key, verbs in granted.items() if "create" in verbs and key[1] != "events"}
     assert writable == applied

@@ -115,8 +115,8 @@ def test_paths_and_subset() -> None:
         resource_path("policy/v1", "PodDisruptionBudget", "ns")
         == "/apis/policy/v1/namespaces/ns/poddisruptionbudgets"
     )
-    with pytest.raises(ValueError, match="does not manage Pod"):
-        resource_path("v1", "Pod", "ns")
+    with pytest.raises(ValueError, match="does not manage Deployment"):
+        resource_path("apps/v1", "Deployment", "ns")
     # The server adds defaults: what we set must be there, extra fields are fine.
     assert is_subset({"a": [{"b": 1}]}, {"a": [{"b": 1, "c": 2}], "d": 3})
     assert not is_subset({"a": [{"b": 1}]}, {"a": [{"b": 2}]})

@@ -13,6 +13,7 @@ import yaml
 from alchemist_operator.conditions import Condition, merge_conditions
 from alchemist_operator.job_spec import parse_job_spec
 from alchemist_operator.job_status import (
+    Blocker,
     ReconcileOutcome,
     RedisView,
     StatusInputs,
@@ -70,6 +71,7 @@ def test_a_healthy_job_is_running_with_every_condition_reported() -> None:
     assert status["phase"] == "Running"
     assert conditions(status) == {
         "Valid": ("True", "SpecAccepted"),
+        "Reconciled": ("True", "ChildrenApplied"),
         "Ready": ("True", "ReplicasReady"),
         "FeedbackConnected": ("True", "RedisReachable"),
         "RolloutProgressing": ("False", "RolloutComplete"),
@@ -112,6 +114,46 @@ def test_phases_and_conditions(
     status = compute_status(inputs(**changes))
     assert status["phase"] == phase
     assert conditions(status)[condition] == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"outcome": ReconcileOutcome(3, "spec.replicas: bad")}, "InvalidSpec"),
+        ({"outcome": None}, "Reconciling"),
+        ({"generation": 4}, "Reconciling"),  # a newer spec than the one applied
+        (
+            {"outcome": ReconcileOutcome(3, blockers=(Blocker("SecretNotFound", "Secret k is missing"),))},
+            "SecretNotFound",
+        ),
+        ({"workload": None}, "StatefulSetMissing"),
+        ({"workload": WorkloadView(2, 2, 2, failing=("chat-1: CrashLoopBackOff",))}, "WorkersFailing"),
+        ({"workload": WorkloadView(2, 2, 1)}, "ReplicasNotReady"),  # ready, but one runs the old template
+    ],
+)
+def test_ready_is_false_unless_valid_reconciled_and_every_replica_ready(
+    changes: dict[str, Any], reason: str
+) -> None:
+    status = compute_status(inputs(**changes))
+    assert conditions(status)["Ready"] == ("False", reason)
+
+
+def test_scaled_to_zero_is_ready_only_once_reconciled() -> None:
+    spec = parse_job_spec({"model": {"path": "/m"}, "replicas": 0})
+    idle = WorkloadView(0, 0, 0)
+    assert conditions(compute_status(inputs(spec=spec, workload=idle)))["Ready"] == ("True", "ScaledToZero")
+    invalid = inputs(spec=spec, workload=idle, outcome=ReconcileOutcome(3, "bad"))
+    assert conditions(compute_status(invalid))["Ready"] == ("False", "InvalidSpec")
+    assert conditions(compute_status(inputs(spec=spec, workload=idle, outcome=None)))["Ready"][0] == "False"
+
+
+def test_a_blocker_degrades_the_job_and_names_every_problem() -> None:
+    blockers = (Blocker("SecretNotFound", "Secret a is missing"), Blocker("Forbidden", "HTTP 403"))
+    status = compute_status(inputs(outcome=ReconcileOutcome(3, blockers=blockers)))
+    assert status["phase"] == "Degraded"
+    reconciled = next(c for c in status["conditions"] if c["type"] == "Reconciled")
+    assert (reconciled["status"], reconciled["reason"]) == ("False", "SecretNotFound")
+    assert reconciled["message"] == "Secret a is missing; HTTP 403"
 
 
 def test_suspended_job() -> None:

@@ -127,7 +127,7 @@ async def test_create_update_scale_suspend_and_delete(
         assert has_object(kube, "v1/persistentvolumeclaims", NS, "chat-versions")
         await set_ready(kube, 0, 0)
         await eventually(lambda: status(kube).get("phase") == "Suspended")
-        assert condition(kube, "Ready")[:2] == ("False", "Suspended")  # type: ignore[index]
+        await eventually(lambda: condition(kube, "Ready")[:2] == ("False", "Suspended"))  # type: ignore[index]
         assert_valid_job(kube, crd)
 
         # Resume.

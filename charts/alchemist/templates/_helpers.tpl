@@ -54,7 +54,26 @@ app.kubernetes.io/component: redis
 {{- end -}}
 {{- end -}}
 
-{{/* The rules the operator needs, wherever it works: jobs, their children, Events, Secrets it reads. */}}
+{{/* The Secret and key holding the Redis password: the user's, or the chart's own for the in-chart Redis;
+empty when there is none (an external Redis without auth.existingSecret). */}}
+{{- define "alchemist.redisPasswordSecret" -}}
+{{- if .Values.redis.auth.existingSecret -}}
+{{- .Values.redis.auth.existingSecret -}}
+{{- else if .Values.redis.enabled -}}
+{{- printf "%s-redis" (include "alchemist.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "alchemist.redisPasswordKey" -}}
+{{- if .Values.redis.auth.existingSecret -}}
+{{- .Values.redis.auth.existingSecretKey -}}
+{{- else -}}
+password
+{{- end -}}
+{{- end -}}
+
+{{/* The rules the operator needs, wherever it works: jobs, their children, Events, the Secrets it reads (and the
+Redis password Secret it writes beside each job), and the pods whose failures it reports. */}}
 {{- define "alchemist.rules" -}}
 - apiGroups: [alchemist.dev]
   resources: [continuallearningjobs]
@@ -73,7 +92,10 @@ app.kubernetes.io/component: redis
   verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [get, create, patch]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]

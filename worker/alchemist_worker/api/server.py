@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from alchemist_worker.api.async_engine import AsyncEngine
+from alchemist_worker.api.auth import AccessKeys, BearerAuth
+from alchemist_worker.api.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from alchemist_worker.api.errors import (
     APIError,
     bad_request,
@@ -27,6 +29,8 @@ from alchemist_worker.api.generation_request import build_generation_request, ne
 from alchemist_worker.api.metrics import ServingMetrics
 from alchemist_worker.api.openai_responses import ResponseMeta, full_response, stream_chunk, usage_chunk
 from alchemist_worker.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from alchemist_worker.api.openapi_document import install_openapi
+from alchemist_worker.api.tokenizer_pool import TokenizerPool
 from alchemist_worker.engine.engine_loop import EngineLoop
 from alchemist_worker.engine.sequence import TokenLogprob
 from alchemist_worker.engine.serving_engine import RequestOutput
@@ -50,6 +54,7 @@ class ServerState:
     draining: bool = False
     # More reasons not to be ready (the continual trainer's control loop): each returns a reason or None.
     readiness_checks: list[Callable[[], str | None]] = field(default_factory=list)
+    tokenizer_pool: TokenizerPool = field(default_factory=TokenizerPool)
 
     @property
     def engine(self) -> Any:
@@ -81,9 +86,16 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def build_app(state: ServerState) -> FastAPI:
+def build_app(
+    state: ServerState, *, keys: AccessKeys | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
+    """`keys`: bearer keys of the guarded routes (None: all open); `max_body_bytes`: larger bodies get 413."""
     app = FastAPI(title="Alchemist worker", docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)  # added last runs first: auth, then size
+    if keys is not None:
+        app.add_middleware(BearerAuth, keys=keys)
+    install_openapi(app, keys)
     app.state.server = state
     client = AsyncEngine(state.loop)
 
@@ -145,12 +157,14 @@ def build_app(state: ServerState) -> FastAPI:
         if body.model != engine.model_name:
             raise model_not_found(body.model, engine.model_name)
         meta = ResponseMeta(new_response_id("chatcmpl" if chat else "cmpl"), engine.model_name, chat)
-        gen_request = build_generation_request(
-            body,
-            engine.tokenizer,
-            vocab_size=engine.tokenizer.vocab_size,
-            max_model_len=engine.max_model_len,
-            response_id=meta.id,
+        gen_request = await state.tokenizer_pool.run(  # megabytes of prompt take seconds: not on the loop
+            lambda: build_generation_request(
+                body,
+                engine.tokenizer,
+                vocab_size=engine.tokenizer.vocab_size,
+                max_model_len=engine.max_model_len,
+                response_id=meta.id,
+            )
         )
         want_logprobs = gen_request.params.logprobs is not None
         state.metrics.request_arrived(meta.id, gen_request.arrival_time)

@@ -7,23 +7,37 @@ POST /v1/versions/rollback   {"version": k, "reason": "..."}: continue training 
 POST /v1/score               {"prompt": "...", or "messages": [...], "continuation": "..."}: the summed
                              log-probability of the continuation under the version served right now
                              (teacher forcing), e.g. to see a corrected answer become more likely
+
+The score is engine work in slices between serving iterations (scoring.py); prompt + continuation must fit
+the context (400 `context_length_exceeded` otherwise), tokenization runs off the event loop, and the handler
+waits for the score without holding a thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from typing import Any
 
 import redis
 from alchemist_protocol.job_store import JobStore
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
-from alchemist_worker.api.errors import bad_request, unavailable
+from alchemist_worker.api.errors import APIError, bad_request, unavailable
+from alchemist_worker.continual.scoring import ScoreQueueFull
 
-Scorer = Callable[
-    [list[int], list[int]], tuple[float, int]
-]  # (prompt ids, continuation ids) -> (logprob, version)
+# (prompt ids, continuation ids) -> the future (logprob, version) of a queued score.
+Scorer = Callable[[list[int], list[int]], Future[tuple[float, int]]]
+# Runs a function off the event loop and awaits its result (the server's tokenizer pool).
+Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
+SCORE_TIMEOUT_S = 120.0
+
+
+async def _threadpool(fn: Callable[[], Any]) -> Any:
+    return await run_in_threadpool(fn)
 
 
 class RollbackBody(BaseModel):
@@ -48,8 +62,13 @@ def continual_router(
     encode_prompt: Callable[[str], list[int]],
     encode_chat: Callable[[list[dict[str, str]]], list[int]],
     encode_continuation: Callable[[str], list[int]],
+    *,
+    max_model_len: int | None = None,
+    offload: Offload | None = None,
 ) -> APIRouter:
+    """`max_model_len`: the most prompt + continuation tokens a score may have."""
     router = APIRouter()
+    run_off_loop = offload or _threadpool
 
     @router.get("/v1/versions")
     def list_versions() -> dict[str, Any]:
@@ -76,15 +95,35 @@ def continual_router(
             raise unavailable(f"Redis is unreachable: {exc}") from None
         return {"object": "rollback", **request.model_dump(mode="json")}
 
+    def encode(body: ScoreBody) -> tuple[list[int], list[int]]:  # off the event loop: texts can be megabytes
+        prompt = encode_prompt(body.prompt) if body.prompt is not None else encode_chat(body.messages or [])
+        return prompt, encode_continuation(body.continuation)
+
     @router.post("/v1/score")
-    def score(body: ScoreBody) -> dict[str, Any]:
+    async def score(body: ScoreBody) -> dict[str, Any]:
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
-        prompt = encode_prompt(body.prompt) if body.prompt is not None else encode_chat(body.messages or [])
-        continuation = encode_continuation(body.continuation)
+        prompt, continuation = await run_off_loop(lambda: encode(body))
         if not prompt or not continuation:
             raise bad_request("prompt and continuation must each hold at least one token", "continuation")
-        logprob, version = scorer(prompt, continuation)
+        if max_model_len is not None and len(prompt) + len(continuation) > max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_model_len} tokens; the score has "
+                f"{len(prompt)} prompt and {len(continuation)} continuation tokens. Shorten them.",
+                param="continuation",
+                code="context_length_exceeded",
+            )
+        try:
+            pending = scorer(prompt, continuation)
+        except ScoreQueueFull as exc:
+            raise APIError(429, f"too many scores in progress: {exc}", type="rate_limit_error") from None
+        try:
+            logprob, version = await asyncio.wait_for(asyncio.wrap_future(pending), SCORE_TIMEOUT_S)
+        except TimeoutError:
+            raise unavailable(f"the score did not finish within {SCORE_TIMEOUT_S:g} s") from None
+        finally:
+            pending.cancel()  # a client that left, or a timeout: abandon the work (no-op once it finished)
         return {
             "object": "score",
             "logprob": logprob,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from alchemist_protocol.feedback_client import FeedbackClient
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import JobKeys
 from alchemist_protocol.redis_connection import connect
+from alchemist_protocol.schemas import Feedback, RequestRecord
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
@@ -34,7 +36,8 @@ from alchemist_worker.continual.duties import ControlDuties
 from alchemist_worker.continual.engine_side import EngineSide
 from alchemist_worker.continual.lease import TrainerLease
 from alchemist_worker.continual.metrics import TrainingMetrics
-from alchemist_worker.continual.router import continual_router
+from alchemist_worker.continual.router import Offload, continual_router
+from alchemist_worker.continual.scoring import ScoreQueue, continuation_logprob
 from alchemist_worker.continual.settings import TrainerSettings
 from alchemist_worker.continual.trainable_weights import TrainableWeights
 from alchemist_worker.continual.trainer import ContinualTrainer
@@ -42,10 +45,8 @@ from alchemist_worker.engine.engine_loop import EngineLoop
 from alchemist_worker.feedback.consumer import ConsumerSettings, FeedbackConsumer
 from alchemist_worker.feedback.router import feedback_router
 from alchemist_worker.feedback.samples import SampleResolver
-from alchemist_worker.model.attention import DenseCausalAttention
 from alchemist_worker.rollout.follower import FollowMode, RolloutFollower
 from alchemist_worker.rollout.heartbeat import Heartbeat
-from alchemist_worker.training.batch import TrainingSample, full_batch
 from alchemist_worker.versions.directory import VersionDirectory
 from alchemist_worker.versions.publisher import VersionPublisher
 
@@ -177,8 +178,14 @@ class ContinualRuntime:
             ),
             stream_client=self.store.stream_client,  # entries are read as bytes (redis_connection)
         )
-        resolver = SampleResolver(
-            self.store, self._encode_text, eos_ids, max_tokens=engine.max_model_len, end_token=self._end_token
+        # The most tokens one sample may have: what the model attends over, and what a step may hold.
+        self.max_sample_tokens = min(engine.max_model_len, training.batch_tokens)
+        self.resolver = resolver = SampleResolver(
+            self.store,
+            self._encode_text,
+            eos_ids,
+            max_tokens=self.max_sample_tokens,
+            end_token=self._end_token,
         )
         self.directory = VersionDirectory(settings.versions_dir)
         self.engine_side = EngineSide(loop, self.trainer, self.co_scheduler, on_step_done=lambda done: None)
@@ -203,6 +210,13 @@ class ContinualRuntime:
             or ControlTimings(heartbeat_s=settings.heartbeat_s, lease_s=settings.lease_ttl_s / 3),
             duties=ControlDuties(self.metrics.registry, stall_s=settings.control_stall_s),
         )
+        self.scores = ScoreQueue(
+            loop,
+            yield_at_modules=list(model.layers),
+            device=torch.device(str(engine.device)),
+            slice_s=training.slice_ms / 1000.0,
+            idle_slice_s=training.idle_slice_ms / 1000.0,
+        )
         self.engine_side.on_step_done = self.control.on_step_done
         self.engine_side.on_slice = self.metrics.slice_seconds.observe
         self.engine_side.on_yield = self.metrics.yields.inc
@@ -212,6 +226,7 @@ class ContinualRuntime:
     def start(self) -> None:
         if not self._attached:
             self.engine_side.attach()
+            self.scores.attach()
             self._attached = True
         self.control.start()
 
@@ -223,21 +238,26 @@ class ContinualRuntime:
         """Why this replica should not receive traffic (a control duty failing or stuck), or None; /readyz."""
         return self.control.duties.problem()
 
-    # Scoring (engine thread).
+    # Scoring: in slices between engine iterations (scoring.py).
     def score(self, prompt: list[int], continuation: list[int]) -> tuple[float, int]:
         """Summed log-probability of `continuation` after `prompt` under the served weights, and their version."""
-        return self.engine_side.call(lambda: self._score(prompt, continuation)).result(timeout=120)
+        return self.submit_score(prompt, continuation).result(timeout=120)
+
+    def submit_score(self, prompt: list[int], continuation: list[int]) -> Future[tuple[float, int]]:
+        """Queues a score (raises ScoreQueueFull when too many wait); a version switch midway restarts it."""
+
+        def work() -> tuple[float, int]:
+            while True:
+                version = int(self.engine.weight_version)
+                logprob, _ = self._score(prompt, continuation)
+                if self.engine.weight_version == version:
+                    return logprob, version
+
+        return self.scores.submit(work)
 
     def _score(self, prompt: list[int], continuation: list[int]) -> tuple[float, int]:
-        model = self.engine.training_model
-        sample = TrainingSample("score", torch.tensor(prompt), torch.tensor(continuation))
-        batch = full_batch([sample], self.engine.device)
-        with torch.inference_mode():
-            backend = DenseCausalAttention(batch.cu_seqlens, sliding_window=model.config.sliding_window)
-            hidden = model(batch.input_ids, batch.positions, backend)
-            logits = model.compute_logits(hidden[batch.loss_rows]).float()  # [R, vocab]
-            logprobs = torch.log_softmax(logits, dim=-1).gather(1, batch.labels[:, None])
-        return float(logprobs.sum()), int(self.engine.weight_version)
+        logprob = continuation_logprob(self.engine.training_model, self.engine.device, prompt, continuation)
+        return logprob, int(self.engine.weight_version)
 
     def continuation_tokens(self, text: str) -> list[int]:
         """How a correction becomes training tokens: the text, then the end-of-turn token."""
@@ -246,8 +266,15 @@ class ContinualRuntime:
             tokens.append(self._end_token)
         return tokens
 
-    def routers(self) -> list[APIRouter]:
-        client = FeedbackClient(self.redis, self.store.keys)
+    def sample_tokens(self, record: RequestRecord, feedback: Feedback) -> int:
+        """How many tokens the feedback's training sample will have (what the resolver will build)."""
+        return len(record.prompt_tokens) + len(self.resolver.response_tokens(record, feedback.correction))
+
+    def routers(self, offload: Offload | None = None) -> list[APIRouter]:
+        """`offload` runs tokenization off the event loop (the server's bounded tokenizer pool)."""
+        client = FeedbackClient(
+            self.redis, self.store.keys, idempotency_ttl_s=self.settings.trained_horizon_s
+        )
         tokenizer = self.engine.tokenizer
         return [
             feedback_router(
@@ -255,13 +282,18 @@ class ContinualRuntime:
                 self.store,
                 max_backlog=self.settings.feedback_max_backlog,
                 backlog=lambda: self.consumer.lag().entries,
+                sample_tokens=self.sample_tokens,
+                max_sample_tokens=self.max_sample_tokens,
+                offload=offload,
             ),
             continual_router(
                 self.store,
                 self.control.status,
-                self.score,
+                self.submit_score,
                 encode_prompt=tokenizer.encode,
                 encode_chat=tokenizer.apply_chat_template,
                 encode_continuation=self.continuation_tokens,
+                max_model_len=self.engine.max_model_len,
+                offload=offload,
             ),
         ]

@@ -81,7 +81,7 @@ class SampleResolver:
             )
         if feedback.label is FeedbackLabel.NEGATIVE:
             return Skip(SkipKind.NOT_TRAINED, "rejected answers are not imitated", record.version)
-        response = self._response(record, feedback.correction)
+        response = self.response_tokens(record, feedback.correction)
         if not response:
             return Skip(SkipKind.DEAD, f"request {record.request_id!r} has an empty response", record.version)
         if not record.prompt_tokens:
@@ -103,7 +103,8 @@ class SampleResolver:
             corrected=feedback.label is FeedbackLabel.CORRECTION,
         )
 
-    def _response(self, record: RequestRecord, correction: str | None) -> list[int]:
+    def response_tokens(self, record: RequestRecord, correction: str | None) -> list[int]:
+        """The response a sample imitates: as served, or the correction ended like the original."""
         if correction is None:
             return list(record.response_tokens)
         tokens = self.encode(correction)
