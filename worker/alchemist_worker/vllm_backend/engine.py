@@ -35,7 +35,7 @@ from alchemist_worker.activations.store import ActivationStore
 from alchemist_worker.cache_dir import cache_root
 from alchemist_worker.engine.config import EngineConfig, EngineConfigError
 from alchemist_worker.engine.detokenizer import IncrementalDetokenizer
-from alchemist_worker.engine.llm_engine import resolve_device, resolve_dtype
+from alchemist_worker.engine.llm_engine import DEFAULT_MAX_MODEL_LEN, resolve_device, resolve_dtype
 from alchemist_worker.engine.recording import RecordingStats, RecordSampler
 from alchemist_worker.engine.sampling_params import SamplingParams
 from alchemist_worker.engine.sequence import FinishReason, TokenLogprob
@@ -192,7 +192,11 @@ class VllmEngine:
             model=str(config.model),
             skip_tokenizer_init=True,
             dtype=str(dtype).removeprefix("torch."),
-            max_model_len=config.max_model_len,
+            # as the native engine: the configured length, else the model's capped at 4096, never past the model's
+            max_model_len=min(
+                config.max_model_len or min(self.model_config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN),
+                self.model_config.max_position_embeddings,
+            ),
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             kv_cache_memory_bytes=config.kv_cache_bytes,
@@ -204,7 +208,9 @@ class VllmEngine:
         if overrides:
             options["hf_overrides"] = overrides
             if compile:  # vLLM's compile cache key misses hf_overrides: the adapter's shape names the folder
-                options["compilation_config"] = {"cache_dir": str(compile_cache_dir([adapter, share_weights]))}
+                options["compilation_config"] = {
+                    "cache_dir": str(compile_cache_dir([adapter, share_weights]))
+                }
         self.llm = VllmLLMEngine.from_engine_args(EngineArgs(**options))
         client: Any = self.llm.engine_core  # in-process client: it holds the EngineCore itself
         core = client.engine_core

@@ -1,0 +1,135 @@
+"""What recording costs inside vLLM's prefill step, measured in one process with the policies interleaved.
+
+One vLLM engine (our model class, weights shared as for training, compiled unless --eager) serves a stream of
+rounds; in each round, for every configuration in a rotating order, it prefills a fresh prompt of --prompt tokens
+while a small batch decodes, and the step that holds the prefill is timed. Configurations:
+- `off`: no recording; the step runs vLLM's compiled graph;
+- `kv`, `selective`, `full`: the prompt is recorded; the step runs eagerly (see docs/vllm-engine.md), so its cost
+  is the recording work plus eager instead of compiled execution. The recording work itself (every layer's copies,
+  the log-sum-exp vLLM does not return, the commit to the store) is also timed inside the step.
+Medians over rounds. A decode step after each prefill is timed too: decodes never record.
+
+    .venv/bin/python bench/vllm_recording_overhead.py --prompt 256 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from alchemist_worker.activations.policy import RecordingPolicy
+from alchemist_worker.engine.config import EngineConfig, RecordingConfig
+from alchemist_worker.engine.sampling_params import SamplingParams
+from alchemist_worker.engine.serving_engine import GenerationRequest
+from alchemist_worker.engine.store_recording import StoreRecording
+from alchemist_worker.model.config import ModelConfig
+
+CONFIGS = ("off", "kv", "selective", "full")
+
+
+def timed_plan(engine: Any, clock: list[float]) -> None:
+    """Wraps the engine's step planning so every recording hook's seconds add up in `clock`."""
+    plan = engine._plan_step
+
+    def planned(output: Any) -> Any:
+        step = plan(output)
+        if step is None:
+            return None
+        for name in ("record_layer", "attention_lse", "finish", "recorder"):
+            inner = getattr(step, name)
+
+            def timed(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return _inner(*args, **kwargs)
+                finally:
+                    clock[0] += time.perf_counter() - started
+
+            setattr(step, name, timed)
+        return step
+
+    engine._plan_step = planned
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", type=Path, default=None, help="checkpoint (default: SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--eager", action="store_true", help="run every step eagerly (no compilation)")
+    args = parser.parse_args()
+    if args.model is None:
+        from alchemist_worker.bundled_model import ensure_small_model
+
+        args.model = ensure_small_model()
+    from alchemist_worker.vllm_backend.engine import VllmEngine
+
+    recording = RecordingConfig(
+        policy="full", rate=1.0, device_budget_bytes=4 << 30, host_budget_bytes=4 << 30
+    )
+    config = EngineConfig(
+        model=args.model, dtype="float32", max_model_len=2048, kv_cache_bytes=1 << 30, recording=recording
+    )
+    store = StoreRecording.from_config(recording, ModelConfig.from_pretrained(args.model), "cpu")
+    engine = VllmEngine(config, recording=store, compile=not args.eager)
+    clock = [0.0]
+    timed_plan(engine, clock)
+    gen = torch.Generator().manual_seed(0)
+    vocab = engine.model_config.vocab_size
+    greedy = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
+    for i in range(4):  # a decoding batch the prefills join
+        prompt = torch.randint(10, vocab, (32,), generator=gen).tolist()
+        engine.add_request(GenerationRequest(f"bg{i}", prompt, greedy, record=False))
+    engine.step()
+    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    hooks: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    decodes: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    for round_no in range(args.rounds + 1):  # round 0 warms every path up
+        order = CONFIGS[round_no % 4 :] + CONFIGS[: round_no % 4]
+        for name in order:
+            if name != "off":
+                engine.policy = RecordingPolicy(name)
+            prompt = torch.randint(10, vocab, (args.prompt,), generator=gen).tolist()
+            rid = f"p{round_no}-{name}"
+            params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+            engine.add_request(GenerationRequest(rid, prompt, params, record=name != "off"))
+            clock[0] = 0.0
+            started = time.perf_counter()
+            engine.step()  # the prefill, with the decoding batch
+            elapsed = time.perf_counter() - started
+            started = time.perf_counter()
+            engine.step()  # a decode step (the prefilled request decodes its second token)
+            decode = time.perf_counter() - started
+            if round_no:
+                times[name].append(elapsed)
+                hooks[name].append(clock[0])
+                decodes[name].append(decode)
+            store.store.pop(rid)
+    base = statistics.median(times["off"])
+    print(
+        f"vLLM engine, {'eager' if args.eager else 'compiled'}; prompt {args.prompt} tokens joining 4 decoding "
+        f"requests; medians over {args.rounds} rounds; {torch.get_num_threads()} torch threads\n"
+    )
+    print(
+        "| policy | prefill step (ms) | vs off | recording work in the step (ms) | its share | decode step (ms) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name in CONFIGS:
+        step, hook = statistics.median(times[name]), statistics.median(hooks[name])
+        print(
+            f"| {name} | {1000 * step:.1f} | {step / base - 1:+.1%} | {1000 * hook:.1f} | {hook / step:.1%} "
+            f"| {1000 * statistics.median(decodes[name]):.1f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
