@@ -42,6 +42,29 @@ def test_a_plain_spec_has_no_problems() -> None:
         ({"env": [{"name": "ALCHEMIST_REPLICA", "value": "x"}]}, "must not set ALCHEMIST_REPLICA"),
         ({"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}, "sets A more than once"),
         ({"replicas": 2, "versions": {"storage": "EmptyDir"}}, "gives each pod its own versions"),
+        ({"resources": {"gpus": 2}}, "the worker uses 1 device per pod"),
+        (
+            {"env": [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
+            "A: set value or valueFrom, not both",
+        ),
+        (
+            {
+                "env": [
+                    {
+                        "name": "A",
+                        "valueFrom": {
+                            "fieldRef": {"fieldPath": "metadata.name"},
+                            "secretKeyRef": {"name": "s", "key": "k"},
+                        },
+                    }
+                ]
+            },
+            "exactly one of secretKeyRef",
+        ),
+        (
+            {"env": [{"name": "ALCHEMIST_REDIS_PASSWORD", "value": "x"}]},
+            "must not set ALCHEMIST_REDIS_PASSWORD",
+        ),
     ],
 )
 def test_each_problem_is_named(spec: dict[str, Any], expected: str) -> None:
