@@ -66,7 +66,10 @@ class Tokenizer:
         return self.token_id(self.eos_token)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch releases the GIL while it works (encode holds it throughout): a megabyte prompt then
+        # takes seconds on a tokenizer thread without stalling the event loop and the engine's thread.
+        (encoding,) = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
