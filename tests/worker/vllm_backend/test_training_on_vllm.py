@@ -159,3 +159,39 @@ def test_full_fine_tuning_versions_are_written_into_the_served_tensors(
     native = build_engine(path)
     native.training_model.layers[1].self_attn.k_proj.weight = torch.nn.Parameter(new_weight.detach().clone())
     assert out == tokens_of(run_to_completion(native, [request("r", prompt, max_tokens=6)])["r"])
+
+
+@pytest.mark.parametrize("salted", [True, False], ids=["salted", "one-salt-for-all"])
+def test_prefix_cache_entries_of_the_old_version_are_never_reused(
+    tiny_checkpoints: dict[str, Path], salted: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unrecorded requests read the prefix cache; after a switch, blocks cached under v0 must not serve v1.
+
+    Without the per-version salt (second case) the same test sees v0's KV served under v1: it can fail.
+    """
+    from alchemist_worker.engine.serving_engine import GenerationRequest
+    from alchemist_worker.vllm_backend.engine import VllmEngine
+
+    if not salted:
+        monkeypatch.setattr(VllmEngine, "cache_salt", staticmethod(lambda version: "one-salt"))
+    path = tiny_checkpoints["llama"]
+    engine = vllm_engine(path, adapter={"rank": 4, "target_modules": list(ALL_TARGETS)})
+    prompt = prompt_of(200, engine.model_config.vocab_size, 50)  # a full 128-token block gets cached
+
+    def generate(rid: str) -> list[int]:
+        plain = request(rid, prompt, max_tokens=6)
+        engine.add_request(GenerationRequest(rid, plain.prompt_token_ids, plain.params, record=False))
+        return tokens(run_all(engine)[rid])
+
+    generate("warm")  # v0's KV of the first block is now cached
+    values = _random_lora(engine.training_model, seed=9)
+    engine.request_weight_switch(WeightSwitch(version=1, apply=lambda: None))
+    after = generate("after")
+    native = build_engine(path)
+    add_lora(native.training_model, LORA)
+    with torch.no_grad():
+        for name, module in lora_modules(native.training_model):
+            module.lora_A.copy_(values[f"{name}.lora_A"])
+            module.lora_B.copy_(values[f"{name}.lora_B"])
+    expected = tokens_of(run_to_completion(native, [request("n", prompt, max_tokens=6)])["n"])
+    assert (after == expected) is salted

@@ -359,12 +359,17 @@ class VllmEngine:
             state.recording.version = self.weight_version
         max_tokens = min(request.params.max_tokens, self.max_model_len - len(prompt))
         params = vllm_sampling_params(request.params, max_tokens, state.recording is not None)
-        salt = f"alchemist-weights-v{self.weight_version}"
+        salt = self.cache_salt(self.weight_version)
         state.internal_id = self.llm.add_request(
             request.request_id, TokensPrompt(prompt_token_ids=prompt, cache_salt=salt), params
         )
         self._by_internal[state.internal_id] = state
         self._prompt_tokens += len(prompt)
+
+    @staticmethod
+    def cache_salt(version: int) -> str:
+        """Prefix-cache entries are keyed by this too: KV computed under one version never serves another."""
+        return f"alchemist-weights-v{version}"
 
     def _plan_step(self, scheduler_output: Any) -> StepRecording | None:
         """Runner hook: the step's recording, or None when no scheduled request is a prompt still to record."""
