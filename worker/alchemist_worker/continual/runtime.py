@@ -65,6 +65,7 @@ class RuntimeSettings:
     feedback_max_held: int = 1024
     feedback_claim_idle_ms: int = 60_000
     feedback_max_backlog: int = 0  # POST /v1/feedback answers 429 beyond this backlog; 0: unbounded
+    feedback_record_grace_s: float = 2.0  # POST /v1/feedback waits this long for a request record, then 404
     feedback_stream_max_len: int = 1_000_000  # acknowledged entries beyond it are deleted; 0: no bound
     dead_letter_max_len: int = 10_000  # the dead-letter stream keeps about this many entries
     dead_letter_field_bytes: int = 4096  # each original field of a dead letter is cut to this
@@ -98,6 +99,7 @@ class RuntimeSettings:
             "feedback_max_held": ("ALCHEMIST_FEEDBACK_MAX_HELD", int),
             "feedback_claim_idle_ms": ("ALCHEMIST_FEEDBACK_CLAIM_IDLE_MS", int),
             "feedback_max_backlog": ("ALCHEMIST_FEEDBACK_MAX_BACKLOG", int),
+            "feedback_record_grace_s": ("ALCHEMIST_FEEDBACK_RECORD_GRACE_SECONDS", float),
             "feedback_stream_max_len": ("ALCHEMIST_FEEDBACK_STREAM_MAX_LEN", int),
             "dead_letter_max_len": ("ALCHEMIST_FEEDBACK_DEAD_LETTER_MAX_LEN", int),
             "dead_letter_field_bytes": ("ALCHEMIST_FEEDBACK_DEAD_LETTER_FIELD_BYTES", int),
@@ -282,6 +284,7 @@ class ContinualRuntime:
                 self.store,
                 max_backlog=self.settings.feedback_max_backlog,
                 backlog=lambda: self.consumer.lag().entries,
+                record_grace_s=self.settings.feedback_record_grace_s,
                 sample_tokens=self.sample_tokens,
                 max_sample_tokens=self.max_sample_tokens,
                 offload=offload,
