@@ -38,6 +38,7 @@ class ApiError(Exception):
     def __init__(self, status: int, method: str, path: str, message: str) -> None:
         super().__init__(f"{method} {path} failed with HTTP {status}: {message}")
         self.status = status
+        self.message = message  # the server's own words, the same whichever request it refused
 
 
 def resource_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:

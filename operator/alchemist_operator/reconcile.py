@@ -26,6 +26,9 @@ from alchemist_operator.spec_checks import validate_job
 
 # HTTP statuses with which the API server refuses a manifest itself: the spec must change, retrying won't help.
 REJECTED = (400, 422)
+# Spec fields the drift check leaves alone although Kubernetes lets them change: a claim's size may only grow, and
+# one grown by hand must not be "repaired" back down (the server would refuse it).
+DRIFT_IGNORED: dict[str, tuple[str, ...]] = {"PersistentVolumeClaim": ("resources",)}
 
 
 def job_ref(body: kopf.Body) -> JobRef:
@@ -54,10 +57,10 @@ def _refusal(exc: ApiError, kind: str, name: str) -> Blocker:
     if exc.status == 403:
         return Blocker(
             "Forbidden",
-            f"the API server refused to write the {kind} {name} (HTTP 403): {exc}; check the operator's RBAC "
-            "and any admission webhook or policy",
+            f"the API server refused to write the {kind} {name} (HTTP 403): {exc.message}; check the operator's "
+            "RBAC and any admission webhook or policy",
         )
-    return Blocker("ApplyFailed", f"could not write the {kind} {name}: {exc}")
+    return Blocker("ApplyFailed", f"could not write the {kind} {name} (HTTP {exc.status}): {exc.message}")
 
 
 async def _converge(
@@ -76,7 +79,7 @@ async def _converge(
                 live = await memo.cluster.get(manifest["apiVersion"], kind, job.namespace, name)
                 if live is None:
                     repaired = f"the {kind} {name} was deleted; recreated it"
-                elif changed := drift(manifest, live, immutable):
+                elif changed := drift(manifest, live, immutable + DRIFT_IGNORED.get(kind, ())):
                     repaired = (
                         f"the {kind} {name} was changed by hand ({', '.join(changed[:5])}); restored it"
                     )
@@ -84,9 +87,14 @@ async def _converge(
                     continue
             result = await memo.cluster.apply(manifest, immutable=immutable)
         except ApiError as exc:
-            if exc.status in REJECTED:
+            if exc.status in REJECTED and not repair_only:
                 _invalid(body, memo, generation, f"the API server rejected the {kind}: {exc}")
                 return applied
+            if (
+                exc.status in REJECTED
+            ):  # the spec was accepted before: what the live object became is the problem
+                blockers.append(Blocker("RepairRejected", f"could not put back the {kind} {name}: {exc}"))
+                break
             blockers.append(_refusal(exc, kind, name))
             break  # later children depend on earlier ones (the pods on the ConfigMap and Secrets)
         if repaired:

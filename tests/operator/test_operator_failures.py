@@ -87,9 +87,11 @@ async def test_a_403_from_the_api_server_is_a_condition_and_a_warning(
     kube: KubernetesEmulator, operator_config: OperatorConfig
 ) -> None:
     refusal = {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "denied by policy no-gpus"}
+    # Every write of the StatefulSet is refused (kmock stores a refused object all the same, so updates too).
     kube[f"post /apis/apps/v1/namespaces/{NS}/statefulsets"] << 403 << refusal
+    kube[f"patch /apis/apps/v1/namespaces/{NS}/statefulsets/chat"] << 403 << refusal
     await kube.post(JOB_PATH, json=job_manifest())
-    async with running_operator(operator_config):  # the next attempt comes with the drift check, 30 s later
+    async with running_operator(fast(operator_config)):  # retried at every drift check, refused every time
         await eventually(lambda: (condition(kube, "Reconciled") or ("", ""))[1] == "Forbidden")
         message = condition(kube, "Reconciled")[2]  # type: ignore[index]
         assert "refused to write the StatefulSet chat (HTTP 403)" in message and "denied by policy" in message
@@ -97,7 +99,11 @@ async def test_a_403_from_the_api_server_is_a_condition_and_a_warning(
         assert "StatefulSet chat" in posted["message"]
         assert condition(kube, "Ready")[:2] == ("False", "Forbidden")  # type: ignore[index]
         assert condition(kube, "Valid")[0] == "True"  # type: ignore[index]  # the spec is fine; the cluster is not
-        # (kmock stores the object even when a reaction answers 403; the operator only sees the refusal.)
+        await asyncio.sleep(
+            1.0
+        )  # retried, still refused: the condition stays and the Warning is not repeated
+        assert condition(kube, "Reconciled")[1] == "Forbidden"  # type: ignore[index]
+        assert len([e for e in events(kube) if e["reason"] == "Forbidden"]) == 1
 
 
 async def test_an_invalid_spec_is_never_ready(
@@ -145,6 +151,20 @@ async def test_deleted_and_hand_edited_children_are_put_back(
         await kube.delete(f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/chat")
         await eventually(lambda: has_object(kube, "v1/services", NS, "chat"), what="the Service recreated")
         await eventually(lambda: has_object(kube, "policy/v1/poddisruptionbudgets", NS, "chat"))
+
+        # A versions claim grown by hand stays grown (claims only grow; shrinking it back would be refused).
+        claim = f"/api/v1/namespaces/{NS}/persistentvolumeclaims/chat-versions"
+        grown = {"spec": {"resources": {"requests": {"storage": "50Gi"}}}}
+        assert (await kube.patch(claim, json=grown)).status == 200
+        await asyncio.sleep(1.0)  # three drift checks
+        live = kube.objects["v1/persistentvolumeclaims", NS, "chat-versions"]
+        assert live["spec"]["resources"]["requests"]["storage"] == "50Gi"
+        assert not [
+            e
+            for e in events(kube)
+            if e["reason"] == "DriftRepaired" and "PersistentVolumeClaim" in e["message"]
+        ]
+        assert condition(kube, "Reconciled")[:2] == ("True", "ChildrenApplied")  # type: ignore[index]
 
 
 async def test_a_crashing_worker_is_reported_with_its_last_words(
