@@ -42,7 +42,18 @@ def test_environment_alone_configures_the_operator() -> None:
     config, verbose = config_from_args([], env)
     assert config.namespaces == ("team-a", "team-b")
     assert config.monitor_interval_seconds == 2.5 and config.standalone and not verbose
-    assert config.default_redis_url is None
+    assert config.default_redis_url is None and config.default_redis_password is None
+    assert config.drift_check_seconds == 30.0
+
+
+def test_the_redis_password_comes_from_the_environment_and_is_never_printed() -> None:
+    env = {
+        "ALCHEMIST_DEFAULT_REDIS_PASSWORD": "pw-from-secret",
+        "ALCHEMIST_OPERATOR_DRIFT_CHECK_INTERVAL": "5",
+    }
+    config, _ = config_from_args([], env)
+    assert config.default_redis_password == "pw-from-secret" and config.drift_check_seconds == 5.0
+    assert "pw-from-secret" not in repr(config)
 
 
 def test_replicas_draw_distinct_priorities_so_exactly_one_works() -> None:
