@@ -1,7 +1,8 @@
 """OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status.
 
 The official client turns these into typed exceptions (BadRequestError, NotFoundError, ...), so clients can
-tell bad input from server trouble.
+tell bad input from server trouble. Messages often quote the request (a model name, a field name); a lone
+surrogate quoted from it is written as its escape, so the error itself can always be encoded as UTF-8.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
+def encodable(text: str) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates) written as a backslash escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -25,11 +31,12 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
     ) -> None:
+        message = encodable(message)
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
-        self.param = param
+        self.param = None if param is None else encodable(param)
         self.code = code
 
     def body(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Every rejection is an `APIError` with status 400 and the offending parameter, raised before the engine sees
 the request. A prompt that leaves no room to generate, or asks for more tokens than the context holds, is
-rejected with code `context_length_exceeded`, as OpenAI does.
+rejected with code `context_length_exceeded`, as OpenAI does. Every sampling parameter is range-checked
+here (SamplingParams, plus the bounds that need the vocabulary), because a value that only failed inside the
+engine's iteration would fail it for every request batched with it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import uuid
 
 from alchemist_worker.api.errors import APIError, bad_request
 from alchemist_worker.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from alchemist_worker.api.text_validity import reject_invalid_text
 from alchemist_worker.engine.sampling_params import InvalidParameter, SamplingParams
 from alchemist_worker.engine.serving_engine import GenerationRequest, PromptTokenizer
 
@@ -84,16 +87,31 @@ def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> i
     return room if requested is None else requested
 
 
+def _check_vocabulary_bounds(body: CompletionRequest | ChatCompletionRequest, vocab_size: int) -> None:
+    if body.top_k > vocab_size:
+        raise bad_request(
+            f"top_k must be at most the vocabulary size {vocab_size} (or -1/0 for no cut), got {body.top_k}",
+            param="top_k",
+        )
+    bad = [t for t in body.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"stop_token_ids {bad[:5]} are outside [0, {vocab_size})", param="stop_token_ids")
+
+
 def sampling_params(
-    body: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_model_len: int
+    body: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_model_len: int, vocab_size: int
 ) -> SamplingParams:
+    _check_vocabulary_bounds(body, vocab_size)
+    limit_param = "max_tokens"
     if isinstance(body, ChatCompletionRequest):
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if body.max_completion_tokens is not None:
+            limit_param = "max_completion_tokens"
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
         requested, logprobs = body.max_tokens, body.logprobs
     if requested is not None and requested < 1:
-        raise bad_request(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+        raise bad_request(f"{limit_param} must be at least 1, got {requested}", param=limit_param)
     try:
         return SamplingParams(
             max_tokens=_max_tokens(requested, prompt_len, max_model_len),
@@ -109,7 +127,8 @@ def sampling_params(
             frequency_penalty=body.frequency_penalty,
         )
     except InvalidParameter as exc:
-        raise bad_request(str(exc), param=exc.param) from exc
+        chat_logprobs = exc.param == "logprobs" and isinstance(body, ChatCompletionRequest)
+        raise bad_request(str(exc), param="top_logprobs" if chat_logprobs else exc.param) from exc
 
 
 def build_generation_request(
@@ -120,12 +139,13 @@ def build_generation_request(
     max_model_len: int,
     response_id: str,
 ) -> GenerationRequest:
+    reject_invalid_text(body)
     reject_unsupported(body)
     if isinstance(body, CompletionRequest):
         prompt = completion_prompt(body, tokenizer, vocab_size)
     else:
         prompt = chat_prompt(body, tokenizer)
-    params = sampling_params(body, len(prompt), max_model_len)
+    params = sampling_params(body, len(prompt), max_model_len, vocab_size)
     return GenerationRequest(
         request_id=response_id, prompt_token_ids=prompt, params=params, record=body.record
     )

@@ -33,7 +33,7 @@ from alchemist_worker.api.openapi_document import install_openapi
 from alchemist_worker.api.tokenizer_pool import TokenizerPool
 from alchemist_worker.engine.engine_loop import EngineLoop
 from alchemist_worker.engine.sequence import TokenLogprob
-from alchemist_worker.engine.serving_engine import RequestOutput
+from alchemist_worker.engine.serving_engine import EngineStepFailed, RequestFailed, RequestOutput
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -82,6 +82,15 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientGone()
 
 
+def engine_error(exc: Exception) -> APIError:
+    """The HTTP answer to an engine failure: 503 when retrying may work, 500 when this request broke."""
+    if isinstance(exc, EngineStepFailed):
+        return unavailable(str(exc))
+    if isinstance(exc, RequestFailed):
+        return APIError(500, str(exc), type="server_error", code="generation_failed")
+    return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -120,17 +129,17 @@ def build_app(
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        healthy = state.loop.alive
-        return JSONResponse(
-            {"status": "ok" if healthy else "engine loop stopped"}, status_code=200 if healthy else 503
-        )
+        problem = state.loop.health_problem()  # a dead loop or an engine failing every iteration
+        if problem is not None:
+            return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
+        return JSONResponse({"status": "ok"}, status_code=200)
 
     @app.get("/readyz")
     async def readyz() -> Response:
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        if not state.loop.alive:
-            return JSONResponse({"status": "not ready", "reason": "engine loop stopped"}, status_code=503)
+        if (problem := state.loop.health_problem()) is not None:
+            return JSONResponse({"status": "not ready", "reason": problem}, status_code=503)
         reasons = [reason for check in state.readiness_checks if (reason := check())]
         if reasons:
             return JSONResponse({"status": "not ready", "reason": "; ".join(reasons)}, status_code=503)
@@ -174,6 +183,9 @@ def build_app(
         except ValueError as exc:  # the engine refused it (e.g. longer than its cache can ever hold)
             state.metrics.request_dropped(meta.id)
             raise bad_request(str(exc)) from exc
+        except (EngineStepFailed, RequestFailed) as exc:
+            state.metrics.request_dropped(meta.id)
+            raise engine_error(exc) from exc
         except ClientGone:
             state.metrics.request_dropped(meta.id)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -185,6 +197,8 @@ def build_app(
             text, last, logprobs = await _unless_disconnected(request, collect(first, outputs))
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except (EngineStepFailed, RequestFailed) as exc:
+            raise engine_error(exc) from exc
         return JSONResponse(
             full_response(meta, text, last, logprobs if want_logprobs else None, engine.tokenizer)
         )
@@ -230,7 +244,7 @@ def build_app(
             if include_usage:
                 yield _sse(usage_chunk(meta, last))
         except Exception as exc:  # headers are sent: report the failure inside the stream
-            yield _sse(APIError(500, f"generation failed: {exc}", type="server_error").body())
+            yield _sse(engine_error(exc).body())
         finally:
             await outputs.aclose()
         yield "data: [DONE]\n\n"

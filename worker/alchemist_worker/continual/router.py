@@ -6,7 +6,9 @@ POST /v1/versions/rollback   {"version": k, "reason": "..."}: continue training 
                              job also moves its rollout pointer)
 POST /v1/score               {"prompt": "...", or "messages": [...], "continuation": "..."}: the summed
                              log-probability of the continuation under the version served right now
-                             (teacher forcing), e.g. to see a corrected answer become more likely
+                             (teacher forcing), e.g. to see a corrected answer become more likely;
+                             messages are checked as chat completions checks them (a known role each,
+                             at least one), and bad text or a conversation the template rejects is a 400
 
 The score is engine work in slices between serving iterations (scoring.py); prompt + continuation must fit
 the context (400 `context_length_exceeded` otherwise), tokenization runs off the event loop, and the handler
@@ -27,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from alchemist_worker.api.errors import APIError, bad_request, unavailable
+from alchemist_worker.api.openai_schemas import ChatMessage
+from alchemist_worker.api.text_validity import reject_invalid_text
 from alchemist_worker.continual.scoring import ScoreQueueFull
 
 # (prompt ids, continuation ids) -> the future (logprob, version) of a queued score.
@@ -51,7 +55,7 @@ class ScoreBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     continuation: str = Field(min_length=1)
 
 
@@ -96,7 +100,15 @@ def continual_router(
         return {"object": "rollback", **request.model_dump(mode="json")}
 
     def encode(body: ScoreBody) -> tuple[list[int], list[int]]:  # off the event loop: texts can be megabytes
-        prompt = encode_prompt(body.prompt) if body.prompt is not None else encode_chat(body.messages or [])
+        reject_invalid_text(body)
+        if body.prompt is not None:
+            prompt = encode_prompt(body.prompt)
+        else:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages or []]
+            try:
+                prompt = encode_chat(messages)
+            except Exception as exc:  # a template may reject a conversation (raise_exception)
+                raise bad_request(f"the chat template rejected these messages: {exc}", "messages") from exc
         return prompt, encode_continuation(body.continuation)
 
     @router.post("/v1/score")
