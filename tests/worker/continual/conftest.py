@@ -79,7 +79,12 @@ class InProcessWorker:
             TrainerSettings(**settings),  # type: ignore[arg-type]
             model_path=checkpoint,
             timings=ControlTimings(
-                poll_s=0.01, lease_s=0.2, follow_s=0.05, heartbeat_s=0.2, commit_retry_s=0.2, commit_retry_max_s=1.0
+                poll_s=0.01,
+                lease_s=0.2,
+                follow_s=0.05,
+                heartbeat_s=0.2,
+                commit_retry_s=0.2,
+                commit_retry_max_s=1.0,
             ),
         )
         self.feedback = FeedbackClient(self.store.client, KEYS)

@@ -42,7 +42,7 @@ from alchemist_worker.model.layer_activations import LayerActivations, Recorder
 
 ARCHITECTURE = "AlchemistForCausalLM"
 ADAPTER_CONFIG_KEY = "alchemist_adapter"  # hf_overrides key: {"rank": r, "target_modules": [...]}
-SHARE_WEIGHTS_KEY = "alchemist_share_weights"  # hf_overrides key: keep weights plain so the trainer can view them
+SHARE_WEIGHTS_KEY = "alchemist_share_weights"  # hf_overrides key: plain weights the trainer can view
 
 
 class ServedAdapter(nn.Module):
