@@ -110,12 +110,15 @@ def test_kill_9_repeatedly_loses_nothing_and_never_half_writes(
     def applications() -> None:  # feedback keeps coming, retries included, whatever the worker does
         rng = random.Random(1)
         n = 0
+        first: list[str] = []  # the request each key was sent for
         while not stop.is_set() and n < 80:
             key = f"fb-{n}"
-            client.accept(rng.choice(requests), idempotency_key=key)
+            first.append(rng.choice(requests))
+            client.accept(first[n], idempotency_key=key)
             sent.add(key)
-            if rng.random() < 0.2:  # an application retry of an earlier one
-                client.accept(rng.choice(requests), idempotency_key=f"fb-{rng.randrange(n + 1)}")
+            if rng.random() < 0.2:  # an application retry of an earlier one: the same feedback again
+                earlier = rng.randrange(n + 1)
+                client.accept(first[earlier], idempotency_key=f"fb-{earlier}")
             n += 1
             time.sleep(0.3)  # spread over the worker's lives, so each has commits to be killed in
 
