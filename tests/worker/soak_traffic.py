@@ -116,7 +116,12 @@ def valid_traffic(
             body["prompt"] = prompt
             if logprobs:
                 body["logprobs"] = 2
-        if stream:
+        roll = rng.random()
+        if roll < 0.05:  # a client that leaves after the first chunk: the engine aborts it, frees its blocks
+            _abandon_stream(http, route, {**body, "max_tokens": 40}, ledger)
+        elif roll < 0.1:
+            _score(http, prompt, ledger)
+        elif stream:
             _stream(http, route, body, ledger)
         else:
             response = _post(http, ledger, route, json=body)
@@ -131,6 +136,26 @@ def valid_traffic(
                     f"{route} answered a valid request with {response.status_code}: {response.text[:200]}"
                 )
         time.sleep(rng.uniform(0.05, 0.25))
+
+
+def _abandon_stream(http: httpx.Client, route: str, body: dict[str, Any], ledger: Ledger) -> None:
+    try:
+        with http.stream("POST", route, json={**body, "stream": True}) as response:
+            if response.status_code != 200:
+                response.read()
+            ledger.record(route + " (abandoned stream)", response)
+            next(response.iter_lines(), None)
+    except httpx.TransportError as exc:
+        with ledger.lock:
+            ledger.transport_errors[f"{route} abandoned stream {type(exc).__name__}"] += 1
+
+
+def _score(http: httpx.Client, prompt: str, ledger: Ledger) -> None:
+    response = _post(http, ledger, "/v1/score", json={"prompt": prompt, "continuation": " and the end."})
+    if response is None:
+        return
+    if response.status_code != 200 or not response.json()["logprob"] < 0:
+        ledger.wrong(f"/v1/score answered {response.status_code}: {response.text[:200]}")
 
 
 def _stream(http: httpx.Client, route: str, body: dict[str, Any], ledger: Ledger) -> None:
@@ -245,10 +270,16 @@ def api_feedback(http: httpx.Client, rng: random.Random, stop: threading.Event, 
     """Positive, negative and correction feedback on served ids, each under an idempotency key; a 503 (Redis
     down) or 429 is retried later under the same key, as an application would, so none is given up."""
     retry: list[tuple[str, dict[str, Any]]] = []
+    accepted: dict[str, dict[str, Any]] = {}
     n = 0
     while not stop.is_set():
-        if retry and rng.random() < 0.5:
+        roll = rng.random()
+        if retry and roll < 0.5:
             key, body = retry.pop(0)
+        elif accepted and roll > 0.9:  # a retry of an accepted one: 200 and the same entry, or a conflict
+            key = rng.choice(sorted(accepted))
+            _repeat(http, key, accepted[key], conflicting=roll > 0.97, ledger=ledger)
+            continue
         else:
             with ledger.lock:  # responses finished during a Redis outage have no record: skip them
                 served = list(ledger.served[-50:])
@@ -273,6 +304,7 @@ def api_feedback(http: httpx.Client, rng: random.Random, stop: threading.Event, 
         outage = ledger.in_redis_outage(sent_at, margin=3.0)
         ledger.record("/v1/feedback", response, allowed_5xx=outage and response.status_code == 503)
         if response.status_code in (200, 202):
+            accepted[key] = body
             with ledger.lock:
                 ledger.api_feedback[key] = body["label"]
         elif response.status_code in (429, 503):
@@ -280,6 +312,33 @@ def api_feedback(http: httpx.Client, rng: random.Random, stop: threading.Event, 
         else:
             ledger.wrong(f"feedback {body} got {response.status_code}: {response.text[:200]}")
         time.sleep(rng.uniform(0.1, 0.3))
+
+
+def _repeat(http: httpx.Client, key: str, body: dict[str, Any], conflicting: bool, ledger: Ledger) -> None:
+    """The same feedback again under its key (200, `duplicate`), or other feedback under it (409)."""
+    if conflicting:
+        body = {
+            **body,
+            "label": "negative" if body["label"] != "negative" else "positive",
+            "correction": None,
+        }
+    sent_at = time.monotonic()
+    try:
+        response = http.post("/v1/feedback", json=body)
+    except httpx.TransportError as exc:
+        with ledger.lock:
+            ledger.transport_errors[f"/v1/feedback repeat {type(exc).__name__}"] += 1
+        return
+    outage = ledger.in_redis_outage(sent_at, margin=3.0) and response.status_code == 503
+    ledger.record("/v1/feedback (repeat)", response, allowed_5xx=outage)
+    expected = 409 if conflicting else 200
+    if response.status_code != expected and not outage:
+        ledger.wrong(
+            f"feedback repeated under {key} got {response.status_code}, not {expected}: {response.text}"
+        )
+    elif not conflicting and not outage and response.json().get("duplicate") is not True:
+        ledger.wrong(f"feedback repeated under {key} was queued again: {response.text}")
+    time.sleep(0.1)
 
 
 def raw_entries(

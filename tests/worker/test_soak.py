@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -168,12 +169,16 @@ def test_soak_mixed_traffic_and_faults(
     worker = WorkerProcess(
         tiny_checkpoints["llama"], redis_url, directory.root, tmp_path / "worker.log",
         ALCHEMIST_MAX_BODY_BYTES=str(64 * 1024),
+        # Prefill records are a cache that grows to its budget: small budgets fill (and evict) early, so the RSS
+        # bound looks for growth beyond them.
+        ALCHEMIST_RECORD_DEVICE_MIB="8", ALCHEMIST_RECORD_HOST_MIB="16",
     ).start()  # fmt: skip
     assert worker.process is not None
     pid, model = worker.process.pid, tiny_checkpoints["llama"].name
     raw = redis.Redis.from_url(redis_url)  # bytes: entries that are not UTF-8 can be written and read back
     store = JobStore(redis.Redis.from_url(redis_url, decode_responses=True), KEYS)
     ledger, stop, rss = Ledger(), threading.Event(), list[tuple[float, int]]()
+    records: dict[str, float] = {}
     sampling = threading.Event()  # RSS is sampled through the settle period too
     clients: list[httpx.Client] = []
 
@@ -221,6 +226,7 @@ def test_soak_mixed_traffic_and_faults(
         assert not [t.name for t in threads if t.is_alive()], "a traffic source did not stop"
         wait_settled(lambda: unsettled(ledger, raw), SETTLE_SECONDS)
         final = rss_bytes(pid)
+        records = record_metrics(clients[0])
         sampling.set()
         sampler.join(10)
         http = clients[0]
@@ -239,6 +245,7 @@ def test_soak_mixed_traffic_and_faults(
         worker.stop()
         (redis_server.workdir / "dump.rdb").unlink(missing_ok=True)
         print(numbers(ledger, rss, raw, directory))  # shown with -s, and in the report of a failure
+        print(f"prefill records at the end: {records}")
 
     assert not ledger.crashes, f"traffic sources crashed: {ledger.crashes}"
     assert not ledger.server_errors, f"5xx answers: {ledger.server_errors[:10]}"
@@ -252,6 +259,17 @@ def test_soak_mixed_traffic_and_faults(
     assert answer
 
 
+def record_metrics(http: httpx.Client) -> dict[str, float]:
+    """Prefill-record gauges and counters from /metrics: bytes held by tier, records made and evicted."""
+    text = http.get("/metrics").text
+    found = re.findall(
+        r'^alchemist_(recorded_bytes\{tier="\w+"\}|recorded_requests_total|records_evicted_total) (\S+)$',
+        text,
+        re.M,
+    )
+    return {name: float(value) for name, value in found}
+
+
 def numbers(
     ledger: Ledger, rss: list[tuple[float, int]], raw: redis.Redis, directory: VersionDirectory
 ) -> str:
@@ -261,7 +279,8 @@ def numbers(
     except redis.RedisError as exc:
         letters, reasons = [], {"unreadable": str(exc)}
     else:
-        reasons = Counter(fields[b"reason"].decode()[:60] for _, fields in letters)
+        # Grouped by reason, with what it quotes (ids, bytes) left out.
+        reasons = Counter(re.sub(r"'[^']*'|\(.*?\)", "…", f[b"reason"].decode())[:50] for _, f in letters)
     series = ", ".join(f"{t:.0f}s {b / MIB:.0f}" for t, b in rss)
     return (
         f"\nsoak {SOAK_SECONDS:.0f} s\nrequests: {ledger.summary()}\ntransport errors: "
