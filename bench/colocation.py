@@ -332,7 +332,7 @@ def main() -> int:
         help="also run co-located with serving switching to each new version (the engine pauses admission)",
     )  # fmt: skip
     args = parser.parse_args()
-    if args.threads:
+    if args.threads and args.engine == "native":  # vLLM's CPU attention binds its own threads at start
         torch.set_num_threads(args.threads)
     if args.model is None:
         from alchemist_worker.bundled_model import ensure_small_model

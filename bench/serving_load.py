@@ -187,7 +187,7 @@ def measure(
     try:
         wait_ready(url, process, timeout=300)
         results, makespan = asyncio.run(run_trace(url, "bench", trace))
-        metrics = httpx.get(url + "/metrics", timeout=5).text if name.startswith("native") else ""
+        metrics = httpx.get(url + "/metrics", timeout=5).text if name != "vllm" else ""  # the worker's
         capacity = float("nan")
         if burst:  # every request at once: output tokens per second at saturation
             # fresh prompts of the same lengths: a prefix cache must not serve the burst from the trace's run
