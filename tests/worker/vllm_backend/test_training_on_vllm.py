@@ -84,8 +84,8 @@ def test_gradient_from_vllm_records_equals_recompute(
     assert relative_error(grads(params), ref) <= 1e-4
 
 
-def _random_lora(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    add_lora(model, LORA)
+def _random_lora(model: torch.nn.Module, seed: int, lora: LoRAConfig = LORA) -> dict[str, torch.Tensor]:
+    add_lora(model, lora)
     gen = torch.Generator().manual_seed(seed)
     values = {}
     with torch.no_grad():
@@ -97,13 +97,18 @@ def _random_lora(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return values
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    ("compile", "rank"),
+    # two compiled adapter shapes one after the other: neither may load the other's compiled graph
+    [(False, 4), (True, 4), (True, 2)],
+    ids=["eager", "compiled", "compiled-rank-2"],
+)
 def test_a_published_version_serves_what_the_native_engine_serves(
-    tiny_checkpoints: dict[str, Path], compile: bool
+    tiny_checkpoints: dict[str, Path], compile: bool, rank: int
 ) -> None:
     path = tiny_checkpoints["llama"]
     engine = vllm_engine(
-        path, "full", compile=compile, adapter={"rank": 4, "target_modules": list(ALL_TARGETS)}
+        path, "full", compile=compile, adapter={"rank": rank, "target_modules": list(ALL_TARGETS)}
     )
     vocab = engine.model_config.vocab_size
     prompts = [prompt_of(40, vocab, 21), prompt_of(7, vocab, 22)]
@@ -114,12 +119,13 @@ def test_a_published_version_serves_what_the_native_engine_serves(
         outputs = run_all(engine)
         return [tokens(outputs[f"{tag}{i}"]) for i in range(len(prompts))]
 
-    base = generate("a")  # also fills the prefix cache under version 0
+    lora = LoRAConfig(rank=rank, alpha=8.0, target_modules=ALL_TARGETS)
+    base = generate("a")
     native_requests = [request(f"n{i}", prompt, max_tokens=8) for i, prompt in enumerate(prompts)]
     native_out = run_to_completion(build_engine(path), native_requests)
     assert base == [tokens_of(native_out[f"n{i}"]) for i in range(len(prompts))]
 
-    values = _random_lora(engine.training_model, seed=3)
+    values = _random_lora(engine.training_model, seed=3, lora=lora)
     engine.request_weight_switch(WeightSwitch(version=1, apply=lambda: None))
     engine.add_request(request("held", prompts[0], max_tokens=8))  # waits for the switch, then runs on v1
     outputs = run_all(engine)
@@ -127,7 +133,7 @@ def test_a_published_version_serves_what_the_native_engine_serves(
     switched = [tokens(outputs["held"]), *generate("b")[1:]]
 
     native = build_engine(path)
-    add_lora(native.training_model, LORA)
+    add_lora(native.training_model, lora)
     with torch.no_grad():
         for name, module in lora_modules(native.training_model):
             module.lora_A.copy_(values[f"{name}.lora_A"])

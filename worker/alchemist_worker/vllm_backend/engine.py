@@ -207,10 +207,12 @@ class VllmEngine:
         )
         if overrides:
             options["hf_overrides"] = overrides
-            if compile:  # vLLM's compile cache key misses hf_overrides: the adapter's shape names the folder
-                options["compilation_config"] = {
-                    "cache_dir": str(compile_cache_dir([adapter, share_weights]))
-                }
+        if compile:
+            # vLLM's compile-cache keys (its AOT artifacts' too) miss hf_overrides, so two variants of the model
+            # (vLLM's class or ours, adapter shape, weight layout) could load each other's graphs: one root each.
+            cache = compile_cache_dir(overrides or "stock")
+            os.environ["VLLM_CACHE_ROOT"] = str(cache)
+            options["compilation_config"] = {"cache_dir": str(cache / "torch_compile_cache")}
         self.llm = VllmLLMEngine.from_engine_args(EngineArgs(**options))
         client: Any = self.llm.engine_core  # in-process client: it holds the EngineCore itself
         core = client.engine_core
