@@ -16,6 +16,7 @@ from alchemist_worker.engine.block_manager import BlockManager, blocks_for
 from alchemist_worker.engine.config import EngineConfig, EngineConfigError
 from alchemist_worker.engine.detokenizer import IncrementalDetokenizer
 from alchemist_worker.engine.fault_isolation import run_isolating_faults
+from alchemist_worker.engine.generation_rules import check_prompt, notify_finished, stop_reason
 from alchemist_worker.engine.model_runner import ModelRunner
 from alchemist_worker.engine.paged_attention import KVCacheSpec
 from alchemist_worker.engine.recording import PrefillRecording, RecordingStats, RecordSampler
@@ -166,19 +167,7 @@ class LLMEngine:
 
     def add_request(self, request: GenerationRequest) -> None:
         prompt = list(request.prompt_token_ids)
-        if not prompt:
-            raise ValueError("the prompt is empty: it must hold at least one token")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} tokens "
-                "and at least one must be left to generate"
-            )
-        vocab = self.runner.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if request.params.top_k > vocab:
-            raise ValueError(f"top_k {request.params.top_k} is larger than the vocabulary ({vocab} tokens)")
+        check_prompt(prompt, request.params, self.max_model_len, self.runner.config.vocab_size)
         if self.scheduler.find(request.request_id) is not None:
             raise ValueError(f"request id {request.request_id} is already in flight")
         seq = Sequence(
@@ -313,19 +302,15 @@ class LLMEngine:
         seq.last_token_time = now
         params = seq.params
         detok = self._detokenizers[seq.request_id]
-        reason: FinishReason | None = None
-        if (
-            not params.ignore_eos and token_id in self.tokenizer.eos_token_ids
-        ) or token_id in params.stop_token_ids:
-            reason = FinishReason.STOP  # the stop token's text is not part of the output
-        else:
-            detok.push(token_id)
-            if detok.stopped_by is not None:
-                reason = FinishReason.STOP
-        if reason is None and (
-            seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
-        ):
-            reason = FinishReason.LENGTH
+        reason = stop_reason(
+            token_id,
+            params,
+            self.tokenizer.eos_token_ids,
+            detok,
+            num_output_tokens=seq.num_output_tokens,
+            num_tokens=seq.num_tokens,
+            max_model_len=self.max_model_len,
+        )
         if reason is not None:
             self.scheduler.finish(seq, reason)
             return self._finish(seq, [token_id], [logprob] if logprob is not None else [])
@@ -379,11 +364,7 @@ class LLMEngine:
                 recorded=seq.recorded,
                 finish_reason=reason,
             )
-            for observer in self._observers:
-                try:
-                    observer(finished)
-                except Exception:  # an observer must never break serving
-                    log.exception("finished-request observer failed for %s", seq.request_id)
+            notify_finished(self._observers, finished)
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_tokens or [],

@@ -35,9 +35,9 @@ from alchemist_worker.activations.store import ActivationStore
 from alchemist_worker.cache_dir import cache_root
 from alchemist_worker.engine.config import EngineConfig, EngineConfigError
 from alchemist_worker.engine.detokenizer import IncrementalDetokenizer
+from alchemist_worker.engine.generation_rules import check_prompt, notify_finished, stop_reason
 from alchemist_worker.engine.llm_engine import DEFAULT_MAX_MODEL_LEN, resolve_device, resolve_dtype
 from alchemist_worker.engine.recording import RecordingStats, RecordSampler
-from alchemist_worker.engine.sampling_params import SamplingParams
 from alchemist_worker.engine.sequence import FinishReason, TokenLogprob
 from alchemist_worker.engine.serving_engine import (
     EngineStats,
@@ -54,9 +54,11 @@ from alchemist_worker.vllm_backend.runner_hooks import (
     check_runner,
     check_scheduler,
     check_version,
+    count_preemptions,
     install_hooks,
     unwrap_model,
 )
+from alchemist_worker.vllm_backend.sampling import token_logprobs, vllm_sampling_params
 from alchemist_worker.vllm_backend.served_weights import ServedWeights
 from alchemist_worker.vllm_backend.step_recording import PromptRecording, StepRecording, runner_layout
 
@@ -87,63 +89,11 @@ class _Request:
         return self.recording is not None and self.recording.done
 
 
-def count_preemptions(scheduler: Any) -> list[int]:
-    """A counter of vLLM's preemptions (its scheduler keeps none): wraps this scheduler's `_preempt_request`."""
-    counter = [0]
-    preempt = scheduler._preempt_request
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        counter[0] += 1
-        return preempt(*args, **kwargs)
-
-    scheduler._preempt_request = counted
-    return counter
-
-
 def compile_cache_dir(variant: Any) -> Path:
     """A compile-cache folder per model variant (adapter shape, weight layout): graphs compiled for one
     never load for another."""
     digest = hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root() / "vllm-compile" / digest
-
-
-def vllm_sampling_params(params: SamplingParams, max_tokens: int, record: bool) -> Any:
-    from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    return VllmSamplingParams(
-        n=1,
-        max_tokens=max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=max(params.top_k, 0),
-        seed=params.seed,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        logprobs=params.logprobs,
-        ignore_eos=True,  # end of sequence and stops are decided by the engine (see the module docstring)
-        detokenize=False,
-        output_kind=RequestOutputKind.DELTA,
-        skip_reading_prefix_cache=record,  # a record must cover the prompt from its first token
-    )
-
-
-def _token_logprobs(token_ids: list[int], logprobs: Any, wanted: int | None) -> list[TokenLogprob]:
-    if wanted is None or not logprobs:
-        return []
-    out = []
-    for token_id, entries in zip(token_ids, logprobs, strict=False):
-        top = sorted(
-            ((tid, lp) for tid, lp in entries.items() if lp.rank is not None), key=lambda e: e[1].rank
-        )
-        out.append(
-            TokenLogprob(
-                token_id=token_id,
-                logprob=float(entries[token_id].logprob),
-                top=[(tid, float(lp.logprob)) for tid, lp in top[:wanted]],
-            )
-        )
-    return out
 
 
 class VllmEngine:
@@ -265,17 +215,7 @@ class VllmEngine:
 
     def add_request(self, request: GenerationRequest) -> None:
         prompt = list(request.prompt_token_ids)
-        if not prompt:
-            raise ValueError("the prompt is empty: it must hold at least one token")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len} tokens "
-                "and at least one must be left to generate"
-            )
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        check_prompt(prompt, request.params, self.max_model_len, self.model_config.vocab_size)
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id} is already in flight")
         record = self.recording is not None and self.record_sampler.decide(request.record)
@@ -420,27 +360,24 @@ class VllmEngine:
         completion = out.outputs[0]
         new_ids = list(completion.token_ids)
         params = state.request.params
-        logprobs = _token_logprobs(new_ids, completion.logprobs, params.logprobs)
+        logprobs = token_logprobs(new_ids, completion.logprobs, params.logprobs)
         reason: FinishReason | None = None
         emitted: list[int] = []
         for token_id in new_ids:
             emitted.append(token_id)
             state.output_token_ids.append(token_id)
             self._generated_tokens += 1
-            if (
-                not params.ignore_eos and token_id in self.tokenizer.eos_token_ids
-            ) or token_id in params.stop_token_ids:
-                reason = FinishReason.STOP  # the stop token's text is not part of the output
+            reason = stop_reason(
+                token_id,
+                params,
+                self.tokenizer.eos_token_ids,
+                state.detokenizer,
+                num_output_tokens=len(state.output_token_ids),
+                num_tokens=len(state.request.prompt_token_ids) + len(state.output_token_ids),
+                max_model_len=self.max_model_len,
+            )
+            if reason is not None:
                 break
-            state.detokenizer.push(token_id)
-            if state.detokenizer.stopped_by is not None:
-                reason = FinishReason.STOP
-                break
-        total = len(state.request.prompt_token_ids) + len(state.output_token_ids)
-        if reason is None and (
-            len(state.output_token_ids) >= params.max_tokens or total >= self.max_model_len
-        ):
-            reason = FinishReason.LENGTH
         if reason is None and out.finished:  # vLLM ended it on its own (e.g. its own length limit)
             reason = FinishReason.LENGTH
         if reason is not None:
@@ -481,11 +418,7 @@ class VllmEngine:
                 recorded=state.recorded,
                 finish_reason=reason,
             )
-            for observer in self._observers:
-                try:
-                    observer(finished)
-                except Exception:  # an observer must never break serving
-                    log.exception("finished-request observer failed for %s", request.request_id)
+            notify_finished(self._observers, finished)
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=new_tokens or [],

@@ -123,3 +123,16 @@ def unwrap_model(runner: Any) -> Any:
             break
         model = inner
     return model
+
+
+def count_preemptions(scheduler: Any) -> list[int]:
+    """A counter of vLLM's preemptions (its scheduler keeps none): wraps this scheduler's `_preempt_request`."""
+    counter = [0]
+    preempt = scheduler._preempt_request
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counter[0] += 1
+        return preempt(*args, **kwargs)
+
+    scheduler._preempt_request = counted
+    return counter
