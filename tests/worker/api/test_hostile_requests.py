@@ -158,7 +158,10 @@ def test_a_request_failing_inside_the_engine_fails_alone(
     culprit = {**COMPLETION, "max_tokens": 12, "seed": CULPRIT_SEED, "temperature": 1.0, "ignore_eos": True}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         streams = [pool.submit(stream_text, server, p) for p in prompts]
-        time.sleep(0.2)  # the streams are decoding
+        deadline = time.monotonic() + 30  # the streams are decoding (however slow the machine is) ...
+        while server.worker.loop.stats.num_running < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # ... and the culprit joins their batch: it fails at its second token, while they have 12 to go
         bad = [pool.submit(post, server, "/v1/completions", culprit) for _ in range(2)]
         rejected = pool.submit(post, server, "/v1/completions", {**COMPLETION, "seed": 2**64})
         together = [s.result() for s in streams]
