@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -24,25 +23,16 @@ from alchemist_worker.engine.serving_tokenizer import ServingTokenizer
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.worker.api.conftest import RunningWorker, start_worker
+from tests.worker.api.conftest import RunningWorker
 
 CULPRIT_SEED = 4242  # a valid seed; the tests make the engine fail on it, as an unknown bug would
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoints: dict[str, Path]) -> Iterator[RunningWorker]:
-    running = start_worker(
-        tiny_checkpoints["llama"],
-        "--served-model-name",
-        "tiny",
-        "--max-model-len",
-        "128",
-        "--kv-cache-mib",
-        "8",
-    )
-    running.worker.loop.add_between_iterations(lambda: time.sleep(0.01))  # streams overlap the others
-    yield running
-    running.stop()
+def server(tiny_server: RunningWorker) -> RunningWorker:
+    """The module's tiny worker, its iterations slowed a little so that concurrent streams overlap."""
+    tiny_server.worker.loop.add_between_iterations(lambda: time.sleep(0.01))
+    return tiny_server
 
 
 def post(server: RunningWorker, path: str, body: dict[str, Any]) -> httpx.Response:

@@ -8,6 +8,7 @@ native engine serves with the same weights (greedy tokens), never reading prefix
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -97,6 +98,17 @@ def _random_lora(model: torch.nn.Module, seed: int, lora: LoRAConfig = LORA) -> 
     return values
 
 
+def native_with_lora(path: Path, lora: LoRAConfig, values: dict[str, torch.Tensor]) -> Any:
+    """The native engine serving the adapter `values` (as `_random_lora` made them)."""
+    native = build_engine(path)
+    add_lora(native.training_model, lora)
+    with torch.no_grad():
+        for name, module in lora_modules(native.training_model):
+            module.lora_A.copy_(values[f"{name}.lora_A"])
+            module.lora_B.copy_(values[f"{name}.lora_B"])
+    return native
+
+
 @pytest.mark.parametrize(
     ("compile", "rank"),
     # two compiled adapter shapes one after the other: neither may load the other's compiled graph
@@ -132,12 +144,7 @@ def test_a_published_version_serves_what_the_native_engine_serves(
     assert engine.weight_version == 1 and outputs["held"][-1].weight_version == 1
     switched = [tokens(outputs["held"]), *generate("b")[1:]]
 
-    native = build_engine(path)
-    add_lora(native.training_model, lora)
-    with torch.no_grad():
-        for name, module in lora_modules(native.training_model):
-            module.lora_A.copy_(values[f"{name}.lora_A"])
-            module.lora_B.copy_(values[f"{name}.lora_B"])
+    native = native_with_lora(path, lora, values)
     expected = [tokens_of(out) for out in run_to_completion(native, native_requests).values()]
     assert switched == expected
     assert switched != base  # the adapter changes the answers, so the comparison above can fail
@@ -193,11 +200,6 @@ def test_prefix_cache_entries_of_the_old_version_are_never_reused(
     values = _random_lora(engine.training_model, seed=9)
     engine.request_weight_switch(WeightSwitch(version=1, apply=lambda: None))
     after = generate("after")
-    native = build_engine(path)
-    add_lora(native.training_model, LORA)
-    with torch.no_grad():
-        for name, module in lora_modules(native.training_model):
-            module.lora_A.copy_(values[f"{name}.lora_A"])
-            module.lora_B.copy_(values[f"{name}.lora_B"])
+    native = native_with_lora(path, LORA, values)
     expected = tokens_of(run_to_completion(native, [request("n", prompt, max_tokens=6)])["n"])
     assert (after == expected) is salted
