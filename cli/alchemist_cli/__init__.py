@@ -1,0 +1,1 @@
+"""The `alchemist` command: a human's view of a ContinualLearningJob, read from Redis and the Kubernetes API."""
