@@ -17,8 +17,10 @@ start is its own per-step metadata (e.g. `cu_seqlens`), never global state.
 cumulative lengths, where each sequence's queries are the *last* tokens of its keys (bottom-right aligned,
 as after a cached prefix), returning the output and the log-sum-exp. `varlen_attention_backward` is its
 gradient from saved (q, k, v, out, lse), which lets the trainer skip the attention forward when a record holds
-the output and the statistics. On CPU both use PyTorch's fused flash kernel (which takes GQA directly);
-elsewhere a plain softmax implementation is used.
+the output and the statistics. On CPU both use PyTorch's fused flash kernel (which takes GQA directly); on
+CUDA, PyTorch's memory-efficient kernel (`cuda_attention`) whenever the log-sum-exp is needed and SDPA otherwise.
+`_softmax_attention`, which materializes the scores, is the reference the kernels are tested against and the
+fallback for sliding windows off CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from alchemist_worker.model.cuda_attention import (
+    fused_attention,
+    fused_attention_backward,
+    fused_attention_usable,
+)
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -92,7 +100,22 @@ def _one_sequence(
             qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
         )
         return out[0].transpose(0, 1), None
+    if _fused_applies(q, k, v, sliding_window):
+        return fused_attention(q, k, v, scale)
     return _softmax_attention(q, k, v, scale, sliding_window)
+
+
+def _fused_applies(q: Tensor, k: Tensor, v: Tensor, sliding_window: int | None) -> bool:
+    """The CUDA kernel with log-sum-exp serves windowless attention outside autograd (see cuda_attention)."""
+    if q.device.type != "cuda" or sliding_window is not None:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False
+    return fused_attention_usable(q.device, q.dtype, q.shape[-1], _reference_attention)
+
+
+def _reference_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    return _softmax_attention(q, k, v, scale, None)
 
 
 def _softmax_attention(
@@ -170,7 +193,7 @@ def varlen_attention_backward(
     sliding_window: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of `varlen_attention` from its saved inputs, output and log-sum-exp, without
-    running the forward again (on CPU); shapes as in `varlen_attention`."""
+    running the forward again (on CPU and CUDA; the reference recomputes it); shapes as in `varlen_attention`."""
     offsets_q, offsets_k = as_offsets(cu_seqlens_q), as_offsets(cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dqs: list[Tensor] = []
@@ -195,6 +218,13 @@ def varlen_attention_backward(
             dqs.append(gq[0].transpose(0, 1))
             dks.append(gk[0].transpose(0, 1))
             dvs.append(gv[0].transpose(0, 1))
+            continue
+        sq, sk, sv = q[q0:q1].detach(), k[k0:k1].detach(), v[k0:k1].detach()
+        if _fused_applies(sq, sk, sv, sliding_window):
+            gq, gk, gv = fused_attention_backward(grad_out[q0:q1], sq, sk, sv, out[q0:q1], lse[q0:q1], scale)
+            dqs.append(gq)
+            dks.append(gk)
+            dvs.append(gv)
             continue
         with torch.enable_grad():
             tq, tk, tv = (t.detach().requires_grad_() for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
