@@ -97,6 +97,31 @@ class JobKeys:
         return self.prefix + "trainer:epoch"
 
     @property
+    def live_settings(self) -> str:
+        """JSON settings the workers apply without a restart (training hyper-parameters). Written by the operator."""
+        return self.prefix + "settings"
+
+    @property
+    def training_group(self) -> str:
+        """JSON of the data-parallel training group: generation, members in rank order, rendezvous endpoint.
+        Written only under the trainer lease's fencing token (alchemist_protocol.training_group)."""
+        return self.prefix + "group"
+
+    @property
+    def training_group_generation(self) -> str:
+        """Counter bumped at every new generation of the training group (no TTL)."""
+        return self.prefix + "group:generation"
+
+    @property
+    def training_group_candidates(self) -> str:
+        """Set of replica names that ever offered to train in the group."""
+        return self.prefix + "group:candidates"
+
+    def training_group_member(self, name: str) -> str:
+        """JSON of one replica's offer to train (its generation, whether it waits for a new one); has a TTL."""
+        return self.prefix + f"group:member:{name}"
+
+    @property
     def rollback(self) -> str:
         """JSON rollback request: the trainer continues from that version and `latest` serving returns to it."""
         return self.prefix + "rollback"

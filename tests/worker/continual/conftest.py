@@ -85,6 +85,7 @@ class InProcessWorker:
                 heartbeat_s=0.2,
                 commit_retry_s=0.2,
                 commit_retry_max_s=1.0,
+                settings_s=0.05,
             ),
         )
         self.feedback = FeedbackClient(self.store.client, KEYS)

@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import redis
 from alchemist_protocol.job_store import JobStore
+from alchemist_protocol.live_settings import LiveTraining, read_live_settings
 
 from alchemist_worker.continual.duties import ControlDuties
 from alchemist_worker.continual.engine_side import EngineSide, StepDone
@@ -79,6 +81,7 @@ class ControlTimings:
     heartbeat_s: float = 5.0
     commit_retry_s: float = 0.5  # first retry of a failed commit; doubles up to commit_retry_max_s
     commit_retry_max_s: float = 30.0
+    settings_s: float = 2.0  # how often the live settings the operator writes are read
 
 
 class TrainingControl:
@@ -139,6 +142,7 @@ class TrainingControl:
         self._wake = threading.Event()  # a step finished: react now, not at the next poll
         self._thread: threading.Thread | None = None
         self._seen = (0, 0, 0)  # consumer counters already exported: dead letters, duplicates, delivered
+        self._refused: LiveTraining | str | None = None  # live settings found invalid here, reported once
 
     # Lifecycle.
     def start(self) -> None:
@@ -207,6 +211,38 @@ class TrainingControl:
             self._duty("follow", self._follow)
         if self._is_due("heartbeat", self.timings.heartbeat_s):
             self._duty("heartbeat", self._heartbeat)
+        if self._is_due("settings", self.timings.settings_s):
+            self._duty("settings", self._apply_live_settings)
+
+    def _apply_live_settings(self) -> None:
+        """Takes the training hyper-parameters the operator wrote, from the next step on (no restart).
+
+        Values this worker cannot take (a batch smaller than its minimum batch) are reported once and the old
+        ones kept: a bad value must not make the replica unready, as a failing duty would.
+        """
+        try:
+            live = read_live_settings(self.store.client, self.store.keys)
+        except pydantic.ValidationError as exc:
+            if self._refused != "unreadable":
+                log.error("ignoring unreadable live settings in %s: %s", self.store.keys.live_settings, exc)
+            self._refused = "unreadable"
+            return
+        if live is None or live.training == self._refused:
+            return
+        changes = {k: v for k, v in live.training.model_dump().items() if getattr(self.settings, k) != v}
+        if not changes:
+            return
+        try:
+            updated = self.settings.with_(**changes)
+        except ValueError as exc:
+            self._refused = live.training
+            log.error("live settings not applied, keeping the current ones: %s", exc)
+            return
+        self._refused = None
+        old = {k: getattr(self.settings, k) for k in changes}
+        self.settings = updated
+        self.engine_side.call(lambda: self.trainer.apply_settings(updated)).result()
+        log.info("applied live settings: %s", ", ".join(f"{k} {old[k]} -> {v}" for k, v in changes.items()))
 
     # Lease and restore.
     def _lease_tick(self) -> None:

@@ -119,6 +119,12 @@ class ContinualTrainer:
         self._cursor: StepCursor[StepResult] | None = None
         self._started = 0.0
 
+    def apply_settings(self, settings: TrainerSettings) -> None:
+        """New hyper-parameters (the operator's live settings), used from the next optimizer step on."""
+        if settings.optimizer is not self.settings.optimizer or settings.method is not self.settings.method:
+            raise ValueError("the optimizer and the training method cannot change without a restart")
+        self.settings = settings
+
     # The step in progress.
     @property
     def busy(self) -> bool:
@@ -181,6 +187,17 @@ class ContinualTrainer:
 
     # Step thread.
     def _step(self, samples: list[FeedbackSample]) -> StepResult:
+        reports, own_reasons, total = self._accumulate(samples)
+        lr = self._optimizer_step()
+        return self._result(samples, reports, own_reasons, total, lr)
+
+    def _accumulate(self, samples: list[FeedbackSample]) -> tuple[list[StepReport], dict[str, str], int]:
+        """Leaves in `.grad` the gradient of the mean loss over the samples' response tokens.
+
+        Returns the micro-batches' reports, why samples were recomputed (this replica's own reasons) and the
+        number of response tokens. A data-parallel round (distributed/) all-reduces this gradient weighted by
+        those tokens before `_optimizer_step`.
+        """
         params = self.weights.parameters()
         for param in params:
             param.grad = None
@@ -200,14 +217,30 @@ class ContinualTrainer:
             previous = tokens
             cursor_yield()
         self._scale_grads(params, previous / total)
+        return reports, own_reasons, total
+
+    def _optimizer_step(self) -> float:
+        """Clips, steps the optimizer and the schedule; returns the learning rate it used."""
+        params = self.weights.parameters()
         if self.settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
         lr = self.settings.learning_rate * lr_factor(self.settings, self.step_count)
         for group_ in self.optimizer.param_groups:
             group_["lr"] = lr
+            group_["weight_decay"] = self.settings.weight_decay
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
+        return lr
+
+    def _result(
+        self,
+        samples: list[FeedbackSample],
+        reports: list[StepReport],
+        own_reasons: dict[str, str],
+        total: int,
+        lr: float,
+    ) -> StepResult:
         outcomes = [o for r in reports for o in r.outcomes]
         results = []
         for sample, outcome in zip(samples, outcomes, strict=True):
