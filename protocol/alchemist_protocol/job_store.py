@@ -137,6 +137,20 @@ class JobStore:
     def version_numbers(self) -> list[int]:
         return [int(v) for v in self.client.zrange(self.keys.versions, 0, -1)]
 
+    def latest_servable_version(self) -> int:
+        """The newest published version the evaluation gate did not hold back; 0 (the base model) when none."""
+        for number in reversed(self.version_numbers()):
+            info = self.get_version(number)
+            if info is not None and not info.held:
+                return number
+        return 0
+
+    def held_versions(self, above: int = 0) -> dict[int, VersionInfo]:
+        """Published versions above `above` that the evaluation gate holds back, by number."""
+        numbers = [int(v) for v in self.client.zrangebyscore(self.keys.versions, f"({above}", "+inf")]
+        infos = [self.get_version(n) for n in numbers]
+        return {info.version: info for info in infos if info is not None and info.held}
+
     def forget_version(self, number: int) -> None:
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.version(number), self.keys.version_feedback(number))

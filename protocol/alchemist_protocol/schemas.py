@@ -157,6 +157,43 @@ class ArtifactKind(enum.StrEnum):
     FULL = "full"
 
 
+class EvaluationScores(BaseModel):
+    """One model version's scores on the job's evaluation set (None where the set has no such items)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    perplexity: float | None = Field(default=None, gt=0)  # over the plain-text items
+    reference_nll: float | None = Field(default=None, ge=0)  # mean per-token NLL of the reference answers
+    exact_match: float | None = Field(
+        default=None, ge=0, le=1
+    )  # share of references greedy decoding starts with
+    text_tokens: int = Field(default=0, ge=0)
+    reference_items: int = Field(default=0, ge=0)
+
+
+class GateDecision(enum.StrEnum):
+    PASSED = "passed"  # may be rolled out
+    HELD = "held"  # regressed beyond a bound: never rolled out
+
+
+class EvaluationReading(BaseModel):
+    """The evaluation gate's reading of a candidate version, made by the trainer before it was published."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    set_digest: str  # which evaluation set (sha256 of its file): readings of other sets are not compared
+    scores: EvaluationScores
+    base: EvaluationScores  # version 0 on the same set
+    parent: int = Field(ge=0)
+    parent_scores: EvaluationScores | None = None  # None when the parent has no reading on this set
+    decision: GateDecision
+    reasons: list[str] = Field(default_factory=list)  # one line per bound that failed (empty when passed)
+
+    @property
+    def held(self) -> bool:
+        return self.decision is GateDecision.HELD
+
+
 class VersionInfo(BaseModel):
     """A published model version: a PEFT adapter or full safetensors weights, and its lineage."""
 
@@ -172,6 +209,14 @@ class VersionInfo(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     feedback_ranges: list[tuple[str, str]] = Field(default_factory=list)
     trained_by: str = ""
+    evaluation: EvaluationReading | None = (
+        None  # the gate's reading; None when the job names no evaluation set
+    )
+
+    @property
+    def held(self) -> bool:
+        """Whether the evaluation gate holds this version back from every rollout."""
+        return self.evaluation is not None and self.evaluation.held
 
 
 class ReplicaState(BaseModel):

@@ -1,0 +1,56 @@
+"""Where the evaluation set is and how far a candidate may fall behind, from ALCHEMIST_EVALUATION_* variables.
+
+The operator sets them from the job's `spec.evaluation` (a path in the image or a volume, or a ConfigMap it
+mounts); without ALCHEMIST_EVALUATION_SET there is no gate and versions carry no reading.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alchemist_worker.evaluation.gate import GateBounds
+
+ENV = {
+    "path": "ALCHEMIST_EVALUATION_SET",
+    "max_perplexity_increase": "ALCHEMIST_EVALUATION_MAX_PERPLEXITY_INCREASE",
+    "max_reference_nll_increase": "ALCHEMIST_EVALUATION_MAX_REFERENCE_NLL_INCREASE",
+    "max_exact_match_drop": "ALCHEMIST_EVALUATION_MAX_EXACT_MATCH_DROP",
+    "max_tokens": "ALCHEMIST_EVALUATION_MAX_TOKENS",
+}
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    path: Path | None = None
+    bounds: GateBounds = field(default_factory=GateBounds)
+    max_tokens: int = 512  # the longest sequence scored at once; longer text is scored in windows
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 2:
+            raise ValueError(f"{ENV['max_tokens']} must be at least 2, got {self.max_tokens}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EvaluationSettings:
+        env = os.environ if environ is None else environ
+        raw_path = env.get(ENV["path"], "").strip()
+        bounds: dict[str, float] = {}
+        max_tokens = 512
+        for name, var in ENV.items():
+            raw = env.get(var, "").strip()
+            if not raw or name == "path":
+                continue
+            try:
+                if name == "max_tokens":
+                    max_tokens = int(raw)
+                else:
+                    bounds[name] = float(raw)
+            except ValueError as exc:
+                raise ValueError(f"{var}={raw!r}: {exc}") from None
+        try:
+            gate = GateBounds(**bounds)
+        except ValueError as exc:
+            raise ValueError(f"ALCHEMIST_EVALUATION_*: {exc}") from None
+        return cls(path=Path(raw_path) if raw_path else None, bounds=gate, max_tokens=max_tokens)
