@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import random
 import sys
 from collections.abc import Mapping, Sequence
 
 import kopf
+from alchemist_protocol.log_format import LOG_FORMATS, configure_logging, log_format_from_env
+from prometheus_client import start_http_server
 
 from alchemist_operator.cluster_api import ClusterApi
 from alchemist_operator.handlers import registry
 from alchemist_operator.job_memo import JobMemo
+from alchemist_operator.job_metrics import JobMetrics
 from alchemist_operator.kopf_settings import build_settings
 from alchemist_operator.operator_config import OperatorConfig
 
@@ -73,6 +77,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=env("ALCHEMIST_OPERATOR_LIVENESS", OperatorConfig.liveness_endpoint),
         help="URL of the liveness endpoint; empty disables it",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env("ALCHEMIST_OPERATOR_METRICS_PORT", "0")),
+        help="serve the jobs' Prometheus metrics on this port (0: not served) [ALCHEMIST_OPERATOR_METRICS_PORT]",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=log_format_from_env(environ),
+        help="log lines as text or one JSON object per line [ALCHEMIST_LOG_FORMAT]",
+    )
     parser.add_argument("--verbose", action="store_true")
     return parser
 
@@ -99,7 +115,10 @@ def config_from_args(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[O
 
 
 async def run(
-    config: OperatorConfig, stop_flag: asyncio.Event | None = None, peer_id: str | None = None
+    config: OperatorConfig,
+    stop_flag: asyncio.Event | None = None,
+    peer_id: str | None = None,
+    metrics: JobMetrics | None = None,
 ) -> None:
     """Runs until `stop_flag` is set. `peer_id` names this replica among its peers (default: kopf's, from the
     host and process); operators sharing one process need distinct ones."""
@@ -108,7 +127,7 @@ async def run(
         await kopf.operator(
             registry=registry,
             settings=build_settings(config),
-            memo=JobMemo(config=config, cluster=cluster),
+            memo=JobMemo(config=config, cluster=cluster, metrics=metrics or JobMetrics()),
             clusterwide=config.clusterwide,
             namespaces=config.namespaces,
             standalone=config.standalone,
@@ -121,9 +140,16 @@ async def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, verbose = config_from_args(sys.argv[1:] if argv is None else argv, os.environ)
+    argv = sys.argv[1:] if argv is None else argv
+    config, verbose = config_from_args(argv, os.environ)
+    process = build_parser(os.environ).parse_args(list(argv))  # what is not the operator's config
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.FULL)
-    asyncio.run(run(config))
+    if process.log_format == "json":
+        configure_logging("json", logging.DEBUG if verbose else logging.INFO)
+    metrics = JobMetrics()
+    if process.metrics_port:
+        start_http_server(process.metrics_port, registry=metrics.registry)
+    asyncio.run(run(config, metrics=metrics))
     return 0
 
 

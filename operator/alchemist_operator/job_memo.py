@@ -7,12 +7,13 @@ The spec handler leaves its outcome here and wakes the job's monitor, which is t
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from alchemist_protocol.job_store import JobStore
 
 from alchemist_operator.cluster_api import ClusterApi
+from alchemist_operator.job_metrics import JobMetrics
 from alchemist_operator.job_spec import JobSpec
 from alchemist_operator.job_status import Blocker, ReconcileOutcome
 from alchemist_operator.operator_config import OperatorConfig
@@ -30,6 +31,8 @@ class JobMemo:
     posted_blockers: frozenset[Blocker] = frozenset()  # reported by a Warning Event already
     last_drift_check: float = 0.0  # monotonic time of the monitor's last comparison of children and spec
     reported_failures: tuple[str, ...] = ()  # worker failures reported by a Warning Event already
+    # One for the whole operator: kopf copies the operator-wide memo shallowly.
+    metrics: JobMetrics = field(default_factory=JobMetrics)
     _wakeup: asyncio.Event | None = None
     _lock: asyncio.Lock | None = None
 

@@ -93,9 +93,11 @@ async def _workload(body: kopf.Body, job: JobRef, memo: JobMemo) -> WorkloadView
     )
 
 
-def _post(body: kopf.Body, events: tuple[Any, ...]) -> None:
+def _post(body: kopf.Body, memo: JobMemo, events: tuple[Any, ...]) -> None:
+    job = job_ref(body)
     for event in events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        memo.metrics.count_event(job.namespace, job.name, event.reason)
 
 
 def _guard_rewind(
@@ -133,7 +135,7 @@ async def _rollout(
         snapshot = await asyncio.to_thread(read_snapshot, store, store.keys.feedback, time.time())
         snapshot, lost = await asyncio.to_thread(_guard_rewind, store, snapshot, previous)
         if lost is not None:
-            _post(body, (lost,))
+            _post(body, memo, (lost,))
         state = snapshot.state
         if not spec.suspend:  # a suspended job has no replicas to roll out to; its rollout waits
             policy = RolloutPolicy.from_spec(spec.rollout)
@@ -143,7 +145,7 @@ async def _rollout(
             if result.rollback_trainer_to is not None:
                 reason = f"canary of version {state.candidate} rolled back by the operator"
                 await asyncio.to_thread(request_trainer_rollback, store, result.rollback_trainer_to, reason)
-            _post(body, result.events)
+            _post(body, memo, result.events)
             state = result.state
     except (redis.RedisError, OSError) as exc:
         return RedisView(reachable=False, error=f"Redis at {store.keys.prefix}*: {exc}")
@@ -194,6 +196,7 @@ async def monitor_once(body: kopf.Body, memo: JobMemo) -> dict[str, Any]:
     if patch:
         await memo.cluster.patch_status(job.namespace, job.name, patch)
     memo.last_status = status
+    memo.metrics.observe_status(job.namespace, job.name, status)
     return status
 
 
@@ -219,3 +222,5 @@ async def monitor_job(body: kopf.Body, memo: JobMemo, stopped: kopf.DaemonStoppe
             await _sleep(memo, stopped, memo.config.monitor_interval_seconds)
     finally:
         memo.close_store()
+        job = job_ref(body)
+        memo.metrics.forget(job.namespace, job.name)

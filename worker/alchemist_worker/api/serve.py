@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from alchemist_protocol.log_format import configure_logging
 from alchemist_worker.api.auth import AccessKeys
 from alchemist_worker.api.metrics import ServingMetrics
 from alchemist_worker.api.request_records import RedisRequestRecords
@@ -176,6 +177,8 @@ def build_worker(settings: ServeSettings) -> Worker:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(FLUSH_TIMEOUT_S),
         access_log=settings.log_level == "debug",
+        # JSON lines: uvicorn's loggers go through the root handler instead of its own text handlers.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )
     return Worker(
         settings,
@@ -189,9 +192,7 @@ def build_worker(settings: ServeSettings) -> Worker:
 
 
 def serve(settings: ServeSettings) -> int:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_format, settings.log_level)
     worker = build_worker(settings)
     log.info(
         "serving %s with the %s engine on %s:%d (KV cache %d blocks, recording %s)",

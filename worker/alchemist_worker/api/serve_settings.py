@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alchemist_protocol.log_format import LOG_FORMATS
 from alchemist_worker.engine.config import DTYPES, RECORDING_POLICIES, EngineConfig, RecordingConfig
 
 MIB = 1 << 20
@@ -101,6 +102,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", int, 0, "seed of sampling without a request seed, and of the recording coin"),
     Option("cpu_threads", int, 0, "torch CPU threads for the engine (0: torch's default, one per core)"),
     Option("log_level", str, "info", "log level", ("debug", "info", "warning", "error")),
+    Option(
+        "log_format",
+        str,
+        "text",
+        "log lines as text or JSON objects (with request and response ids)",
+        LOG_FORMATS,
+    ),
     Option("max_body_bytes", int, 4 * MIB, "request bodies larger than this get 413 before they are parsed"),
     Option("tokenizer_threads", int, 2, "threads that tokenize prompts off the event loop"),
 )
@@ -138,6 +146,7 @@ class ServeSettings:
     seed: int
     cpu_threads: int
     log_level: str
+    log_format: str
     max_body_bytes: int
     tokenizer_threads: int
 

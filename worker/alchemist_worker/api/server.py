@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from alchemist_protocol.log_format import response_id_var
 from alchemist_worker.api.async_engine import AsyncEngine
 from alchemist_worker.api.auth import AccessKeys, BearerAuth
 from alchemist_worker.api.body_limit import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
@@ -30,6 +31,7 @@ from alchemist_worker.api.metrics import ServingMetrics
 from alchemist_worker.api.openai_responses import ResponseMeta, full_response, stream_chunk, usage_chunk
 from alchemist_worker.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from alchemist_worker.api.openapi_document import install_openapi
+from alchemist_worker.api.request_log import RequestLog
 from alchemist_worker.api.tokenizer_pool import TokenizerPool
 from alchemist_worker.engine.engine_loop import EngineLoop
 from alchemist_worker.engine.sequence import TokenLogprob
@@ -104,6 +106,7 @@ def build_app(
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)  # added last runs first: auth, then size
     if keys is not None:
         app.add_middleware(BearerAuth, keys=keys)
+    app.add_middleware(RequestLog)  # outermost: refused requests get an id and an access line too
     install_openapi(app, keys)
     app.state.server = state
     client = AsyncEngine(state.loop)
@@ -166,6 +169,7 @@ def build_app(
         if body.model != engine.model_name:
             raise model_not_found(body.model, engine.model_name)
         meta = ResponseMeta(new_response_id("chatcmpl" if chat else "cmpl"), engine.model_name, chat)
+        response_id_var.set(meta.id)  # RequestLog resets it when the request ends
         gen_request = await state.tokenizer_pool.run(  # megabytes of prompt take seconds: not on the loop
             lambda: build_generation_request(
                 body,
