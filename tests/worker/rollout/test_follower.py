@@ -42,3 +42,10 @@ def test_heartbeat_reports_loaded_version_with_a_ttl(redis_client: redis.Redis) 
     (state,) = store.live_replicas()
     assert state.loaded_version == 3 and state.feedback_lag == 7
     assert 0 < redis_client.ttl(store.keys.replica("r0")) <= 6
+
+
+def test_latest_skips_versions_the_evaluation_gate_held() -> None:
+    # Published up to 5; the gate held 4 and 5, so 3 is the newest servable version.
+    assert target_version(FollowMode.LATEST, "r0", None, 5, None, serving=2, servable=3) == 3
+    assert target_version(FollowMode.LATEST, "r0", None, 5, None, serving=3, servable=3) is None
+    assert target_version(FollowMode.LATEST, "r0", None, 5, None, serving=2) == 5  # no gate: latest

@@ -34,6 +34,7 @@ import pydantic
 import redis
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.live_settings import LiveTraining, read_live_settings
+from alchemist_protocol.schemas import EvaluationReading
 
 from alchemist_worker.continual.duties import ControlDuties
 from alchemist_worker.continual.engine_side import EngineSide, StepDone
@@ -439,6 +440,7 @@ class TrainingControl:
                     info.samples,
                     info.loss or 0,
                 )
+                self._judged(version, info.evaluation)
             self.publisher.finalize(pending.draft)
         except redis.RedisError as exc:  # building the draft: same as the publisher's RedisUnavailable
             self._commit_failed(pending, RedisUnavailable(f"Redis unavailable before committing: {exc}"))
@@ -474,6 +476,7 @@ class TrainingControl:
             write_trainer_state(path, state)
 
         tokens = sum(r.response_tokens for r in results)
+        evaluation = self._gate_reading(results[-1], parent)
         return VersionDraft(
             version=version,
             parent=parent,
@@ -490,7 +493,24 @@ class TrainingControl:
             },
             feedback_ranges=entry_ranges([e for s in settled for e in s.entry_ids]),
             expected_head=head,
+            evaluation=evaluation,
         )
+
+    def _gate_reading(self, result: StepResult, parent: int) -> EvaluationReading | None:
+        """The evaluation gate's reading of the candidate the last step produced (it scored it), if any."""
+        gate = self.trainer.evaluation
+        scores = result.extra.get("evaluation")
+        if gate is None or scores is None:
+            return None
+        return gate.reading(scores, parent, self.store.get_version(parent) if parent else None)
+
+    def _judged(self, version: int, reading: EvaluationReading | None) -> None:
+        gate = self.trainer.evaluation
+        if gate is None or reading is None:
+            return
+        gate.judged(version, reading)
+        if reading.held:
+            log.warning("version %d held by the evaluation gate: %s", version, "; ".join(reading.reasons))
 
     def _commit_failed(self, pending: PendingCommit, failure: CommitFailure) -> None:
         version = None if pending.draft is None else pending.draft.version

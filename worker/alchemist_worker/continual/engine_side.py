@@ -85,7 +85,7 @@ class EngineSide:
         """Engine thread: starts a step; its StepDone will carry `step_id`."""
         self.step_id = step_id
         self.snapshot_due = snapshot_due
-        self.trainer.begin(samples)
+        self.trainer.begin(samples, evaluate=snapshot_due)
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Runs `fn` on the engine thread between iterations; the future holds its result."""

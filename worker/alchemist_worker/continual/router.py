@@ -1,6 +1,7 @@
 """Operator-facing and evaluation routes of the continual trainer, mounted on the worker's API.
 
-GET  /v1/versions            published versions (from Redis), the one served here, the trainer's state
+GET  /v1/versions            published versions (from Redis) with their evaluation gate readings, those the
+                             gate held back (`held`), the one served here, the trainer's state
 POST /v1/versions/rollback   {"version": k, "reason": "..."}: continue training from k; `latest`-following
                              replicas serve k until the trainer publishes past it (an operator-managed
                              job also moves its rollout pointer)
@@ -85,6 +86,9 @@ def continual_router(
         return {
             "object": "list",
             "data": [info.model_dump(mode="json") for info in infos if info is not None],
+            "held": [
+                info.version for info in infos if info is not None and info.held
+            ],  # by the evaluation gate
             "rollback": None if rollback is None else rollback.model_dump(mode="json"),
             "worker": status(),
         }

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ from alchemist_worker.continual.settings import TrainerSettings
 from alchemist_worker.continual.trainable_weights import TrainableWeights
 from alchemist_worker.continual.trainer import ContinualTrainer
 from alchemist_worker.engine.engine_loop import EngineLoop
+from alchemist_worker.evaluation.candidate import CandidateEvaluation
+from alchemist_worker.evaluation.gate_metrics import GateMetrics
+from alchemist_worker.evaluation.settings import EvaluationSettings
 from alchemist_worker.feedback.consumer import ConsumerSettings, FeedbackConsumer
 from alchemist_worker.feedback.router import feedback_router
 from alchemist_worker.feedback.samples import SampleResolver
@@ -72,6 +75,7 @@ class RuntimeSettings:
     trained_horizon_s: float = 7 * 86_400  # how long trained feedback ids are remembered (idempotency)
     request_ttl_s: float | None = None  # the request records' TTL, when known: the horizon must outlive it
     control_stall_s: float = 60.0  # /readyz answers 503 when a control duty has not succeeded for this long
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)  # the gate before rollout
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -114,6 +118,8 @@ class RuntimeSettings:
                     values[name] = parse(raw)
                 except ValueError as exc:
                     raise ValueError(f"{var}={raw!r}: {exc}") from None
+        if "evaluation" not in values:
+            values["evaluation"] = EvaluationSettings.from_env(env)
         if "versions_dir" not in values:  # persistent, and one directory per job (a job's one lineage)
             values["versions_dir"] = cache_root() / "versions" / values["namespace"] / values["job"]
         return cls(**values)
@@ -190,6 +196,16 @@ class ContinualRuntime:
             end_token=self._end_token,
         )
         self.directory = VersionDirectory(settings.versions_dir)
+        # A set that cannot be read stops the worker here, with the file and line: without it every version
+        # would roll out unjudged.
+        self.gate_metrics = GateMetrics(self.metrics.registry)
+        self.trainer.evaluation = CandidateEvaluation.load(
+            settings.evaluation,
+            self._encode_text,
+            tokenizer.apply_chat_template,
+            engine.max_model_len,
+            self.gate_metrics,
+        )
         self.engine_side = EngineSide(loop, self.trainer, self.co_scheduler, on_step_done=lambda done: None)
         self.control = TrainingControl(
             store=self.store,

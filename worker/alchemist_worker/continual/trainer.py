@@ -26,7 +26,8 @@ import torch
 from alchemist_worker.activations.store import ActivationStore
 from alchemist_worker.continual.settings import Mode, Optimizer, Schedule, TrainerSettings
 from alchemist_worker.continual.step_cursor import StepCursor, cursor_yield
-from alchemist_worker.continual.trainable_weights import TrainableWeights
+from alchemist_worker.continual.trainable_weights import TrainableWeights, WeightSet
+from alchemist_worker.evaluation.candidate import CandidateEvaluation
 from alchemist_worker.feedback.samples import TrainingSample as FeedbackSample
 from alchemist_worker.model.transformer import Transformer
 from alchemist_worker.training import Decision, StepConfig, StepReport, TrainingSample, accumulate_gradients
@@ -118,6 +119,8 @@ class ContinualTrainer:
         self.device = next(model.parameters()).device
         self._cursor: StepCursor[StepResult] | None = None
         self._started = 0.0
+        self.evaluation: CandidateEvaluation | None = None  # the gate's set, when the job names one
+        self._slice_weights: WeightSet | None = None  # installed instead of the training set (base scoring)
 
     def apply_settings(self, settings: TrainerSettings) -> None:
         """New hyper-parameters (the operator's live settings), used from the next optimizer step on."""
@@ -130,14 +133,16 @@ class ContinualTrainer:
     def busy(self) -> bool:
         return self._cursor is not None
 
-    def begin(self, samples: list[FeedbackSample]) -> None:
+    def begin(self, samples: list[FeedbackSample], evaluate: bool = False) -> None:
+        """`evaluate`: the step completes a version, so the candidate is scored on the evaluation set (in the
+        same cursor, after the optimizer step) and its scores go into the result's `extra["evaluation"]`."""
         if self._cursor is not None:
             raise RuntimeError("a training step is already in progress")
         if not samples:
             raise ValueError("a training step needs at least one sample")
         self._started = time.monotonic()
         self._cursor = StepCursor(
-            lambda: self._step(samples),
+            lambda: self._step_and_evaluate(samples, evaluate),
             yield_at_modules=list(self.model.layers),
             on_resume=self._resume,
             on_pause=self._pause,
@@ -145,7 +150,10 @@ class ContinualTrainer:
         )
 
     def _resume(self) -> None:
-        self.weights.use_training()
+        if self._slice_weights is not None:
+            self.weights.install(self._slice_weights)
+        else:
+            self.weights.use_training()
         # The output projection over the vocabulary is a step's largest single operator; computed in row chunks
         # with a yield point between them (in forward and, through autograd, in backward), it no longer sets
         # the floor of a slice. Same numbers: rows are independent. Serving keeps the model's own method.
@@ -186,6 +194,21 @@ class ContinualTrainer:
                 param.grad = None
 
     # Step thread.
+    def _step_and_evaluate(self, samples: list[FeedbackSample], evaluate: bool) -> StepResult:
+        result = self._step(samples)
+        evaluation = self.evaluation
+        if evaluate and evaluation is not None:
+            if evaluation.base is None:  # once per process: the base model on the same set
+                self._slice_weights = self.weights.base_serving_set()
+                self.weights.install(self._slice_weights)
+                try:
+                    evaluation.base = evaluation.score(self.model, self.device)
+                finally:
+                    self._slice_weights = None
+                    self.weights.use_training()
+            result.extra["evaluation"] = evaluation.score(self.model, self.device)
+        return result
+
     def _step(self, samples: list[FeedbackSample]) -> StepResult:
         reports, own_reasons, total = self._accumulate(samples)
         lr = self._optimizer_step()

@@ -4,7 +4,8 @@ Modes:
 - `pointer`: the rollout pointer the operator writes (stable version, or the canary version for canary
   replicas). Without a pointer the replica keeps what it serves.
 - `latest`: every newly published version as soon as it exists, except after a rollback command, which holds
-  serving at the rolled-back version until the trainer publishes past it. It never moves to an older version
+  serving at the rolled-back version until the trainer publishes past it, and except versions the evaluation
+  gate held back (the newest version it passed is served instead). It never moves to an older version
   otherwise (after a Redis restart the index may be empty until the trainer rebuilds it from disk).
 - `auto` (default): `pointer` when the job has a pointer (an operator manages it), `latest` otherwise; so a
   local run follows training at once and a managed one waits for the operator's rollout.
@@ -34,13 +35,17 @@ def target_version(
     latest: int,
     rollback: RollbackRequest | None,
     serving: int,
+    servable: int | None = None,
 ) -> int | None:
-    """The version to serve, or None for "no instruction, keep serving what you serve"."""
+    """The version to serve, or None for "no instruction, keep serving what you serve".
+
+    `servable`: the newest published version the evaluation gate did not hold (default: `latest`)."""
     if mode is FollowMode.POINTER or (mode is FollowMode.AUTO and pointer is not None):
         return None if pointer is None else pointer.version_for(replica)
     if rollback is not None and rollback.applies_to(latest):
         return rollback.version
-    return latest if latest > serving else None
+    newest = latest if servable is None else servable
+    return newest if newest > serving else None
 
 
 @dataclass
@@ -65,5 +70,7 @@ class RolloutFollower:
     def decide(self, serving: int) -> FollowDecision:
         pointer = self.store.get_rollout() if self.store.has_rollout() else None
         latest = self.store.latest_version()
-        target = target_version(self.mode, self.replica, pointer, latest, self.store.get_rollback(), serving)
+        servable = self.store.latest_servable_version() if pointer is None else latest
+        rollback = self.store.get_rollback()
+        target = target_version(self.mode, self.replica, pointer, latest, rollback, serving, servable)
         return FollowDecision(target, target is not None and (target == 0 or self.is_available(target)))

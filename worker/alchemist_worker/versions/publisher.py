@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import redis
 from alchemist_protocol.job_store import JobStore, VersionCommit
-from alchemist_protocol.schemas import ArtifactKind, VersionInfo
+from alchemist_protocol.schemas import ArtifactKind, EvaluationReading, VersionInfo
 
 from alchemist_worker.feedback.consumer import SettledFeedback, finalize_feedback, finalize_script
 from alchemist_worker.versions.directory import (
@@ -61,6 +61,7 @@ class VersionDraft:
     feedback_ranges: list[tuple[str, str]] = field(default_factory=list)
     expected_head: int | None = None  # the newest published version it builds on; None: any older head
     writer: str = field(default_factory=lambda: uuid.uuid4().hex)  # one per draft, kept across retries
+    evaluation: EvaluationReading | None = None  # the evaluation gate's reading, published with the version
 
 
 class CommitFailure(Exception):
@@ -200,6 +201,7 @@ class VersionPublisher:
             training=draft.training,
             feedback_ranges=draft.feedback_ranges,
             trained_by=self.replica,
+            evaluation=draft.evaluation,
         )
         manifest = VersionManifest(
             info=info, feedback=_to_manifest_feedback(draft.feedback), writer=draft.writer
