@@ -159,6 +159,7 @@ async def _rollout(
         replica_versions=snapshot.replica_versions,
         feedback_lag=snapshot.feedback_lag,
         gate=gate,
+        held=snapshot.observation.held,
     )
 
 

@@ -60,6 +60,7 @@ class RedisView:
     replica_versions: Mapping[str, int] = field(default_factory=dict)
     feedback_lag: int | None = None
     gate: GateReading | None = None
+    held: Mapping[int, str] = field(default_factory=dict)  # versions the evaluation gate held -> its reasons
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,10 @@ def _rollout(redis: RedisView | None) -> Condition:
         return Condition(ROLLOUT, TRUE, "CanaryInProgress", state.message)
     if state.phase is Phase.HELD:
         return Condition(ROLLOUT, FALSE, "CanaryHeld", state.message)
+    newest = max(redis.published, default=0)
+    if newest in redis.held and newest > state.stable:
+        message = f"version {newest} held by the evaluation gate: {redis.held[newest]}"
+        return Condition(ROLLOUT, FALSE, "VersionHeld", message)
     behind = replicas_behind(state, redis.replica_versions)
     if behind:
         detail = ", ".join(f"{name} has {have}, wants {want}" for name, (have, want) in behind.items())
@@ -186,6 +191,10 @@ def _rollout_block(spec: JobSpec | None, redis: RedisView) -> dict[str, Any]:
         "rejectedVersions": list(state.rejected),
         "message": state.message,
     }
+    if redis.held:
+        newest = max(redis.held)
+        block["heldVersions"] = sorted(redis.held)
+        block["heldReason"] = f"version {newest}: {redis.held[newest]}"
     if spec is not None:
         block["strategy"] = spec.rollout.strategy.value
     if state.candidate is not None:
@@ -230,7 +239,11 @@ def compute_status(inputs: StatusInputs) -> dict[str, Any]:
     if redis is not None and redis.reachable and redis.state is not None:
         state = redis.state
         status["currentVersion"] = state.stable
-        target = state.candidate if state.candidate is not None else next_candidate(state, redis.published)
+        target = (
+            state.candidate
+            if state.candidate is not None
+            else next_candidate(state, redis.published, redis.held)
+        )
         status["targetVersion"] = target if target is not None else state.stable
         status["replicaVersions"] = dict(sorted(redis.replica_versions.items()))
         status["rollout"] = _rollout_block(spec, redis)

@@ -8,14 +8,15 @@ Immediate: the newest published version that was never rejected becomes the stab
 Canary: that version goes to `canary_replicas` replicas first; feedback on the canary's responses is compared
 with feedback on the stable version's responses over the same period, and the canary is promoted (every replica
 moves to it), rolled back (it is rejected and never tried again), or held for a person to decide.
-Version 0 is the base model.
+Version 0 is the base model. Versions the evaluation gate held (the trainer judged them on the job's evaluation set
+before publishing them) are never candidates: each is reported once, with the gate's reasons, and skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from alchemist_operator.job_spec import RolloutSpec, RolloutStrategy
@@ -89,6 +90,7 @@ class RolloutState:
     canary_baseline: FeedbackCounts = FeedbackCounts()
     rejected: tuple[int, ...] = ()
     message: str = ""
+    held: tuple[int, ...] = ()  # versions the evaluation gate held that were already reported
 
     def __post_init__(self) -> None:
         in_canary = self.phase is not Phase.IDLE
@@ -109,6 +111,7 @@ class Observation:
     published: tuple[int, ...]  # published version numbers
     live_replicas: tuple[str, ...]  # replicas whose heartbeat is fresh and that report ready
     counts: Mapping[int, FeedbackCounts] = field(default_factory=dict)  # cumulative, per version
+    held: Mapping[int, str] = field(default_factory=dict)  # versions the evaluation gate held -> its reasons
 
     def counts_for(self, version: int) -> FeedbackCounts:
         return self.counts.get(version, FeedbackCounts())
@@ -143,15 +146,17 @@ class GateReading:
     summary: str
 
 
-def next_candidate(state: RolloutState, published: tuple[int, ...]) -> int | None:
-    """The newest published version above the stable one that was never rejected."""
-    eligible = [v for v in published if v > state.stable and v not in state.rejected]
+def next_candidate(state: RolloutState, published: tuple[int, ...], held: Collection[int] = ()) -> int | None:
+    """The newest published version above the stable one that was never rejected nor held by the gate."""
+    eligible = [v for v in published if v > state.stable and v not in state.rejected and v not in held]
     return max(eligible) if eligible else None
 
 
-def versions_to_count(state: RolloutState, published: tuple[int, ...]) -> tuple[int, ...]:
+def versions_to_count(
+    state: RolloutState, published: tuple[int, ...], held: Collection[int] = ()
+) -> tuple[int, ...]:
     """The versions whose feedback counters `step` may read: stable, and the current or next candidate."""
-    candidate = state.candidate if state.candidate is not None else next_candidate(state, published)
+    candidate = state.candidate if state.candidate is not None else next_candidate(state, published, held)
     return (state.stable,) if candidate is None else (state.stable, candidate)
 
 
@@ -209,11 +214,32 @@ def _idle(state: RolloutState, message: str, **changes: object) -> RolloutState:
     )
 
 
+def note_held(state: RolloutState, observation: Observation) -> tuple[RolloutState, tuple[RolloutEvent, ...]]:
+    """Records newly held versions above the stable one, one Warning each; forgets those no longer published."""
+    fresh = sorted(v for v in observation.held if v > state.stable and v not in state.held)
+    events = tuple(
+        RolloutEvent(
+            "Warning", "VersionHeld", f"version {v} held by the evaluation gate: {observation.held[v]}"
+        )
+        for v in fresh
+    )
+    held = tuple(sorted(v for v in {*state.held, *fresh} if v in observation.published))
+    return (dataclasses.replace(state, held=held) if held != state.held else state), events
+
+
 def step(state: RolloutState, policy: RolloutPolicy, observation: Observation) -> StepResult:
     """One decision: at most one transition per call, so every transition is recorded as it happens."""
+    state, held_events = note_held(state, observation)
+    result = _decide(state, policy, observation)
+    if not held_events:
+        return result
+    return StepResult(result.state, (*held_events, *result.events), result.rollback_trainer_to)
+
+
+def _decide(state: RolloutState, policy: RolloutPolicy, observation: Observation) -> StepResult:
     if state.phase is not Phase.IDLE:
         return _step_canary(state, policy, observation)
-    candidate = next_candidate(state, observation.published)
+    candidate = next_candidate(state, observation.published, observation.held)
     if candidate is None:
         return StepResult(_idle(state, f"every replica serves version {state.stable}"))
     if policy.strategy is RolloutStrategy.IMMEDIATE:
@@ -239,6 +265,7 @@ def step(state: RolloutState, policy: RolloutPolicy, observation: Observation) -
         canary_baseline=observation.counts_for(candidate),
         rejected=state.rejected,
         message=f"canary of version {candidate} on {', '.join(canaries)}",
+        held=state.held,
     )
     event = RolloutEvent(
         "Normal",

@@ -36,7 +36,12 @@ def state_from_redis(pointer: RolloutPointer | None, progress: RolloutProgress) 
         return RolloutState()
     rejected = tuple(progress.rejected_versions)
     if pointer.canary_version is None or not pointer.canary_replicas:
-        return RolloutState(stable=pointer.stable_version, rejected=rejected, message=progress.message)
+        return RolloutState(
+            stable=pointer.stable_version,
+            rejected=rejected,
+            message=progress.message,
+            held=tuple(progress.held_versions),
+        )
     phase = Phase(progress.phase) if progress.phase in (Phase.CANARY, Phase.HELD) else Phase.CANARY
     return RolloutState(
         stable=pointer.stable_version,
@@ -48,6 +53,7 @@ def state_from_redis(pointer: RolloutPointer | None, progress: RolloutProgress) 
         canary_baseline=FeedbackCounts(progress.canary_baseline.positive, progress.canary_baseline.total),
         rejected=rejected,
         message=progress.message,
+        held=tuple(progress.held_versions),
     )
 
 
@@ -68,6 +74,7 @@ def state_to_redis(state: RolloutState) -> tuple[RolloutPointer, RolloutProgress
         ),
         rejected_versions=list(state.rejected),
         message=state.message,
+        held_versions=list(state.held),
     )
     return pointer, progress
 
@@ -91,10 +98,14 @@ def read_snapshot(store: JobStore, feedback_stream: str, now: float) -> RedisSna
     published = tuple(store.version_numbers())
     replicas = store.live_replicas()
     ready = tuple(r.replica for r in replicas if r.ready)
-    counts = {v: feedback_counts(store, v) for v in versions_to_count(state, published)}
+    held = {
+        v: "; ".join(info.evaluation.reasons if info.evaluation is not None else [])
+        for v, info in store.held_versions(above=state.stable).items()
+    }
+    counts = {v: feedback_counts(store, v) for v in versions_to_count(state, published, held)}
     return RedisSnapshot(
         state=state,
-        observation=Observation(now=now, published=published, live_replicas=ready, counts=counts),
+        observation=Observation(now=now, published=published, live_replicas=ready, counts=counts, held=held),
         replica_versions={r.replica: r.loaded_version for r in replicas},
         ready_replicas=ready,
         feedback_lag=feedback_lag(store.stream_client, feedback_stream),

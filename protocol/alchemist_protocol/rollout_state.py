@@ -38,6 +38,7 @@ class RolloutProgress(BaseModel):
     canary_baseline: CounterSnapshot = Field(default_factory=CounterSnapshot)
     rejected_versions: list[int] = Field(default_factory=list)
     message: str = ""
+    held_versions: list[int] = Field(default_factory=list)  # held by the evaluation gate, already reported
     updated_at: float = Field(default_factory=time.time)
 
 
