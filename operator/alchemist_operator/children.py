@@ -15,6 +15,7 @@ from alchemist_operator.naming import JobRef
 from alchemist_operator.operator_config import OperatorConfig
 from alchemist_operator.services import build_client_service, build_headless_service
 from alchemist_operator.statefulset import STATEFULSET_IMMUTABLE, build_statefulset
+from alchemist_operator.versions_storage import shared_claim_spec
 from alchemist_operator.worker_env import DEFAULT_PASSWORD_KEY, uses_default_redis, worker_config
 
 
@@ -41,13 +42,12 @@ def build_versions_claim(job: JobRef, spec: JobSpec) -> dict[str, Any]:
     metadata = job.metadata(job.versions_claim)
     if spec.versions.retain_on_delete:
         del metadata["ownerReferences"]
-    claim: dict[str, Any] = {
-        "accessModes": [spec.versions.access_mode.value],
-        "resources": {"requests": {"storage": str(spec.versions.size)}},
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata,
+        "spec": shared_claim_spec(spec),
     }
-    if spec.versions.storage_class_name:
-        claim["storageClassName"] = spec.versions.storage_class_name
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata, "spec": claim}
 
 
 def build_disruption_budget(job: JobRef) -> dict[str, Any]:

@@ -76,7 +76,9 @@ class RolloutStrategy(enum.StrEnum):
 
 
 class VersionsStorage(enum.StrEnum):
-    PERSISTENT_VOLUME_CLAIM = "PersistentVolumeClaim"
+    PER_REPLICA = "PerReplica"  # a ReadWriteOnce claim per pod; replicas copy versions over HTTP
+    PERSISTENT_VOLUME_CLAIM = "PersistentVolumeClaim"  # one claim all pods mount (ReadWriteMany)
+    S3 = "S3"  # an S3-compatible bucket; each pod keeps a local copy of what it loads
     EMPTY_DIR = "EmptyDir"
 
 
@@ -101,13 +103,26 @@ def _checked_quantity(value: str | int) -> str | int:
 Quantity = Annotated[str | int, AfterValidator(_checked_quantity)]
 
 
+class S3Spec(SpecModel):
+    """How to reach an S3-compatible store; the Secret holds AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."""
+
+    endpoint: str | None = Field(default=None, pattern=r"^https?://")
+    region: str | None = Field(default=None, min_length=1)
+    credentials_secret: str | None = Field(default=None, min_length=1)
+
+
+MODEL_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?|oci://\S+|s3://[^/\s]+(/\S*)?)$"
+
+
 class ModelSpec(SpecModel):
-    path: str = Field(min_length=1)
+    uri: str | None = Field(default=None, pattern=MODEL_URI_PATTERN)
+    path: str | None = Field(default=None, min_length=1)
     source: ModelSource = ModelSource.IMAGE
     claim_name: str | None = Field(default=None, min_length=1)
     mount_path: str = Field(default="/models", pattern=r"^/")
     dtype: Dtype = Dtype.AUTO
     served_name: str | None = Field(default=None, min_length=1)
+    s3: S3Spec = Field(default_factory=S3Spec)
 
 
 class Toleration(SpecModel):
@@ -203,11 +218,13 @@ class RolloutSpec(SpecModel):
 
 
 class VersionsSpec(SpecModel):
-    storage: VersionsStorage = VersionsStorage.PERSISTENT_VOLUME_CLAIM
+    storage: VersionsStorage = VersionsStorage.PER_REPLICA
     size: Quantity = Field(default="20Gi")
-    access_mode: AccessMode = AccessMode.READ_WRITE_MANY
+    access_mode: AccessMode | None = None  # None: ReadWriteMany shared, ReadWriteOnce per replica
     storage_class_name: str | None = None
     retain_on_delete: bool = False
+    uri: str | None = Field(default=None, pattern=r"^s3://[^/\s]+(/\S*)?$")
+    s3: S3Spec = Field(default_factory=S3Spec)
 
 
 class KeySelector(SpecModel):

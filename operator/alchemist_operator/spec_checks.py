@@ -16,12 +16,13 @@ from alchemist_operator.job_spec import (
     ModelSource,
     RolloutStrategy,
     TrainingMethod,
-    VersionsStorage,
     parse_job_spec,
 )
+from alchemist_operator.model_source import model_problems
 from alchemist_operator.naming import job_name_problem
 from alchemist_operator.operator_config import OperatorConfig
 from alchemist_operator.quantities import quantity_bytes
+from alchemist_operator.versions_storage import versions_problems
 from alchemist_operator.worker_env import POD_ENV_NAMES
 
 
@@ -35,21 +36,19 @@ def spec_problems(name: str, spec: JobSpec, config: OperatorConfig) -> list[str]
             f"spec.rollout.canary.replicas ({canary.replicas}) must be smaller than spec.replicas "
             f"({spec.replicas}): at least one replica must stay on the stable version to compare against"
         )
-    if spec.model.source is ModelSource.VOLUME and not spec.model.claim_name:
-        problems.append("spec.model.claimName is required when spec.model.source is Volume")
-    if spec.model.source is ModelSource.IMAGE and spec.model.claim_name:
-        problems.append(
-            "spec.model.claimName is only used with spec.model.source Volume; remove it or set source"
-        )
-    if spec.model.source is ModelSource.IMAGE and not spec.model.path.startswith("/"):
-        problems.append(
-            f"spec.model.path must be absolute for a model baked into the image, got {spec.model.path!r}"
-        )
-    if spec.versions.storage is VersionsStorage.EMPTY_DIR and spec.replicas > 1:
-        problems.append(
-            f"spec.versions.storage EmptyDir gives each pod its own versions; with {spec.replicas} replicas "
-            "use PersistentVolumeClaim (ReadWriteMany) so that every replica can load what the trainer publishes"
-        )
+    problems += model_problems(spec)
+    if spec.model.uri is None:
+        if spec.model.source is ModelSource.VOLUME and not spec.model.claim_name:
+            problems.append("spec.model.claimName is required when spec.model.source is Volume")
+        if spec.model.source is ModelSource.IMAGE and spec.model.claim_name:
+            problems.append(
+                "spec.model.claimName is only used with spec.model.source Volume; remove it or set source"
+            )
+        if spec.model.source is ModelSource.IMAGE and spec.model.path and not spec.model.path.startswith("/"):
+            problems.append(
+                f"spec.model.path must be absolute for a model baked into the image, got {spec.model.path!r}"
+            )
+    problems += versions_problems(spec)
     feedback = spec.feedback
     if feedback.redis_url and feedback.redis_secret_ref:
         problems.append("set spec.feedback.redisUrl or spec.feedback.redisSecretRef, not both")

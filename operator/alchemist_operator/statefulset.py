@@ -10,13 +10,23 @@ import hashlib
 import json
 from typing import Any
 
-from alchemist_operator.job_spec import JobSpec, ModelSource, VersionsStorage
+from alchemist_operator.job_spec import JobSpec
+from alchemist_operator.model_source import model_pod_parts
 from alchemist_operator.naming import CONFIG_HASH_ANNOTATION, VERSIONS_DIR, WORKER_CONTAINER, JobRef
+from alchemist_operator.versions_storage import (
+    VERSIONS_VOLUME,
+    claim_retention,
+    claim_templates,
+    versions_env,
+    versions_volume,
+)
 from alchemist_operator.worker_env import ADMIN_KEYS_FILE, API_KEYS_FILE, pod_env
 
 WORKER_UID = 1000
 # Loading a large checkpoint can take many minutes; liveness starts counting only after the first success.
 STARTUP_BUDGET_SECONDS = 1800
+
+CONTAINER_SECURITY: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 # Fields of a StatefulSet's spec that Kubernetes refuses to change after creation.
 STATEFULSET_IMMUTABLE = ("selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy")
@@ -47,26 +57,24 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _volumes(job: JobRef, spec: JobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(pod volumes, container mounts): versions, shared memory, the model when it is on a volume, and the API key
-    Secrets when the job names them (read-only files, so keys never pass through the environment)."""
-    if spec.versions.storage is VersionsStorage.EMPTY_DIR:
-        versions: dict[str, Any] = {"name": "versions", "emptyDir": {"sizeLimit": str(spec.versions.size)}}
-    else:
-        versions = {"name": "versions", "persistentVolumeClaim": {"claimName": job.versions_claim}}
+def _volumes(
+    job: JobRef, spec: JobSpec, image: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, container mounts, init containers): versions (model_source.py, versions_storage.py),
+    shared memory, the model unless it is in the image, and the API key Secrets when the job names them
+    (read-only files, so keys never pass through the environment)."""
+    versions = versions_volume(job, spec)
     volumes: list[dict[str, Any]] = [
-        versions,
+        *([versions] if versions is not None else []),
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)}},
     ]
     mounts: list[dict[str, Any]] = [
-        {"name": "versions", "mountPath": VERSIONS_DIR},
+        {"name": VERSIONS_VOLUME, "mountPath": VERSIONS_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    if spec.model.source is ModelSource.VOLUME:
-        volumes.append(
-            {"name": "model", "persistentVolumeClaim": {"claimName": spec.model.claim_name, "readOnly": True}}
-        )
-        mounts.append({"name": "model", "mountPath": spec.model.mount_path, "readOnly": True})
+    model_volumes, model_mounts, init_containers = model_pod_parts(spec, image, CONTAINER_SECURITY)
+    volumes += model_volumes
+    mounts += model_mounts
     for name, ref, path in (
         ("api-keys", spec.auth.api_keys_secret, API_KEYS_FILE),
         ("admin-keys", spec.auth.admin_keys_secret, ADMIN_KEYS_FILE),
@@ -85,7 +93,7 @@ def _volumes(job: JobRef, spec: JobSpec) -> tuple[list[dict[str, Any]], list[dic
             }
         )
         mounts.append({"name": name, "mountPath": directory, "readOnly": True})
-    return volumes, mounts
+    return volumes, mounts, init_containers
 
 
 def build_statefulset(
@@ -96,8 +104,8 @@ def build_statefulset(
     default_redis_url: str | None,
     default_password: bool = False,
 ) -> dict[str, Any]:
-    env = pod_env(job, spec, default_redis_url, default_password)
-    volumes, mounts = _volumes(job, spec)
+    env = pod_env(job, spec, default_redis_url, default_password) + versions_env(spec)
+    volumes, mounts, init_containers = _volumes(job, spec, image)
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
         "image": image,
@@ -115,7 +123,7 @@ def build_statefulset(
         # A worker that exits on start (a model path that does not exist, a bad setting) leaves its last log
         # lines as the termination message, which the operator reports in the job's status and Events.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": CONTAINER_SECURITY,
     }
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # workers talk to Redis, never to the Kubernetes API
@@ -130,6 +138,8 @@ def build_statefulset(
         "containers": [container],
         "volumes": volumes,
     }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     if spec.resources.node_selector:
@@ -162,4 +172,8 @@ def build_statefulset(
             },
         },
     }
+    templates = claim_templates(job, spec)
+    if templates:
+        manifest["spec"]["volumeClaimTemplates"] = templates
+        manifest["spec"]["persistentVolumeClaimRetentionPolicy"] = claim_retention(spec)
     return manifest

@@ -12,9 +12,11 @@ from urllib.parse import urlsplit
 
 from alchemist_protocol.keys import JobKeys
 
-from alchemist_operator.job_spec import JobSpec, ModelSource
+from alchemist_operator.job_spec import JobSpec
+from alchemist_operator.model_source import model_path
 from alchemist_operator.naming import VERSIONS_DIR, JobRef
 from alchemist_operator.quantities import quantity_bytes
+from alchemist_operator.versions_storage import versions_config
 
 
 class NoRedis(ValueError):
@@ -28,14 +30,6 @@ def _flag(value: bool) -> str:
 def _mib(quantity: str | int) -> str:
     """Mebibytes, as the worker's *_MIB settings take them (fractions allowed)."""
     return repr(quantity_bytes(quantity) / 2**20)
-
-
-def model_path(spec: JobSpec) -> str:
-    """The checkpoint's path in the container: relative paths on a volume are taken under its mount path."""
-    path = spec.model.path
-    if spec.model.source is ModelSource.VOLUME and not path.startswith("/"):
-        return f"{spec.model.mount_path.rstrip('/')}/{path}"
-    return path
 
 
 # Where the API key Secrets are mounted: one directory per Secret, the chosen key as the file `keys`.
@@ -94,6 +88,7 @@ def worker_config(job: JobRef, spec: JobSpec) -> dict[str, str]:
         "ALCHEMIST_TRAINING_STEP_INTERVAL_SECONDS": repr(training.step_interval_seconds),
         "ALCHEMIST_TRAINING_PUBLISH_EVERY_STEPS": str(training.publish_every_steps),
         "ALCHEMIST_VERSIONS_DIR": VERSIONS_DIR,
+        **versions_config(job, spec),
     }
 
 

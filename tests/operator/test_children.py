@@ -36,6 +36,7 @@ def env_of(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         {},
         {
             "replicas": 3,
+            "versions": {"storage": "PersistentVolumeClaim"},
             "resources": {
                 "gpus": 2,
                 "nodeSelector": {"gpu": "h100"},
@@ -55,7 +56,7 @@ def env_of(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 )
 def test_every_child_is_a_valid_kubernetes_object_owned_by_the_job(spec: dict[str, Any]) -> None:
     objs = children(**spec)
-    shared_claim = ["PersistentVolumeClaim/chat-versions"] if "EmptyDir" not in str(spec) else []
+    shared_claim = ["PersistentVolumeClaim/chat-versions"] if "'PersistentVolumeClaim'" in str(spec) else []
     assert sorted(objs) == sorted(
         [
             "ConfigMap/chat-config",
@@ -80,7 +81,12 @@ def test_every_child_is_a_valid_kubernetes_object_owned_by_the_job(spec: dict[st
 
 
 def test_statefulset_runs_the_worker_with_gpus_probes_and_a_versions_volume() -> None:
-    objs = children(replicas=2, resources={"gpus": 2, "memory": "64Gi"}, serving={"port": 9000})
+    objs = children(
+        replicas=2,
+        resources={"gpus": 2, "memory": "64Gi"},
+        serving={"port": 9000},
+        versions={"storage": "PersistentVolumeClaim"},
+    )
     sts = objs["StatefulSet/chat"]
     assert sts["spec"]["replicas"] == 2
     assert sts["spec"]["serviceName"] == "chat-headless"
@@ -120,15 +126,16 @@ def test_cpu_job_requests_no_gpu_and_a_volume_model_is_mounted_read_only() -> No
 
 
 def test_suspend_scales_to_zero_and_keeps_the_versions_claim() -> None:
-    running, suspended = children(replicas=3), children(replicas=3, suspend=True)
+    shared = {"storage": "PersistentVolumeClaim"}
+    running = children(replicas=3, versions=shared)
+    suspended = children(replicas=3, suspend=True, versions=shared)
     assert suspended["StatefulSet/chat"]["spec"]["replicas"] == 0
     assert suspended["PersistentVolumeClaim/chat-versions"] == running["PersistentVolumeClaim/chat-versions"]
 
 
 def test_a_retained_versions_claim_has_no_owner() -> None:
-    claim = children(versions={"retainOnDelete": True, "storageClassName": "nfs"})[
-        "PersistentVolumeClaim/chat-versions"
-    ]
+    shared = {"storage": "PersistentVolumeClaim", "retainOnDelete": True, "storageClassName": "nfs"}
+    claim = children(versions=shared)["PersistentVolumeClaim/chat-versions"]
     assert "ownerReferences" not in claim["metadata"]
     assert claim["spec"]["storageClassName"] == "nfs"
 
@@ -188,6 +195,8 @@ def test_config_values_are_exactly_the_documented_variables() -> None:
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "worker-environment.md").read_text()
     names = set(worker_config(JOB, parse_job_spec({"model": {"path": "/m"}}))) | set(env_of(children()))
+    s3 = {"model": {"path": "/m"}, "versions": {"storage": "S3", "uri": "s3://bucket/versions"}}
+    names |= set(worker_config(JOB, parse_job_spec(s3)))
     documented = {line.split("`")[1] for line in doc.splitlines() if line.startswith("| `ALCHEMIST_")}
     assert names == documented
 

@@ -41,7 +41,7 @@ def test_a_plain_spec_has_no_problems() -> None:
         ),
         ({"env": [{"name": "ALCHEMIST_REPLICA", "value": "x"}]}, "must not set ALCHEMIST_REPLICA"),
         ({"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}, "sets A more than once"),
-        ({"replicas": 2, "versions": {"storage": "EmptyDir"}}, "gives each pod its own versions"),
+        ({"replicas": 2, "versions": {"storage": "EmptyDir"}}, "EmptyDir loses versions with each pod"),
         ({"resources": {"gpus": 2}}, "the worker uses 1 device per pod"),
         (
             {"env": [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
