@@ -1,22 +1,29 @@
-"""Backward through one prompt layer from its record, recomputing only what the recording policy did not keep.
+"""Backward through one layer over prompt and response tokens together, from what their forwards kept.
 
-The prompt's layer l is rebuilt as an autograd graph over the record's tensors. Where the record holds an
-operation's output, the operation becomes a "given output" node: its forward returns the recorded value at no
-cost and its backward is the usual vector-Jacobian product from saved inputs (a linear layer needs its input
-and weight; attention needs q, k, v, its output and the log-sum-exp). Where the record lacks the output, the
-operation is simply run again under autograd. The layer's own output is never needed (the next layer's input
-is recorded), so down_proj's forward is never run; its backward needs only its input.
+By the time a layer is replayed, every activation its backward needs is known: the prompt's from the prefill
+record, the response's from the step's own forward (run without autograd). The layer is rebuilt as an autograd
+graph over those tensors in which each operation whose output is known becomes a "given output" node: its
+forward returns the known value at no cost and its backward is the usual vector-Jacobian product from saved
+inputs (a linear layer needs its input and weight; attention needs q, k, v, its output and the log-sum-exp;
+RoPE needs nothing, its transpose is the inverse rotation). An operation whose output the record lacks (the
+`kv` and `selective` policies) is simply run again under autograd. The layer's own output is never needed,
+so down_proj's forward is never run; its backward needs only its input.
 
-The roots of the backward are the layer's output (gradient from the layer above, through the prompt's
-residual stream) and its K/V (gradients from the queries of the response, which attended to them); the
-result is the gradient of the layer's input, which becomes the output gradient of the layer below.
+Prompt and response rows go through one backward, so the response's rows join the prompt's in every matmul
+instead of running as thin matmuls of their own. Rows are laid out sequence by sequence (prompt prefix, then
+response, per sample), so attention's backward is the ordinary causal one over whole sequences and gives the
+prompt's K/V their gradient from the response's queries directly.
 
-The wiring mirrors `Block.forward` in model/transformer.py; tests compare the two paths' gradients for every
-architecture and policy.
+At the top layer the prompt's outputs feed nothing: only the response's rows ("query rows") go through the
+queries, attention output, o_proj and MLP, while K/V (and the input norm under them) cover every row.
+
+The wiring mirrors `Block.forward` in model/transformer.py; tests compare the result with a forward and
+backward over prompt + response for every architecture and policy.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,7 +68,7 @@ class _GivenLinear(torch.autograd.Function):
         if lora_a is not None and lora_b is not None:
             grad_r = grad @ lora_b  # [T, r]
             if dx is not None:
-                dx = dx + ctx.scaling * (grad_r @ lora_a)
+                dx = torch.addmm(dx, grad_r, lora_a, alpha=ctx.scaling)
             if needs[4]:
                 da = ctx.scaling * (grad_r.t() @ x)
             if needs[5]:
@@ -75,8 +82,22 @@ def given_linear(layer: LoRALinear, x: Tensor, output: Tensor | None) -> Tensor:
     return out
 
 
+class _GivenRope(torch.autograd.Function):
+    """apply_rope(x) whose value is known: RoPE is a rotation, so its backward is the inverse rotation."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, output: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        cos, sin = ctx.saved_tensors
+        return unapply_rope(grad, cos, sin), None, None, None
+
+
 class _GivenAttention(torch.autograd.Function):
-    """Varlen causal attention whose output and log-sum-exp were recorded: backward from them directly."""
+    """Varlen causal attention whose output and log-sum-exp are known: backward from them directly."""
 
     @staticmethod
     def forward(
@@ -86,83 +107,86 @@ class _GivenAttention(torch.autograd.Function):
         v: Tensor,
         out: Tensor,
         lse: Tensor,
-        cu_seqlens: list[int],
+        cu_seqlens_q: list[int],
+        cu_seqlens_k: list[int],
         sliding_window: int | None,
     ) -> Tensor:
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cu_seqlens, ctx.sliding_window = cu_seqlens, sliding_window
+        ctx.cu_q, ctx.cu_k, ctx.sliding_window = cu_seqlens_q, cu_seqlens_k, sliding_window
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = varlen_attention_backward(
-            grad.contiguous(),
-            q,
-            k,
-            v,
-            out,
-            lse,
-            ctx.cu_seqlens,
-            ctx.cu_seqlens,
-            sliding_window=ctx.sliding_window,
+            grad.contiguous(), q, k, v, out, lse, ctx.cu_q, ctx.cu_k, sliding_window=ctx.sliding_window
         )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class LayerRows:
+    """Where a layer's rows sit: all rows (prompt prefixes and responses, sequence by sequence) feed K/V;
+    the query rows (all of them, or only the responses' at the top layer) feed everything else."""
+
+    cos: Tensor  # [T, 1, head_dim / 2] RoPE of every row
+    sin: Tensor
+    cu_seqlens: list[int]  # [n + 1] sequences over all T rows
+    query_rows: Tensor | None = None  # [Q] indices into the T rows; None: every row
+    cu_seqlens_q: list[int] | None = None  # [n + 1] sequences over the Q query rows (with query_rows)
 
 
 def replay_layer_backward(
     block: Block,
-    record: LayerTensors,
-    cos: Tensor,
-    sin: Tensor,
-    cu_seqlens: list[int],
+    keys: LayerTensors,
+    queries: LayerTensors,
+    rows: LayerRows,
     *,
-    grad_output: Tensor | None,
-    grad_k: Tensor,
-    grad_v: Tensor,
+    grad_output: Tensor,
     sliding_window: int | None,
     need_grad_input: bool = True,
 ) -> Tensor | None:
-    """Backward through `block` over prompt tokens from their record; accumulates parameter gradients.
+    """Backward through `block` from known activations; accumulates parameter gradients.
 
-    record: this layer's fields over the flat prompt batch [P, ...]; cos, sin: RoPE of the prompt positions;
-    grad_output: d loss / d layer output [P, hidden], or None when nothing above reads the prompt's output
-    (the top layer); grad_k, grad_v: [P, n_kv_heads, head_dim] from the response's attention.
-    Returns d loss / d layer input [P, hidden] (None unless need_grad_input).
+    keys: fields over all T rows: x, k, v (and k_lin, kept for QK-norm models); queries: the fields known over
+    the Q query rows, of q_lin, attn, lse, o, gate, up (the missing ones are recomputed); grad_output:
+    d loss / d layer output [Q, hidden]. Returns d loss / d layer input [T, hidden] (None unless need_grad_input).
     """
     attn, mlp = block.self_attn, block.mlp
     with torch.enable_grad():
-        x = record["x"].detach().requires_grad_(need_grad_input)
+        x = keys["x"].detach().requires_grad_(need_grad_input)
         xn = block.input_layernorm(x)
-        num_tokens = x.shape[0]
-        v = given_linear(attn.v_proj, xn, record["v"].flatten(1)).view_as(record["v"])
-        if "k_lin" in record:
-            k_lin = given_linear(attn.k_proj, xn, record["k_lin"])
-        elif attn.k_norm is not None:  # QK norm cannot be undone: recompute the projection
-            k_lin = attn.k_proj(xn)
-        else:  # undo RoPE on the recorded K to get the projection's output without the matmul
-            k_lin = given_linear(attn.k_proj, xn, unapply_rope(record["k"], cos, sin).flatten(1))
-        k = attn.shape_k(k_lin, cos, sin)
-        if grad_output is None:
-            roots, grads = [k, v], [grad_k, grad_v]
+        v = given_linear(attn.v_proj, xn, keys["v"].flatten(1)).view_as(keys["v"])
+        if attn.k_norm is None:  # K is the rotated projection: neither the matmul nor RoPE runs again
+            k = _GivenRope.apply(
+                given_linear(attn.k_proj, xn, None).view_as(keys["k"]), keys["k"], rows.cos, rows.sin
+            )
+        else:  # QK norm: rebuild the norm (and RoPE) from the projection's output, recorded or recomputed
+            k_lin = given_linear(attn.k_proj, xn, keys["k_lin"]) if "k_lin" in keys else attn.k_proj(xn)
+            k = attn.shape_k(k_lin, rows.cos, rows.sin)
+        if rows.query_rows is None:
+            x_q, xn_q, cos_q, sin_q, cu_q = x, xn, rows.cos, rows.sin, rows.cu_seqlens
         else:
-            q_lin = given_linear(attn.q_proj, xn, record["q_lin"]) if "q_lin" in record else attn.q_proj(xn)
-            q = attn.shape_q(q_lin, cos, sin)
-            if "attn" in record:
-                out = _GivenAttention.apply(
-                    q, k, v, record["attn"], record["lse"], cu_seqlens, sliding_window
-                )
-            else:
-                out, _ = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, sliding_window=sliding_window)
-            out = out.reshape(num_tokens, -1)
-            o = given_linear(attn.o_proj, out, record["o"]) if "o" in record else attn.o_proj(out)
-            h = x + o
-            hn = block.post_attention_layernorm(h)
-            gate = given_linear(mlp.gate_proj, hn, record["gate"]) if "gate" in record else mlp.gate_proj(hn)
-            up = given_linear(mlp.up_proj, hn, record["up"]) if "up" in record else mlp.up_proj(hn)
-            down = given_linear(mlp.down_proj, F.silu(gate) * up, None)  # value unused
-            roots, grads = [h, down, k, v], [grad_output, grad_output, grad_k, grad_v]
-        live = [(r, g) for r, g in zip(roots, grads, strict=True) if r.requires_grad]
+            x_q, xn_q = x.index_select(0, rows.query_rows), xn.index_select(0, rows.query_rows)
+            cos_q, sin_q = rows.cos[rows.query_rows], rows.sin[rows.query_rows]
+            assert rows.cu_seqlens_q is not None
+            cu_q = rows.cu_seqlens_q
+        q_lin = given_linear(attn.q_proj, xn_q, queries["q_lin"]) if "q_lin" in queries else attn.q_proj(xn_q)
+        q = attn.shape_q(q_lin, cos_q, sin_q)
+        if "attn" in queries:
+            out = _GivenAttention.apply(
+                q, k, v, queries["attn"], queries["lse"], cu_q, rows.cu_seqlens, sliding_window
+            )
+        else:
+            out, _ = varlen_attention(q, k, v, cu_q, rows.cu_seqlens, sliding_window=sliding_window)
+        out = out.reshape(x_q.shape[0], -1)
+        o = given_linear(attn.o_proj, out, queries["o"]) if "o" in queries else attn.o_proj(out)
+        h = x_q + o
+        hn = block.post_attention_layernorm(h)
+        gate = given_linear(mlp.gate_proj, hn, queries["gate"]) if "gate" in queries else mlp.gate_proj(hn)
+        up = given_linear(mlp.up_proj, hn, queries["up"]) if "up" in queries else mlp.up_proj(hn)
+        down = given_linear(mlp.down_proj, F.silu(gate) * up, None)  # value unused
+        live = [r for r in (h, down) if r.requires_grad]
         if live:  # nothing requires grad in a frozen layer whose input gradient is not wanted
-            torch.autograd.backward([r for r, _ in live], [g for _, g in live])
+            torch.autograd.backward(live, [grad_output] * len(live))
     return x.grad if need_grad_input else None

@@ -1,13 +1,15 @@
 """The exact reuse path: the gradient of the response loss from prefill records, without the prompt's forward.
 
-1. Forward over the suffix only (last prompt token + response, see training/batch.py). At each layer the
-   suffix attends to the prompt's K/V taken from the record, as autograd leaves, so the response's backward
-   leaves d loss / d K and d loss / d V of the prompt at every layer. Each layer's record is brought to the
-   device just before it is read and sent back right after (`LayerStreamer`), next layer prefetched.
-2. Backward through the suffix (one autograd call).
-3. Backward through the prompt, layer by layer from the top, each layer replayed from its record
-   (training/replay.py) with its K/V gradients and the output gradient the layer above produced; records are
-   reloaded in this reverse order, the next one prefetched.
+1. Forward over the suffix only (last prompt token + response, see training/batch.py), without autograd. At
+   each layer the suffix attends to the prompt's K/V taken from the record, and the layer's activations are
+   kept (references to what the forward computed anyway, the fields of a `full` record). Each layer's record
+   is brought to the device just before it is read and sent back right after (`LayerStreamer`), the next
+   layer prefetched.
+2. The loss over the response (final norm and vocabulary projection, under autograd) gives the gradient of
+   the top layer's output at the response's rows.
+3. Backward layer by layer from the top, each layer replayed over the prompt's and the response's rows
+   together (training/replay.py): the prompt's activations from its record, the response's from step 1.
+   Records are reloaded in this reverse order, the next one prefetched.
 
 With the record made under the current weights, the result equals the gradient of a forward and backward
 over prompt + response (tests hold it to 1e-5 relative in fp32).
@@ -15,89 +17,208 @@ over prompt + response (tests hold it to 1e-5 relative in fp32).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from alchemist_worker.activations.records import LayerTensors
 from alchemist_worker.activations.transfer import LayerStreamer
 from alchemist_worker.model.attention import varlen_attention
+from alchemist_worker.model.layer_activations import LayerActivations
 from alchemist_worker.model.transformer import Block, Transformer
 from alchemist_worker.training.batch import TrainingSample, offsets, suffix_batch
-from alchemist_worker.training.recompute import response_loss_sum
-from alchemist_worker.training.replay import replay_layer_backward
+from alchemist_worker.training.loss import response_loss_sum
+from alchemist_worker.training.replay import LayerRows, replay_layer_backward
+
+KEY_FIELDS = ("x", "k", "v", "k_lin")
+QUERY_FIELDS = ("q_lin", "attn", "lse", "o", "gate", "up")
 
 
-def _join(parts: list[Tensor]) -> Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+class SequenceLayout:
+    """Rows of the step's sequences, each its prompt prefix (p - 1 tokens) then its suffix (r tokens)."""
 
-
-def prefix_slice(layers: list[LayerTensors], prefix_lens: list[int]) -> LayerTensors:
-    """One layer's record fields over the flat batch of prefixes (each record's first prefix_len tokens)."""
-    return {
-        name: _join([layer[name][:n] for layer, n in zip(layers, prefix_lens, strict=True)])
-        for name in layers[0]
-    }
-
-
-class PrefixedAttention:
-    """Attention backend of the suffix forward: each sequence's new tokens attend to its prompt prefix K/V
-    (from `prefix_kv(layer)`, flat over the batch's prefixes) followed by its own K/V."""
-
-    def __init__(
-        self,
-        prefix_kv: PrefixKV,
-        prefix_lens: list[int],
-        suffix_lens: list[int],
-        *,
-        sliding_window: int | None,
-    ) -> None:
-        self.prefix_kv = prefix_kv
+    def __init__(self, prefix_lens: list[int], suffix_lens: list[int]) -> None:
+        self.prefix_lens = prefix_lens
+        self.lengths = [p + s for p, s in zip(prefix_lens, suffix_lens, strict=True)]
         self.prefix_offsets, self.suffix_offsets = offsets(prefix_lens), offsets(suffix_lens)
-        self.key_offsets = offsets([p + s for p, s in zip(prefix_lens, suffix_lens, strict=True)])
-        self.sliding_window = sliding_window
+        self.offsets = offsets(self.lengths)
+        self.suffix_rows = torch.cat(
+            [
+                torch.arange(start + p, end)
+                for start, end, p in zip(self.offsets, self.offsets[1:], prefix_lens, strict=False)
+            ]
+        )
 
-    def _interleave(self, prefix: Tensor, suffix: Tensor) -> Tensor:
+    def interleave(self, prefix: Tensor, suffix: Tensor) -> Tensor:
+        """[P, ...] flat prefixes and [S, ...] flat suffixes -> [P + S, ...] sequence by sequence."""
         parts = []
         for i in range(len(self.suffix_offsets) - 1):
             parts.append(prefix[self.prefix_offsets[i] : self.prefix_offsets[i + 1]])
             parts.append(suffix[self.suffix_offsets[i] : self.suffix_offsets[i + 1]])
         return torch.cat(parts)
 
+    def prefixes(self, records: list[LayerTensors], name: str) -> Tensor:
+        """One record field over the flat batch of prefixes (each record's first prefix_len tokens)."""
+        parts = [layer[name][:n] for layer, n in zip(records, self.prefix_lens, strict=True)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def join(self, records: list[LayerTensors], name: str, suffix: Tensor) -> Tensor:
+        """A field over every row: the records' prefixes and the suffix's rows, sequence by sequence, in one
+        copy (the step's contiguous layout of the layer)."""
+        parts = []
+        for i, (layer, n) in enumerate(zip(records, self.prefix_lens, strict=True)):
+            parts.append(layer[name][:n])
+            parts.append(suffix[self.suffix_offsets[i] : self.suffix_offsets[i + 1]])
+        return torch.cat(parts)
+
+
+class PrefixedAttention:
+    """Attention backend of the suffix forward: each sequence's new tokens attend to its prompt prefix K/V
+    (streamed from the records) followed by its own K/V."""
+
+    def __init__(
+        self, streamer: LayerStreamer, layout: SequenceLayout, *, sliding_window: int | None
+    ) -> None:
+        self.streamer, self.layout = streamer, layout
+        self.sliding_window = sliding_window
+
     def attend(
         self, layer: int, q: Tensor, k: Tensor, v: Tensor, *, need_lse: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        prefix_k, prefix_v = self.prefix_kv(layer)
+        records = self.streamer.fetch(layer)
+        self.streamer.prefetch(layer + 1)
+        keys, values = self.layout.join(records, "k", k), self.layout.join(records, "v", v)
+        self.streamer.done_with(layer)  # freed in forward order
         return varlen_attention(
             q,
-            self._interleave(prefix_k, k),
-            self._interleave(prefix_v, v),
-            self.suffix_offsets,
-            self.key_offsets,
+            keys,
+            values,
+            self.layout.suffix_offsets,
+            self.layout.offsets,
             sliding_window=self.sliding_window,
             need_lse=need_lse,
         )
 
 
-class PrefixKV:
-    """Hands the suffix forward each layer's prompt K/V as fresh autograd leaves, streaming records."""
+class KeptActivations:
+    """A recorder for the step's own suffix forward: keeps references to each layer's activations."""
 
-    def __init__(self, streamer: LayerStreamer, prefix_lens: list[int]) -> None:
-        self.streamer, self.prefix_lens = streamer, prefix_lens
-        self.leaves: dict[int, tuple[Tensor, Tensor]] = {}
+    wants_lse = True
 
-    def __call__(self, layer: int) -> tuple[Tensor, Tensor]:
-        layers = self.streamer.fetch(layer)
-        self.streamer.prefetch(layer + 1)
-        with torch.no_grad():
-            k = _join([rec["k"][:n] for rec, n in zip(layers, self.prefix_lens, strict=True)]).clone()
-            v = _join([rec["v"][:n] for rec, n in zip(layers, self.prefix_lens, strict=True)]).clone()
-        self.streamer.done_with(layer)  # freed in forward order
-        leaves = (k.requires_grad_(), v.requires_grad_())
-        self.leaves[layer] = leaves
-        return leaves
+    def __init__(self, num_layers: int) -> None:
+        self.layers: list[LayerActivations | None] = [None] * num_layers
 
-    def nbytes(self) -> int:
-        return sum(t.nbytes for pair in self.leaves.values() for t in pair)
+    def record_layer(self, layer: int, activations: LayerActivations) -> None:
+        self.layers[layer] = activations
+
+    def pop(self, layer: int) -> LayerActivations:
+        acts = self.layers[layer]
+        if acts is None:
+            raise RuntimeError(f"layer {layer} kept no activations")
+        self.layers[layer] = None
+        return acts
+
+
+def _suffix_field(acts: LayerActivations, name: str) -> Tensor:
+    value = getattr(acts, name)
+    if value is None:
+        raise RuntimeError(f"the suffix forward kept no {name}")
+    return value
+
+
+@dataclass
+class SuffixForward:
+    """The suffix forward of a step's reused samples, waiting for its loss's backward (`hidden`'s gradient)."""
+
+    hidden: (
+        Tensor  # [R, hidden] final-normed hidden states of the suffix rows, in sample order, differentiable
+    )
+    top: Tensor  # [R, hidden] the top layer's output: the leaf `hidden` was computed from
+    kept: KeptActivations
+    layout: SequenceLayout
+    input_ids: Tensor  # [R] the suffix tokens
+
+
+def reuse_forward(
+    model: Transformer, samples: list[TrainingSample], streamer: LayerStreamer
+) -> SuffixForward:
+    """Step 1: the suffix forward over the samples' records (streamed by `streamer`, in sample order)."""
+    config = model.config
+    device = next(model.parameters()).device
+    batch = suffix_batch(samples, device)
+    layout = SequenceLayout([s.prefix_len for s in samples], [s.response_len for s in samples])
+    backend = PrefixedAttention(streamer, layout, sliding_window=config.sliding_window)
+    kept = KeptActivations(config.num_layers)
+    streamer.prefetch(0)
+    with torch.no_grad():
+        x = model.embed_tokens(batch.input_ids)
+        cos, sin = model.rope(batch.positions, x.dtype)
+        for block in model.layers:
+            x = block(x, cos, sin, backend, kept)
+    top = x.requires_grad_()
+    with torch.enable_grad():
+        hidden = model.norm(top)
+    return SuffixForward(hidden=hidden, top=top, kept=kept, layout=layout, input_ids=batch.input_ids)
+
+
+def reuse_prompt_backward(
+    model: Transformer, samples: list[TrainingSample], streamer: LayerStreamer, suffix: SuffixForward
+) -> None:
+    """Step 3, once the loss's backward has reached `suffix.hidden`: the layers' backward over prompt and
+    response rows, accumulated into `.grad`."""
+    config = model.config
+    layout = suffix.layout
+    device = suffix.top.device
+    grad: Tensor = suffix.top.grad if suffix.top.grad is not None else torch.zeros_like(suffix.top)
+    positions = torch.cat([torch.arange(n) for n in layout.lengths]).to(device)
+    cos, sin = model.rope(positions, suffix.top.dtype)
+    suffix_rows = layout.suffix_rows.to(device)
+    embed_trainable = model.embed_tokens.weight.requires_grad
+    streamer.prefetch(config.num_layers - 1)
+    for layer in reversed(range(config.num_layers)):
+        records = streamer.fetch(layer)
+        streamer.prefetch(layer - 1)
+        acts = suffix.kept.pop(layer)
+        prompt_fields = records[0].keys()
+        keys = {
+            name: layout.join(records, name, _suffix_field(acts, name))
+            for name in KEY_FIELDS
+            if name in prompt_fields
+        }
+        top_layer = layer == config.num_layers - 1
+        queries: LayerTensors = {}
+        for name in QUERY_FIELDS:
+            if top_layer:  # only the responses' rows query at the top: the suffix forward gave all of them
+                queries[name] = _suffix_field(acts, name)
+            elif name in prompt_fields:
+                queries[name] = layout.join(records, name, _suffix_field(acts, name))
+        streamer.done_with(layer)  # what the replay reads was copied out of the records
+        rows = (
+            LayerRows(cos, sin, layout.offsets, suffix_rows, layout.suffix_offsets)
+            if top_layer
+            else LayerRows(cos, sin, layout.offsets)
+        )
+        block = model.layers[layer]
+        assert isinstance(block, Block)
+        grad_input = replay_layer_backward(
+            block,
+            keys,
+            queries,
+            rows,
+            grad_output=grad,
+            sliding_window=config.sliding_window,
+            need_grad_input=layer > 0 or embed_trainable,
+        )
+        if grad_input is None:
+            return
+        grad = grad_input
+    if embed_trainable:
+        prompt_ids = torch.cat([s.prompt_ids[:-1] for s in samples]).to(device)
+        ids = layout.interleave(prompt_ids, suffix.input_ids)
+        with torch.enable_grad():
+            torch.autograd.backward(model.embed_tokens(ids), grad)
 
 
 def reuse_backward(
@@ -106,54 +227,18 @@ def reuse_backward(
     streamer: LayerStreamer,
     *,
     scale: float,
+    loss: Callable[[Tensor], Tensor] | None = None,
 ) -> float:
     """Accumulates scale * d(summed response loss)/d(params) into `.grad` from the samples' records (streamed
-    by `streamer`, in sample order); returns the summed loss."""
+    by `streamer`, in sample order); returns the summed loss. `loss` maps the response rows' final-normed
+    hidden states [R, hidden] to the summed loss (default: cross-entropy)."""
     if not samples:
         return 0.0
-    config = model.config
-    device = next(model.parameters()).device
-    prefix_lens = [s.prefix_len for s in samples]
-    batch = suffix_batch(samples, device)
-    kv = PrefixKV(streamer, prefix_lens)
-    backend = PrefixedAttention(
-        kv, prefix_lens, [s.response_len for s in samples], sliding_window=config.sliding_window
-    )
-    streamer.prefetch(0)
-    hidden = model(batch.input_ids, batch.positions, backend)
-    loss_sum = response_loss_sum(model, hidden, batch.labels)
-    (loss_sum * scale).backward()
-    del hidden
-
-    prefix_offsets = offsets(prefix_lens)
-    if prefix_offsets[-1] > 0:
-        positions = torch.cat([torch.arange(n) for n in prefix_lens]).to(device)
-        dtype = model.embed_tokens.weight.dtype
-        cos, sin = model.rope(positions, dtype)
-        embed_trainable = model.embed_tokens.weight.requires_grad
-        grad_output: Tensor | None = None
-        streamer.prefetch(config.num_layers - 1)
-        for layer in reversed(range(config.num_layers)):
-            records = streamer.fetch(layer)
-            streamer.prefetch(layer - 1)
-            k_leaf, v_leaf = kv.leaves.pop(layer)
-            block = model.layers[layer]
-            assert isinstance(block, Block)
-            grad_output = replay_layer_backward(
-                block,
-                prefix_slice(records, prefix_lens),
-                cos,
-                sin,
-                prefix_offsets,
-                grad_output=grad_output,
-                grad_k=k_leaf.grad if k_leaf.grad is not None else torch.zeros_like(k_leaf),
-                grad_v=v_leaf.grad if v_leaf.grad is not None else torch.zeros_like(v_leaf),
-                sliding_window=config.sliding_window,
-                need_grad_input=layer > 0 or embed_trainable,
-            )
-            streamer.done_with(layer)
-        if embed_trainable and grad_output is not None:
-            prompt_ids = torch.cat([s.prompt_ids[:-1] for s in samples]).to(device)
-            with torch.enable_grad():
-                torch.autograd.backward(model.embed_tokens(prompt_ids), grad_output)
+    suffix = reuse_forward(model, samples, streamer)
+    labels = torch.cat([s.response_ids for s in samples]).to(suffix.hidden.device)
+    with torch.enable_grad():
+        loss_sum = response_loss_sum(model, suffix.hidden, labels) if loss is None else loss(suffix.hidden)
+        (loss_sum * scale).backward()
+    suffix.hidden = suffix.hidden.detach()
+    reuse_prompt_backward(model, samples, streamer, suffix)
     return float(loss_sum.detach())
