@@ -11,7 +11,7 @@ import enum
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 from alchemist_operator.quantities import QUANTITY_PATTERN, parse_quantity
@@ -284,6 +284,31 @@ class RedisSpec(SpecModel):
     password_secret: PasswordSecret | None = None
 
 
+class ConfigMapKeyRef(SpecModel):
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class EvaluationSpec(SpecModel):
+    """The evaluation gate: the set every candidate version is scored on before rollout, and how far it may fall
+    behind its parent and the base model. Exactly one of `path` and `config_map`."""
+
+    path: str | None = Field(default=None, pattern=r"^/")  # a JSONL file in the image or on a mounted volume
+    config_map: ConfigMapKeyRef | None = None  # a ConfigMap key the operator mounts as the file
+    max_perplexity_increase: float = Field(default=0.02, ge=0, le=10)
+    max_reference_nll_increase: float = Field(default=0.05, ge=0, le=10)
+    max_exact_match_drop: float = Field(default=0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvaluationSpec:
+        if (self.path is None) == (self.config_map is None):
+            raise ValueError(
+                "give exactly one of path (a JSONL file in the worker's image or volume) and configMap "
+                "(name and key of a ConfigMap in the job's namespace)"
+            )
+        return self
+
+
 class JobSpec(SpecModel):
     model: ModelSpec
     image: str | None = Field(default=None, min_length=1)
@@ -298,6 +323,7 @@ class JobSpec(SpecModel):
     redis: RedisSpec = Field(default_factory=RedisSpec)
     auth: AuthSpec = Field(default_factory=AuthSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    evaluation: EvaluationSpec | None = None  # no gate without one
     versions: VersionsSpec = Field(default_factory=VersionsSpec)
     env: list[EnvVar] = Field(default_factory=list)
     service_account_name: str | None = Field(default=None, min_length=1)

@@ -10,6 +10,7 @@ import hashlib
 import json
 from typing import Any
 
+from alchemist_operator.evaluation_set import evaluation_volumes
 from alchemist_operator.job_spec import JobSpec
 from alchemist_operator.model_source import model_pod_parts
 from alchemist_operator.naming import CONFIG_HASH_ANNOTATION, VERSIONS_DIR, WORKER_CONTAINER, JobRef
@@ -93,6 +94,9 @@ def _volumes(
             }
         )
         mounts.append({"name": name, "mountPath": directory, "readOnly": True})
+    evaluation_vols, evaluation_mounts = evaluation_volumes(spec)
+    volumes += evaluation_vols
+    mounts += evaluation_mounts
     return volumes, mounts, init_containers
 
 

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from alchemist_protocol.keys import JobKeys
 
+from alchemist_operator.evaluation_set import evaluation_config
 from alchemist_operator.job_spec import JobSpec
 from alchemist_operator.model_source import model_path
 from alchemist_operator.naming import VERSIONS_DIR, JobRef
@@ -88,6 +89,7 @@ def worker_config(job: JobRef, spec: JobSpec) -> dict[str, str]:
         "ALCHEMIST_TRAINING_STEP_INTERVAL_SECONDS": repr(training.step_interval_seconds),
         "ALCHEMIST_TRAINING_PUBLISH_EVERY_STEPS": str(training.publish_every_steps),
         "ALCHEMIST_VERSIONS_DIR": VERSIONS_DIR,
+        **evaluation_config(spec),
         **versions_config(job, spec),
     }
 
