@@ -19,10 +19,12 @@ import kopf
 import redis
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import JobKeys
+from alchemist_protocol.live_settings import write_live_settings
 
 from alchemist_operator.job_memo import JobMemo
 from alchemist_operator.job_spec import JobSpec
 from alchemist_operator.job_status import RedisView, StatusInputs, WorkloadView, compute_status, status_patch
+from alchemist_operator.live_config import live_settings
 from alchemist_operator.naming import JobRef
 from alchemist_operator.pod_health import pod_problems
 from alchemist_operator.reconcile import job_ref, repair_drift
@@ -136,6 +138,10 @@ async def _rollout(
         snapshot, lost = await asyncio.to_thread(_guard_rewind, store, snapshot, previous)
         if lost is not None:
             _post(body, memo, (lost,))
+        settings = live_settings(spec)
+        if await asyncio.to_thread(write_live_settings, store.client, store.keys, settings):
+            message = f"training settings for the running workers (no restart): {settings.training}"
+            kopf.event(body, type="Normal", reason="LiveSettingsWritten", message=message)
         state = snapshot.state
         if not spec.suspend:  # a suspended job has no replicas to roll out to; its rollout waits
             policy = RolloutPolicy.from_spec(spec.rollout)

@@ -138,6 +138,7 @@ class ResourcesSpec(SpecModel):
     gpu_resource: str = "nvidia.com/gpu"
     cpu: Quantity = Field(default="4")
     memory: Quantity = Field(default="32Gi")
+    cpu_limit: Quantity | None = None  # None: no CPU limit (the worker then runs ceil(cpu) torch threads)
     shared_memory: Quantity = Field(default="8Gi")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
@@ -309,6 +310,33 @@ class EvaluationSpec(SpecModel):
         return self
 
 
+class LocalObjectReference(SpecModel):
+    name: str = Field(min_length=1)
+
+
+class PodOptions(SpecModel):
+    """Passed through to the worker pods as Kubernetes takes them; the API server validates the free-form ones
+    (affinity, topology spread, volumes and mounts) when the StatefulSet is written."""
+
+    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    affinity: dict[str, Any] | None = None
+    # None: replicas spread across nodes where they can (pod_template.py); [] places them freely.
+    topology_spread_constraints: list[dict[str, Any]] | None = None
+    priority_class_name: str | None = Field(default=None, min_length=1)
+    runtime_class_name: str | None = Field(default=None, min_length=1)
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
+    volumes: list[dict[str, Any]] = Field(default_factory=list)
+    volume_mounts: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class LifecycleSpec(SpecModel):
+    """How a worker pod stops: the pod's grace period is preStopSeconds + drainSeconds + a flush margin."""
+
+    pre_stop_seconds: int = Field(default=5, ge=0, le=120)  # for the Service to stop routing to the pod
+    drain_seconds: int = Field(default=120, ge=0, le=3600)  # for in-flight generations to finish
+
+
 class JobSpec(SpecModel):
     model: ModelSpec
     image: str | None = Field(default=None, min_length=1)
@@ -327,6 +355,8 @@ class JobSpec(SpecModel):
     versions: VersionsSpec = Field(default_factory=VersionsSpec)
     env: list[EnvVar] = Field(default_factory=list)
     service_account_name: str | None = Field(default=None, min_length=1)
+    pod: PodOptions = Field(default_factory=PodOptions)
+    lifecycle: LifecycleSpec = Field(default_factory=LifecycleSpec)
     suspend: bool = False
 
 

@@ -21,6 +21,7 @@ from alchemist_operator.job_spec import (
 from alchemist_operator.model_source import model_problems
 from alchemist_operator.naming import job_name_problem
 from alchemist_operator.operator_config import OperatorConfig
+from alchemist_operator.pod_template import pod_options_problems
 from alchemist_operator.quantities import quantity_bytes
 from alchemist_operator.versions_storage import versions_problems
 from alchemist_operator.worker_env import POD_ENV_NAMES
@@ -72,6 +73,7 @@ def spec_problems(name: str, spec: JobSpec, config: OperatorConfig) -> list[str]
             "others would be reserved and idle; set gpus to 1 and add replicas instead"
         )
     problems += _env_problems(spec)
+    problems += pod_options_problems(spec)
     reserved = sorted({var.name for var in spec.env} & set(POD_ENV_NAMES))
     if reserved:
         problems.append(f"spec.env must not set {', '.join(reserved)}: the operator sets them for each pod")

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from alchemist_operator.evaluation_set import evaluation_volumes
+from alchemist_operator import live_config, pod_template
 from alchemist_operator.job_spec import JobSpec
 from alchemist_operator.model_source import model_pod_parts
 from alchemist_operator.naming import CONFIG_HASH_ANNOTATION, VERSIONS_DIR, WORKER_CONTAINER, JobRef
@@ -131,7 +132,6 @@ def build_statefulset(
     }
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # workers talk to Redis, never to the Kubernetes API
-        "terminationGracePeriodSeconds": 60,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": WORKER_UID,
@@ -166,7 +166,7 @@ def build_statefulset(
                 "metadata": {
                     "labels": job.labels(),
                     "annotations": {
-                        CONFIG_HASH_ANNOTATION: config_hash(config_data, env),
+                        CONFIG_HASH_ANNOTATION: config_hash(live_config.restart_config(config_data), env),
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(spec.serving.port),
                         "prometheus.io/path": "/metrics",
@@ -180,4 +180,5 @@ def build_statefulset(
     if templates:
         manifest["spec"]["volumeClaimTemplates"] = templates
         manifest["spec"]["persistentVolumeClaimRetentionPolicy"] = claim_retention(spec)
+    manifest["spec"]["template"] = pod_template.with_pod_options(job, spec, manifest["spec"]["template"])
     return manifest

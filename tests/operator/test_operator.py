@@ -3,10 +3,14 @@ deletion, and specs it cannot act on."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import redis
 from alchemist_operator.naming import CONFIG_HASH_ANNOTATION
 from alchemist_operator.operator_config import OperatorConfig
+from alchemist_protocol.keys import JobKeys
+from alchemist_protocol.live_settings import read_live_settings
 from kmock import KubernetesEmulator
 
 from tests.charts.manifest_validation import crd_schemas, validate_manifest
@@ -92,8 +96,9 @@ async def test_create_update_scale_suspend_and_delete(
         assert status(kube)["readyReplicas"] == 2 and status(kube)["selector"]
         assert_valid_job(kube, crd)
 
-        # Update: new training settings reach the ConfigMap and roll the pods (the template's config hash).
-        hash_before = statefulset(kube)["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+        # Update a training hyper-parameter: the running workers get it through Redis, the ConfigMap keeps it for
+        # pods that start later, and no pod restarts (the pod template stays the same).
+        template_before = copy.deepcopy(statefulset(kube)["spec"]["template"])
         await patch_job(kube, {"spec": {"training": {"learningRate": 0.0005}}})
         await eventually(
             lambda: (
@@ -101,13 +106,27 @@ async def test_create_update_scale_suspend_and_delete(
                 == "0.0005"
             )
         )
+        store = redis.Redis.from_url(operator_config.default_redis_url or "", decode_responses=True)
+        keys = JobKeys(NS, "chat")
+        await eventually(
+            lambda: (
+                (live := read_live_settings(store, keys)) is not None and live.training.learning_rate == 5e-4
+            ),
+            what="the new learning rate in Redis",
+        )
+        await eventually(lambda: status(kube).get("observedGeneration") == 2)
+        assert statefulset(kube)["spec"]["template"] == template_before
+
+        # A setting the worker reads only at start (LoRA's rank) rolls the pods (the template's config hash).
+        hash_before = statefulset(kube)["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+        await patch_job(kube, {"spec": {"training": {"lora": {"rank": 8}}}})
         await eventually(
             lambda: (
                 statefulset(kube)["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
                 != hash_before
             )
         )
-        await eventually(lambda: status(kube).get("observedGeneration") == 2)
+        await eventually(lambda: status(kube).get("observedGeneration") == 3)
 
         # Scale through the scale subresource, as `kubectl scale` does: more pods, no restart of the others.
         hash_before = statefulset(kube)["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
