@@ -80,6 +80,7 @@ def test_default_render(render: Render) -> None:
         "ClusterKopfPeering",
         "ClusterRole",
         "ClusterRoleBinding",
+        "ConfigMap",  # the Grafana dashboard
         "CustomResourceDefinition",
         "Deployment",
         "NetworkPolicy",
@@ -104,6 +105,7 @@ def test_default_render(render: Render) -> None:
         "--worker-image=alchemist/worker:0.1.0",
         "--monitor-interval=10",
         "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=8081",
     ]
     assert (
         container_env(deployment)["ALCHEMIST_DEFAULT_REDIS_URL"]
@@ -151,7 +153,8 @@ def test_namespaced_render_with_external_redis_and_service_monitor(render: Rende
     (monitor,) = kinds["ServiceMonitor"]
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
     assert monitor["spec"]["selector"]["matchLabels"]["alchemist.dev/service"] == "headless"
-    assert monitor["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("http", "/metrics", "15s")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
 
 

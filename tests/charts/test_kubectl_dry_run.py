@@ -29,12 +29,10 @@ async def api_server(kmock: KubernetesEmulator) -> KubernetesEmulator:
         namespaced=False,
         verbs={"get", "list", "watch", "patch"},
     )
-    kmock.resources["monitoring.coreos.com/v1/servicemonitors"] = ResourceInfo(
-        kind="ServiceMonitor",
-        singular="servicemonitor",
-        namespaced=True,
-        verbs={"get", "list", "create", "patch"},
-    )
+    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+        kmock.resources[f"monitoring.coreos.com/v1/{kind.lower()}s"] = ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=True, verbs={"get", "list", "create", "patch"}
+        )
     return kmock
 
 
@@ -77,7 +75,15 @@ async def test_crds_apply(kubectl: Path, api_server: KubernetesEmulator) -> None
 
 @pytest.mark.parametrize(
     "values",
-    [None, {"watchNamespaces": ["team-a"], "serviceMonitor": {"enabled": True}, "redis": {"enabled": False}}],
+    [
+        None,
+        {
+            "watchNamespaces": ["team-a"],
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+            "redis": {"enabled": False},
+        },
+    ],
     ids=["default", "namespaced"],
 )
 async def test_rendered_chart_applies(
