@@ -16,7 +16,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 PHASES = ("Idle", "Canary", "Held")
-_JOB = ("namespace", "job")
+# Not "job": Prometheus gives every scraped series a `job` label of its own (the scrape job).
+_JOB = ("namespace", "job_name")
 
 
 def replicas_not_following(status: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
@@ -129,5 +130,5 @@ class JobMetrics:
             for sample in metric.samples
             if sample.name.endswith("_total")
             and sample.labels.get("namespace") == namespace
-            and sample.labels.get("job") == job
+            and sample.labels.get("job_name") == job
         ]

@@ -42,7 +42,7 @@ async def operator_with(config: OperatorConfig, metrics: JobMetrics) -> AsyncIte
 
 
 def value(metrics: JobMetrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, {"namespace": NS, "job": "chat", **labels})
+    return metrics.registry.get_sample_value(name, {"namespace": NS, "job_name": "chat", **labels})
 
 
 async def test_rollback_is_counted_and_versions_exported(
