@@ -36,7 +36,7 @@ COPY operator/ operator/
 # extra replaces it with the CUDA torch that vLLM 0.32 pins. A worker started with an engine its image lacks exits
 # with status 2 and says so in its termination message (the job's status shows it).
 RUN python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'the base image must provide a CUDA build of torch')" \
-    && if [ "$WITH_VLLM" = "true" ]; then pip install ".[worker,vllm]"; else pip install ".[worker]"; fi \
+    && if [ "$WITH_VLLM" = "true" ]; then pip install ".[worker,model-fetch,vllm]"; else pip install ".[worker,model-fetch]"; fi \
     && python -c "import torch, alchemist_worker.cli; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
     && rm -rf /src
 

@@ -1,6 +1,7 @@
 pytest_plugins = [
     "tests.fixtures.redis_server",
     "tests.fixtures.checkpoints",
+    "tests.fixtures.s3_server",
 ]
 
 
