@@ -10,8 +10,8 @@ import hashlib
 import json
 from typing import Any
 
-from alchemist_operator.evaluation_set import evaluation_volumes
 from alchemist_operator import live_config, pod_template
+from alchemist_operator.evaluation_set import evaluation_volumes
 from alchemist_operator.job_spec import JobSpec
 from alchemist_operator.model_source import model_pod_parts
 from alchemist_operator.naming import CONFIG_HASH_ANNOTATION, VERSIONS_DIR, WORKER_CONTAINER, JobRef

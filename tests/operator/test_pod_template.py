@@ -89,7 +89,8 @@ def test_pod_options_pass_through_into_a_valid_statefulset() -> None:
     assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in pod["volumes"]
     mounts = pod["containers"][0]["volumeMounts"]
     assert {"name": "hf-cache", "mountPath": "/cache/hf", "readOnly": True} in mounts
-    assert {"versions", "dshm"} <= {v["name"] for v in pod["volumes"]}  # the operator's own volumes stay
+    assert "dshm" in {v["name"] for v in pod["volumes"]}  # the operator's own volumes and mounts stay
+    assert {"versions", "dshm"} <= {m["name"] for m in mounts}
 
 
 def test_replicas_spread_across_nodes_by_default_and_freely_when_told() -> None:
