@@ -61,7 +61,8 @@ def test_worker_dockerfile() -> None:
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", WORKER_IMAGE, re.M)
     assert base is not None and base.group(1).startswith("pytorch/pytorch:") and "cuda" in base.group(1)
     assert "FROM ${BASE_IMAGE}" in WORKER_IMAGE
-    assert 'pip install ".[worker]"' in WORKER_IMAGE
+    # boto3 too: the same image runs the model-fetch init container for s3:// models.
+    assert 'pip install ".[worker,model-fetch]"' in WORKER_IMAGE
     assert f"USER {WORKER_UID}:{WORKER_UID}" in WORKER_IMAGE
     assert f"EXPOSE {ServingSpec().port}" in WORKER_IMAGE
     assert 'ENTRYPOINT ["alchemist-worker"]' in WORKER_IMAGE and 'CMD ["serve"]' in WORKER_IMAGE
