@@ -14,6 +14,7 @@ the store commit): its share of the same step is the direct measure of what reco
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -154,7 +155,8 @@ def main() -> int:
                 share[policy].append(spent / p)
     base_p, base_d = statistics.median(prefill["off"]), statistics.median(decode["off"])
     print(f"Command: `python bench/recording_overhead.py --prompt {args.prompt} --batch {args.batch} "
-          f"--decode-steps {args.decode_steps} --rounds {args.rounds} --cpu-threads {args.cpu_threads}`\n")  # fmt: skip
+          f"--decode-steps {args.decode_steps} --rounds {args.rounds} --cpu-threads {args.cpu_threads}`; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")  # fmt: skip
     print(
         "| recording | prefill step, median (ms) | vs off | recording work inside the step, median | "
         "decode step, median (ms) | vs off | MiB per prompt |"

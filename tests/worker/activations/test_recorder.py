@@ -1,5 +1,6 @@
 """Prefill recording: what each policy keeps, per sequence, and that the forward itself is unchanged."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,87 @@ def test_incomplete_recording_is_an_error() -> None:
         PrefillRecorder(
             RecordingPolicy.KV, [0, 3], torch.arange(3), num_layers=2, version=0, keep=[True, True]
         )
+
+
+class Both:
+    """Hands each layer to a capture and to a recorder, to see what the recorder kept by reference."""
+
+    wants_lse = True
+
+    def __init__(self, capture: Capture, recorder: PrefillRecorder) -> None:
+        self.capture, self.recorder = capture, recorder
+
+    def record_layer(self, layer: int, activations: LayerActivations) -> None:
+        self.capture.record_layer(layer, activations)
+        self.recorder.record_layer(layer, activations)
+
+
+def test_a_prompt_prefilled_alone_is_kept_without_copies(tiny_checkpoints: dict[str, Path]) -> None:
+    """The forward's own tensors become the record (no copy); with two prompts in the batch each is copied."""
+    model = load_model(tiny_checkpoints["qwen3"])
+    for lengths, shared in (([7], True), ([7, 5], False)):
+        capture = Capture()
+        ids = torch.arange(sum(lengths))
+        cu = [0, 7] if len(lengths) == 1 else [0, 7, 12]
+        recorder = PrefillRecorder(RecordingPolicy.FULL, cu, ids, num_layers=2, version=0, qk_norm=True)
+        prefill(model, lengths, Both(capture, recorder))
+        record = recorder.records()[0]
+        assert record is not None
+        for layer in range(2):
+            for name, tensor in record.layers[layer].items():
+                source = getattr(capture.layers[layer], name)
+                same = tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+                assert same is shared, (lengths, name)
+                assert not tensor.is_inference() and torch.equal(tensor, source[:7])
+        # what the store counts is what the record holds: the forward's buffers, each once
+        assert record.nbytes() == sum(t.nbytes for layer in record.layers for t in layer.values())
+
+
+def test_a_prompt_beside_a_few_other_rows_is_kept_as_views_and_counted_whole() -> None:
+    """vLLM puts decode rows beside a prompt: a view of the buffer holds them too, and the bytes say so."""
+    x = torch.randn(34, 8)
+    gate_up = torch.randn(34, 12)
+    acts = LayerActivations(
+        x=x, q_lin=x, k_lin=x, k=x.view(34, 2, 4), v=x.view(34, 2, 4), attn=x.view(34, 2, 4), lse=None,
+        o=x, gate=gate_up[:, :6], up=gate_up[:, 6:], handed_over=frozenset({"x", "gate", "up"}),
+    )  # fmt: skip
+    recorder = PrefillRecorder(
+        RecordingPolicy.KV, [0, 2, 34], torch.arange(34), num_layers=1, version=0, keep=[False, True]
+    )
+    recorder.record_layer(0, acts)
+    (record,) = [r for r in recorder.records() if r is not None]
+    layer = record.layers[0]
+    assert layer["x"].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # 32 of 34 rows
+    assert layer["k"].untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # not handed over
+    assert torch.equal(layer["x"], x[2:]) and torch.equal(layer["k"], x.view(34, 2, 4)[2:])
+    assert record.nbytes() == x.nbytes + 2 * 32 * 8 * 4  # the whole buffer x, and the copied k and v
+
+    # gate and up together are (most of) one fused buffer: views of it, the buffer counted once
+    full = PrefillRecorder(
+        RecordingPolicy.FULL, [0, 2, 34], torch.arange(34), num_layers=1, version=0, keep=[False, True]
+    )
+    full.record_layer(0, replace(acts, lse=torch.zeros(34, 2)))
+    (layer,) = next(r for r in full.records() if r is not None).layers
+    assert layer["gate"].untyped_storage().data_ptr() == layer["up"].untyped_storage().data_ptr()
+    assert layer["gate"].untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
+    assert torch.equal(layer["up"], gate_up[2:, 6:])
+
+
+def test_bfloat16_records_copy_into_bfloat16_and_keep_the_statistics_in_fp32(
+    tiny_checkpoints: dict[str, Path],
+) -> None:
+    model = load_model(tiny_checkpoints["llama"])
+    capture = Capture()
+    recorder = PrefillRecorder(
+        RecordingPolicy.FULL, [0, 6], torch.arange(6), num_layers=2, version=0, record_dtype=torch.bfloat16
+    )
+    prefill(model, [6], Both(capture, recorder))
+    record = recorder.records()[0]
+    assert record is not None
+    for layer in range(2):
+        for name, tensor in record.layers[layer].items():
+            source = getattr(capture.layers[layer], name)
+            expected = source.float() if name == "lse" else source.to(torch.bfloat16)
+            assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
+    fp32 = sum(getattr(capture.layers[0], n).nbytes for n in record.layers[0])
+    assert record.layer_nbytes(0) < 0.6 * fp32

@@ -9,10 +9,17 @@ passes it as `recorder=` to `Transformer.forward`, then collects `records()`:
         if record is not None:
             store.put(seq.request_id, record)
 
-Only the sequences marked in `keep` are copied (recording is sampled), and only the fields the policy keeps.
-The copy is the whole cost of recording; everything else was computed by the forward anyway. Copies are made
-outside inference mode so that autograd can later save them for backward even if the engine's forward ran
-under `torch.inference_mode()`.
+Only the sequences marked in `keep` are kept (recording is sampled), and only the fields the policy keeps.
+Copying is the whole cost of recording, everything else was computed by the forward anyway, so a recorder
+copies as little as it can: when one kept sequence owns (nearly) all rows of the tensors the forward handed
+over (`LayerActivations.handed_over`), the record keeps views of them instead of copies. Kept tensors are never
+inference tensors, so that autograd can later save them for backward even if the engine's forward ran under
+`torch.inference_mode()`.
+
+Two options trade exactness or serving work for less: `defer_lse` leaves the softmax log-sum-exp out of the
+record (the trainer computes it when a record is used, which most never are), for engines whose attention
+does not return it; `record_dtype` stores records in another dtype (e.g. bfloat16, half the bytes; the
+log-sum-exp stays fp32), which makes gradients from them approximate.
 """
 
 from __future__ import annotations
@@ -26,6 +33,18 @@ from alchemist_worker.activations.policy import RecordingPolicy
 from alchemist_worker.activations.records import LayerTensors, SequenceRecord
 from alchemist_worker.model.attention import CuSeqlens, as_offsets
 from alchemist_worker.model.layer_activations import LayerActivations
+
+# A kept sequence whose rows are at least this share of a handed-over buffer is kept as a view of it: the
+# other rows' bytes (a few decode rows beside a prompt) are held too, and counted, but not copied.
+MIN_VIEW_SHARE = 0.875
+
+
+def _alias(tensor: Tensor) -> Tensor:
+    """The same memory as a tensor that autograd may save (an inference tensor cannot be)."""
+    if not tensor.is_inference():
+        return tensor.detach()
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 class PrefillRecorder:
@@ -41,17 +60,21 @@ class PrefillRecorder:
         keep: Sequence[bool] | None = None,
         start_positions: Sequence[int] | None = None,
         copy_stream: torch.cuda.Stream | None = None,
+        defer_lse: bool = False,
+        record_dtype: torch.dtype | None = None,
     ) -> None:
         """`copy_stream` (CUDA): the copies run there, beside the forward's next layers; `records()` waits."""
         self.policy = policy
         self.copy_stream = copy_stream
+        self.record_dtype = record_dtype
         self.offsets = as_offsets(cu_seqlens)
         num_seqs = len(self.offsets) - 1
         self.keep = list(keep) if keep is not None else [True] * num_seqs
         if len(self.keep) != num_seqs:
             raise ValueError(f"keep has {len(self.keep)} entries for {num_seqs} sequences")
         self.start_positions = list(start_positions) if start_positions is not None else [0] * num_seqs
-        self.fields = policy.fields(qk_norm)
+        self.defer_lse = defer_lse
+        self.fields = tuple(f for f in policy.fields(qk_norm) if not (defer_lse and f == "lse"))
         self.qk_norm = qk_norm
         self.version = version
         self.num_layers = num_layers
@@ -63,33 +86,67 @@ class PrefillRecorder:
 
     @property
     def wants_lse(self) -> bool:
-        return self.policy.wants_lse
+        return self.policy.wants_lse and not self.defer_lse
 
     def record_layer(self, layer: int, activations: LayerActivations) -> None:
-        stream = self.copy_stream
-        if stream is None:
-            self._copy(layer, activations)
-            return
-        stream.wait_stream(torch.cuda.current_stream(stream.device))  # the layer's tensors are written
-        with torch.cuda.stream(stream):
-            self._copy(layer, activations)
-        for name in self.fields:  # their memory is not reused before the side stream has read it
+        tensors: LayerTensors = {}
+        for name in self.fields:
             tensor = getattr(activations, name)
-            if tensor is not None and tensor.is_cuda:
-                tensor.record_stream(stream)
-
-    def _copy(self, layer: int, activations: LayerActivations) -> None:
+            if tensor is None:
+                raise RuntimeError(f"policy {self.policy.value} needs {name} but layer {layer} gave none")
+            tensors[name] = tensor
+        viewed = self._viewable(tensors, activations.handed_over)
+        copied = {name: t for name, t in tensors.items() if name not in viewed}
         with torch.inference_mode(False), torch.no_grad():
             for seq, layers in self._layers.items():
                 start, end = self.offsets[seq], self.offsets[seq + 1]
-                kept: LayerTensors = {}
-                for name in self.fields:
-                    tensor = getattr(activations, name)
-                    if tensor is None:
-                        raise RuntimeError(
-                            f"policy {self.policy.value} needs {name} but layer {layer} gave none"
-                        )
-                    kept[name] = tensor[start:end].detach().clone(memory_format=torch.contiguous_format)
+                layers[layer] = {name: _alias(tensors[name])[start:end] for name in viewed}
+        stream = self.copy_stream
+        if not copied:
+            return
+        if stream is None:
+            self._copy(layer, copied)
+            return
+        stream.wait_stream(torch.cuda.current_stream(stream.device))  # the layer's tensors are written
+        with torch.cuda.stream(stream):
+            self._copy(layer, copied)
+        for tensor in copied.values():  # their memory is not reused before the side stream has read it
+            if tensor.is_cuda:
+                tensor.record_stream(stream)
+
+    def _viewable(self, tensors: LayerTensors, handed_over: frozenset[str]) -> set[str]:
+        """Fields kept as views: handed over, in the record's dtype, and mostly the one kept sequence's rows."""
+        if len(self._layers) != 1:
+            return set()
+        (seq,) = self._layers
+        rows = self.offsets[seq + 1] - self.offsets[seq]
+        by_storage: dict[int, list[str]] = {}
+        for name, t in tensors.items():
+            if name in handed_over and t.dtype == self._dtype_of(name, t):
+                by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+        viewed: set[str] = set()
+        for names in by_storage.values():
+            storage = tensors[names[0]].untyped_storage().nbytes()
+            kept = sum(tensors[n].nbytes * rows // max(tensors[n].shape[0], 1) for n in names)
+            if storage and kept >= MIN_VIEW_SHARE * storage:
+                viewed.update(names)
+        return viewed
+
+    def _dtype_of(self, name: str, tensor: Tensor) -> torch.dtype:
+        if self.record_dtype is None or name == "lse" or not tensor.is_floating_point():
+            return tensor.dtype
+        return self.record_dtype
+
+    def _copy(self, layer: int, tensors: LayerTensors) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            for seq, layers in self._layers.items():
+                start, end = self.offsets[seq], self.offsets[seq + 1]
+                kept = layers[layer] if layers[layer] is not None else {}
+                assert kept is not None
+                for name, tensor in tensors.items():
+                    kept[name] = tensor[start:end].to(
+                        self._dtype_of(name, tensor), memory_format=torch.contiguous_format, copy=True
+                    )
                 layers[layer] = kept
 
     def records(self) -> list[SequenceRecord | None]:

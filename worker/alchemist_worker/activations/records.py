@@ -1,8 +1,11 @@
 """A sequence's record: what one prompt's prefill kept, layer by layer, under one policy and weight version.
 
 Each layer's tensors form a dict keyed by `LayerActivations` field names, [p, ...] over the prompt's p tokens
-(lse is fp32, the others are in the model's dtype). Layers are separate so a training step can move them
-between the device and the host one at a time.
+(lse is fp32, the others are in the model's dtype or the configured record dtype). Layers are separate so a
+training step can move them between the device and the host one at a time. A record may lack the log-sum-exp
+its policy keeps (`lse_deferred`): the engine's attention did not return it and the trainer computes it.
+A tensor may be a view of a slightly larger buffer of the forward (see recorder.py); byte counts are of the
+memory held, each buffer once.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class SequenceRecord:
         expected = set(self.policy.fields(self.qk_norm))
         p = int(self.token_ids.shape[0])
         for i, layer in enumerate(self.layers):
-            if set(layer) != expected:
+            if set(layer) != expected and set(layer) | {"lse"} != expected:
                 raise ValueError(
                     f"layer {i} holds {sorted(layer)} but policy {self.policy.value} keeps {sorted(expected)}"
                 )
@@ -47,8 +50,14 @@ class SequenceRecord:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def lse_deferred(self) -> bool:
+        """True when the policy keeps the log-sum-exp but the record does not hold it (computed in training)."""
+        return self.policy.wants_lse and any("lse" not in layer for layer in self.layers)
+
     def layer_nbytes(self, layer: int) -> int:
-        return sum(t.nbytes for t in self.layers[layer].values())
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in self.layers[layer].values()}
+        return sum(s.nbytes() for s in storages.values())
 
     def nbytes(self) -> int:
         """Bytes of activation tensors (the token ids, kept on the CPU, are not counted)."""
@@ -60,6 +69,8 @@ def concat_records(chunks: list[SequenceRecord]) -> SequenceRecord:
     if not chunks:
         raise ValueError("no records to concatenate")
     first = chunks[0]
+    if len(chunks) == 1:
+        return first  # a prompt prefilled in one step: nothing to copy
     position = first.start_position
     for chunk in chunks:
         if (chunk.policy, chunk.version, chunk.num_layers) != (first.policy, first.version, first.num_layers):

@@ -159,7 +159,7 @@ class ActivationStore:
         record.layers = [self._place(layer, tier) for layer in record.layers]
         self._records[record_id] = record
         self._tiers[record_id] = [tier] * record.num_layers
-        self._add_bytes(tier, size)
+        self._add_bytes(tier, record.nbytes())  # after placing: a host copy of a view holds only its rows
         return tier
 
     def lookup(self, record_id: str) -> Lookup:
@@ -214,11 +214,10 @@ class ActivationStore:
         current = self._tiers[record_id][layer]
         if current is tier and tensors is None:
             return
-        size = record.layer_nbytes(layer)
+        self._add_bytes(current, -record.layer_nbytes(layer))
         record.layers[layer] = tensors if tensors is not None else self._place(record.layers[layer], tier)
         self._tiers[record_id][layer] = tier
-        self._add_bytes(current, -size)
-        self._add_bytes(tier, size)
+        self._add_bytes(tier, record.layer_nbytes(layer))  # a copy may be smaller than a view it replaced
 
     def expire(self) -> int:
         """Drops every record older than the TTL; returns how many."""

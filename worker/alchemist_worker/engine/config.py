@@ -7,6 +7,7 @@ from pathlib import Path
 
 RECORDING_POLICIES = ("off", "kv", "selective", "full")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+RECORD_DTYPES = ("auto", "bfloat16")  # auto: the model's dtype
 
 
 class EngineConfigError(ValueError):
@@ -19,6 +20,8 @@ class RecordingConfig:
 
     `rate` is the probability that a request without an explicit preference is recorded. A request may opt
     in (recorded even when sampling would skip it) or opt out (never recorded), unless the policy is off.
+    `dtype` bfloat16 halves an fp32 model's record bytes at the price of approximate gradients
+    (docs/serving_benchmark.md measures the error); auto keeps records exact.
     """
 
     policy: str = "off"
@@ -26,6 +29,7 @@ class RecordingConfig:
     device_budget_bytes: int = 256 << 20
     host_budget_bytes: int = 2 << 30
     seed: int = 0
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.policy not in RECORDING_POLICIES:
@@ -36,6 +40,8 @@ class RecordingConfig:
             raise EngineConfigError(f"recording rate must be in [0, 1], got {self.rate}")
         if self.device_budget_bytes < 0 or self.host_budget_bytes < 0:
             raise EngineConfigError("recording budgets must be non-negative")
+        if self.dtype not in RECORD_DTYPES:
+            raise EngineConfigError(f"record dtype must be one of {RECORD_DTYPES}, got {self.dtype!r}")
 
     @property
     def enabled(self) -> bool:

@@ -2,7 +2,8 @@
 
 One recorder per recorded prefill batch keeps only the sequences chosen for recording, under the configured
 policy; after the forward pass each record goes into the store under its request id (the response id the
-API returned), where the store's byte budgets decide its tier (device, host) or drop it.
+API returned), where the store's byte budgets decide its tier (device, host) or drop it. On CUDA the copies a
+recorder still makes run on a side stream, beside the forward's next layers.
 """
 
 from __future__ import annotations
@@ -25,10 +26,20 @@ EVICTIONS_REFRESH_S = 0.5
 
 
 class StoreRecording:
-    def __init__(self, store: ActivationStore, policy: RecordingPolicy, model_config: ModelConfig) -> None:
+    def __init__(
+        self,
+        store: ActivationStore,
+        policy: RecordingPolicy,
+        model_config: ModelConfig,
+        *,
+        record_dtype: torch.dtype | None = None,
+    ) -> None:
         self.store = store
         self._policy = policy
         self.model_config = model_config
+        self.record_dtype = record_dtype  # None: the model's dtype
+        cuda = store.device.type == "cuda" and torch.cuda.is_available()
+        self.copy_stream = torch.cuda.Stream(store.device) if cuda else None
         self._pending: tuple[PrefillRecorder, list[str | None]] | None = None
         self.recorded = 0
         self._evicted = 0
@@ -43,7 +54,8 @@ class StoreRecording:
                 device=device,
             )
         )
-        return cls(store, parse_policy(config.policy), model_config)
+        record_dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+        return cls(store, parse_policy(config.policy), model_config, record_dtype=record_dtype)
 
     @property
     def policy(self) -> str:
@@ -62,6 +74,8 @@ class StoreRecording:
             version=weight_version,
             qk_norm=self.model_config.qk_norm,
             keep=[rid is not None for rid in record_ids],
+            copy_stream=self.copy_stream,
+            record_dtype=self.record_dtype,
         )
         self._pending = (recorder, list(record_ids))
         return recorder

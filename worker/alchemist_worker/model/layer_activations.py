@@ -2,13 +2,14 @@
 
 `Transformer.forward(..., recorder=r)` calls `r.record_layer(layer, activations)` once per layer with
 references to tensors the layer computed anyway (whole-batch, [T, ...] over the flat token batch), so the
-hook itself costs nothing; the recorder decides what to copy (see activations/recorder.py). With
-recorder=None, as in every decode step, nothing is collected and no softmax statistics are requested.
+hook itself costs nothing; the recorder decides what to copy (see activations/recorder.py). `handed_over`
+names the tensors the forward never writes again: a recorder may keep those by reference instead of copying
+them. With recorder=None, as in every decode step, nothing is collected and no softmax statistics are requested.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from torch import Tensor
@@ -28,6 +29,7 @@ class LayerActivations:
     o: Tensor  # [T, hidden] o_proj output (the attention's residual update)
     gate: Tensor  # [T, intermediate] gate_proj output
     up: Tensor  # [T, intermediate] up_proj output
+    handed_over: frozenset[str] = field(default=frozenset())  # fields nothing writes after this call
 
 
 class Recorder(Protocol):

@@ -12,6 +12,8 @@ the names people already know.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,6 +22,8 @@ from alchemist_worker.model.attention import AttentionBackend
 from alchemist_worker.model.config import ModelConfig
 from alchemist_worker.model.layer_activations import LayerActivations, Recorder
 from alchemist_worker.model.layers import LoRALinear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+HANDED_OVER = frozenset(f.name for f in fields(LayerActivations) if f.name != "handed_over")
 
 
 class Attention(nn.Module):
@@ -79,14 +83,25 @@ class Block(nn.Module):
         v = v_lin.view(x.shape[0], attn.num_kv_heads, attn.head_dim)
         need_lse = recorder is not None and recorder.wants_lse
         out, lse = attention.attend(self.layer_idx, q, k, v, need_lse=need_lse)  # [T, n_heads, head_dim]
-        o = attn.o_proj(out.reshape(x.shape[0], -1))
+        flat = out.reshape(x.shape[0], -1)  # [T, n_heads * head_dim], contiguous
+        o = attn.o_proj(flat)
         h = x + o
         hn = self.post_attention_layernorm(h)
         gate, up = mlp.gate_proj(hn), mlp.up_proj(hn)  # [T, intermediate]
         y = h + mlp.down_proj(F.silu(gate) * up)
         if recorder is not None:
             acts = LayerActivations(
-                x=x, q_lin=q_lin, k_lin=k_lin, k=k, v=v, attn=out, lse=lse, o=o, gate=gate, up=up
+                x=x,
+                q_lin=q_lin,
+                k_lin=k_lin,
+                k=k,
+                v=v,
+                attn=flat.view(out.shape),
+                lse=lse,
+                o=o,
+                gate=gate,
+                up=up,
+                handed_over=HANDED_OVER,  # every tensor here is fresh and never written again
             )
             recorder.record_layer(self.layer_idx, acts)
         return y
