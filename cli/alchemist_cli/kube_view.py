@@ -7,6 +7,7 @@ still shows what Redis knows.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +79,11 @@ def read_kube_view(namespace: str, name: str) -> KubeView:
             return KubeView(error=f"the Kubernetes API is unreachable: {exc}")
         selector = (job.get("status") or {}).get("selector") or f"{GROUP}/job={name}"
         try:
-            pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector)
-            items = [api.sanitize_for_serialization(p) for p in pods.items]
+            # As JSON, not the client's models: they refuse a pod status missing a field they require.
+            raw = client.CoreV1Api(api).list_namespaced_pod(
+                namespace, label_selector=selector, _preload_content=False
+            )
+            items = json.loads(raw.data).get("items") or []
         except Exception as exc:  # the job is shown without its pods
             return KubeView(job=job, error=f"pods not readable: {exc}")
     return KubeView(job=job, pods=tuple(sorted((pod_view(p) for p in items), key=lambda p: p.name)))

@@ -9,3 +9,6 @@ from tests.operator.conftest import crd, kube, operator_config  # noqa: F401  (f
 def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     """rich wraps to COLUMNS when not on a terminal: wide enough that no cell is cut in the assertions."""
     monkeypatch.setenv("COLUMNS", "250")
+
+
+from tests.charts.conftest import helm, kubectl, render, tools  # noqa: E402, F401  (fixtures)
