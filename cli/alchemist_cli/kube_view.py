@@ -80,7 +80,7 @@ def read_kube_view(namespace: str, name: str) -> KubeView:
         selector = (job.get("status") or {}).get("selector") or f"{GROUP}/job={name}"
         try:
             # As JSON, not the client's models: they refuse a pod status missing a field they require.
-            raw = client.CoreV1Api(api).list_namespaced_pod(
+            raw: Any = client.CoreV1Api(api).list_namespaced_pod(
                 namespace, label_selector=selector, _preload_content=False
             )
             items = json.loads(raw.data).get("items") or []
