@@ -197,6 +197,8 @@ def test_config_values_are_exactly_the_documented_variables() -> None:
     names = set(worker_config(JOB, parse_job_spec({"model": {"path": "/m"}}))) | set(env_of(children()))
     s3 = {"model": {"path": "/m"}, "versions": {"storage": "S3", "uri": "s3://bucket/versions"}}
     names |= set(worker_config(JOB, parse_job_spec(s3)))
+    gated = {"model": {"path": "/m"}, "evaluation": {"path": "/sets/eval.jsonl"}}
+    names |= set(worker_config(JOB, parse_job_spec(gated)))
     documented = {line.split("`")[1] for line in doc.splitlines() if line.startswith("| `ALCHEMIST_")}
     assert names == documented
 
