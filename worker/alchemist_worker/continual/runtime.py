@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import JobKeys
 from alchemist_protocol.redis_connection import connect
 from alchemist_protocol.schemas import Feedback, RequestRecord
+from alchemist_protocol.training_group import TrainingGroupStore
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry
 
@@ -41,6 +43,9 @@ from alchemist_worker.continual.scoring import ScoreQueue, continuation_logprob
 from alchemist_worker.continual.settings import TrainerSettings
 from alchemist_worker.continual.trainable_weights import TrainableWeights
 from alchemist_worker.continual.trainer import ContinualTrainer
+from alchemist_worker.distributed.control import DataParallelControl
+from alchemist_worker.distributed.settings import DataParallelSettings
+from alchemist_worker.distributed.trainer import DataParallelTrainer
 from alchemist_worker.engine.engine_loop import EngineLoop
 from alchemist_worker.evaluation.candidate import CandidateEvaluation
 from alchemist_worker.evaluation.gate_metrics import GateMetrics
@@ -75,6 +80,7 @@ class RuntimeSettings:
     trained_horizon_s: float = 7 * 86_400  # how long trained feedback ids are remembered (idempotency)
     request_ttl_s: float | None = None  # the request records' TTL, when known: the horizon must outlive it
     control_stall_s: float = 60.0  # /readyz answers 503 when a control duty has not succeeded for this long
+    data_parallel: DataParallelSettings | None = None  # every replica trains in one group (distributed/)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)  # the gate before rollout
 
     def __post_init__(self) -> None:
@@ -120,6 +126,8 @@ class RuntimeSettings:
                     raise ValueError(f"{var}={raw!r}: {exc}") from None
         if "evaluation" not in values:
             values["evaluation"] = EvaluationSettings.from_env(env)
+        if "data_parallel" not in values:
+            values["data_parallel"] = DataParallelSettings.from_env(env)
         if "versions_dir" not in values:  # persistent, and one directory per job (a job's one lineage)
             values["versions_dir"] = cache_root() / "versions" / values["namespace"] / values["job"]
         return cls(**values)
@@ -155,7 +163,9 @@ class ContinualRuntime:
             separate_training_copy=getattr(engine, "served", None) is not None,
         )
         self.weights.use_serving()  # serve the base model (or what the follower loads) until told otherwise
-        self.trainer = ContinualTrainer(model, self.weights, self.activations, training, settings.replica)
+        dp = settings.data_parallel
+        trainer_class = ContinualTrainer if dp is None else DataParallelTrainer
+        self.trainer = trainer_class(model, self.weights, self.activations, training, settings.replica)
         self.co_scheduler = CoScheduler(training)
         self.metrics = TrainingMetrics(registry)
         self.redis = connect(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)  # rediss: TLS
@@ -207,7 +217,11 @@ class ContinualRuntime:
             self.gate_metrics,
         )
         self.engine_side = EngineSide(loop, self.trainer, self.co_scheduler, on_step_done=lambda done: None)
-        self.control = TrainingControl(
+        control_class: Any = TrainingControl
+        if dp is not None:
+            group = TrainingGroupStore(self.redis, keys)
+            control_class = partial(DataParallelControl, data_parallel=dp, group=group)
+        self.control = control_class(
             store=self.store,
             consumer=self.consumer,
             resolver=resolver,

@@ -76,6 +76,22 @@ return fresh
 """
 
 
+# KEYS: feedback stream. ARGV: group, from consumer, to consumer, entry ids. Moves the entries still pending in
+# the first consumer's list to the second (resetting their idle time; from = to only resets it). An entry that
+# another consumer claimed meanwhile stays with it.
+_MOVE = """
+local moved = 0
+for i = 4, #ARGV do
+  local info = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if info[1] and info[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[i], 'JUSTID')
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+
 @dataclass(frozen=True)
 class SettledFeedback:
     """What acknowledging a feedback id needs; also stored in version manifests to redo it after a crash."""
@@ -179,6 +195,7 @@ class FeedbackConsumer:
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
         self._finalize = finalize_script(client)
+        self._move = client.register_script(_MOVE)
         self._next_trim = 0.0
 
     # Reading.
@@ -382,6 +399,29 @@ class FeedbackConsumer:
         for item in items:
             self._release(item)
         self._next_trim = 0.0
+
+    # Data-parallel training (distributed/): each replica trains the feedback on requests it served.
+    def hand_off(self, item: FeedbackItem, owner: str) -> None:
+        """Moves a held item to consumer `owner` (XCLAIM): it stays pending, now in the owner's list, which
+        the owner re-reads (`reread_own_pending`); if the owner dies, XAUTOCLAIM brings it back to anyone."""
+        me = self.settings.consumer
+        self._move(keys=[self.keys.feedback], args=[FEEDBACK_GROUP, me, owner, *item.entry_ids])
+        self._release(item)
+
+    def touch_held(self) -> None:
+        """Resets the idle time of the entries we hold, so that no live replica claims them (XAUTOCLAIM only
+        takes entries idle for `claim_idle_ms`, meant for dead consumers' entries)."""
+        entries = sorted(self._held_entries)
+        for start in range(0, len(entries), 256):
+            me = self.settings.consumer
+            self._move(
+                keys=[self.keys.feedback], args=[FEEDBACK_GROUP, me, me, *entries[start : start + 256]]
+            )
+
+    def reread_own_pending(self) -> None:
+        """The next poll reads our pending list again: entries other replicas handed to us wait there."""
+        if self._own_cursor is None:
+            self._own_cursor = "0-0"
 
     def _release(self, item: FeedbackItem) -> None:
         self._held.pop(item.feedback_id, None)

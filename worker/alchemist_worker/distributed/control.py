@@ -1,0 +1,200 @@
+"""The control thread of a data-parallel member: feedback to the replica that served it, rounds elsewhere.
+
+What changes from one-trainer mode (continual/control.py): every member consumes feedback, and a feedback
+entry about a request another live member served is handed to that member (XCLAIM to its consumer name, so it
+stays pending all along and a crash loses nothing); the owner re-reads its pending list and trains the sample
+on its own prefill record. Feedback whose owner is gone (no live offer), or whose request was never recorded,
+is trained here by recomputation; a dead member's pending entries come back through XAUTOCLAIM after the
+claim idle time, which live members keep from elapsing on what they hold (`touch_held`).
+
+Steps are not started here: the communication thread (rounds.py) takes a batch at each agreed round, and
+releases it after the leader's commit acknowledged it. The lease no longer means "the one trainer" but "the
+leader": rank 0 of each generation, host of the rendezvous store, and the only publisher. Rollbacks are
+honoured by the leader forming a new generation that restores the rolled-back version.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from alchemist_protocol.training_group import GroupRecord, TrainingGroupStore
+
+from alchemist_worker.continual.control import Pending, TrainingControl
+from alchemist_worker.continual.engine_side import StepDone
+from alchemist_worker.continual.trainer import StepResult
+from alchemist_worker.distributed.rounds import RoundLoop
+from alchemist_worker.distributed.settings import DataParallelSettings
+from alchemist_worker.feedback.consumer import FeedbackItem
+from alchemist_worker.feedback.samples import Skip, SkipKind
+from alchemist_worker.versions.publisher import VersionDraft
+
+
+class DataParallelControl(TrainingControl):
+    def __init__(
+        self, *, data_parallel: DataParallelSettings, group: TrainingGroupStore, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        data_parallel.check_claim_idle(self.consumer.settings.claim_idle_ms)
+        if self.settings.publish_every_steps != 1:
+            raise ValueError(
+                "ALCHEMIST_TRAINING_PUBLISH_EVERY_STEPS must be 1 in data-parallel mode: each round is a version"
+            )
+        self.data_parallel = data_parallel
+        self.replica = self.consumer.settings.consumer
+        self.lock = threading.RLock()  # pending and the consumer, shared with the communication thread
+        self.members: frozenset[str] = frozenset()
+        self.handed_off = 0
+        self.rounds = RoundLoop(self, data_parallel, group)
+
+    # Lifecycle.
+    def start(self) -> None:
+        super().start()
+        if self.settings.enabled:
+            self.rounds.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.rounds.stop(timeout)
+        super().stop(timeout)
+
+    def on_step_done(self, done: StepDone) -> None:
+        self.rounds.step_done(done)
+
+    def tick(self) -> None:
+        if self._is_due("lease", self.timings.lease_s):
+            self._duty("lease", self._lease_tick)
+        if self.settings.enabled and self._is_due("offer", self.data_parallel.member_ttl_s / 4):
+            self._duty("offer", self.rounds.offer)
+        if self.training:
+            self._duty("feedback", self._consume)
+            if self._is_due("touch", self.consumer.settings.claim_idle_ms / 4000):
+                self._duty("touch", self._touch)
+        if self._is_due("follow", self.timings.follow_s):
+            self._duty("follow", self._follow)
+        if self._is_due("heartbeat", self.timings.heartbeat_s):
+            self._duty("heartbeat", self._heartbeat)
+
+    def _lease_tick(self) -> None:
+        """The lease only elects the leader here; the communication thread acts on it."""
+        if not self.settings.enabled:
+            return
+        held = self.lease.acquire_or_renew()
+        self.metrics.trainer_lease.set(1 if held else 0)
+
+    # Generations (communication thread).
+    def enter_generation(self, record: GroupRecord) -> None:
+        """Before joining: no step, no feedback held, and the weights of the record's version."""
+        self.training = False
+        self._drop_held()
+        self._restore(record.restore_version)
+        self._fence = record.leader_token
+        self.members = frozenset(record.members)
+
+    def start_training(self) -> None:
+        self.training = True
+
+    def leave_generation(self) -> None:
+        self.training = False
+        self.members = frozenset()
+        self._drop_held()
+
+    def _drop_held(self) -> None:
+        """Cancels the step and forgets every held entry unacknowledged: it stays pending in Redis (ours, or
+        claimed by whoever outlived us) and is read again after the restore."""
+        self.engine_side.call(self.trainer.cancel).result()
+        with self.lock:
+            for pending in list(self.pending) + (self.in_step or []):
+                self.consumer.release([pending.item])
+            self.pending.clear()
+            self.in_step = None
+            self.consumer.reset_after_redis_loss()
+
+    # Feedback.
+    def _consume(self) -> None:
+        with self.lock:
+            if self._is_due("own_pending", 0.25):
+                self.consumer.reread_own_pending()  # what other members handed to us
+            super()._consume()
+
+    def _touch(self) -> None:
+        with self.lock:
+            self.consumer.touch_held()
+
+    def _settle_or_keep(self, item: FeedbackItem) -> None:
+        self.metrics.feedback.labels(label=item.feedback.label.value).inc()
+        resolved = self.resolver.resolve(item)
+        if isinstance(resolved, Skip):
+            if resolved.kind is SkipKind.DEAD:
+                self.consumer.dead_letter(item, resolved.reason)
+            else:
+                versions = (
+                    {} if resolved.served_version is None else {item.feedback_id: resolved.served_version}
+                )
+                self.consumer.finalize([item], versions)
+            return
+        owner = resolved.served_by
+        if owner != self.replica and owner in self.members:
+            self.consumer.hand_off(item, owner)  # it trains where its prefill record is
+            self.handed_off += 1
+            return
+        self.pending.append(Pending(item, resolved))
+
+    # Rounds (communication thread).
+    def ready_count(self) -> int:
+        """Samples this member would train now (0 until a batch is due: min samples, or the oldest's wait)."""
+        with self.lock:
+            if not self.training or not self.pending:
+                return 0
+            s = self.settings
+            now = time.monotonic()
+            if now - self._last_step < s.step_interval_s:
+                return 0
+            if len(self.pending) < s.min_batch_samples and now - self.pending[0].since < s.max_wait_s:
+                return 0
+            return len(self.pending)
+
+    def take_round_batch(self) -> list[Pending]:
+        with self.lock:
+            if not self.training or not self.pending:
+                return []
+            batch = self._take_batch()
+            self.in_step = batch
+            self._last_step = time.monotonic()
+            return batch
+
+    def round_failed_locally(self, batch: list[Pending], error: BaseException) -> None:
+        with self.lock:
+            self.in_step = None
+            self._failed(batch, error)
+
+    def round_committed(
+        self, batch: list[Pending], result: StepResult | None, version: int, leader: bool
+    ) -> None:
+        """The leader's commit acknowledged the batch: forget it; count the local step."""
+        with self.lock:
+            self.in_step = None
+            for pending in batch:
+                self.consumer.release([pending.item])
+        if result is not None and batch:
+            self.metrics.step_finished(
+                tokens=result.tokens,
+                loss=result.loss,
+                wall_s=result.wall_s,
+                busy_s=result.busy_s,
+                outcomes=[(r.path, r.reason) for r in result.results],
+                staleness=[r.staleness for r in result.results if r.staleness is not None],
+            )
+        self.metrics.version.labels(role="training").set(version)
+
+    def version_published(self, draft: VersionDraft, version: int) -> None:
+        """Leader, after the commit and its acknowledgement."""
+        self.commit_health.record_success(version)
+        self.metrics.versions_published.inc()
+        self.metrics.steps.inc()
+        self.publisher.prune(protect={version, self.engine.weight_version})
+
+    def status(self) -> dict[str, Any]:
+        status = super().status()
+        status["data_parallel"] = {**self.rounds.status(), "handed_off": self.handed_off}
+        return status

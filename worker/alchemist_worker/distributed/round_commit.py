@@ -1,0 +1,119 @@
+"""What a data-parallel round becomes: one version, written once by the leader, listing every member's feedback.
+
+Each member sends its `Contribution` (the feedback it trained, how each sample went, its loss and tokens, the
+digest of its weights after the step); the leader turns them into one `VersionDraft` and commits it under its
+fencing token (versions/publisher.py). The finalize step of that commit acknowledges every member's entries
+(XACK works on any consumer's pending entry), so acknowledgement still follows the commit, and a round that
+is not committed acknowledges nothing. Pure: no torch, no Redis.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alchemist_protocol.schemas import ArtifactKind
+
+from alchemist_worker.feedback.consumer import SettledFeedback
+from alchemist_worker.versions.publisher import VersionDraft, entry_ranges
+
+
+@dataclass(frozen=True)
+class Contribution:
+    replica: str
+    feedback: list[SettledFeedback]
+    outcomes: list[tuple[str, str]]  # (path, reason) per sample: "reused" / "recomputed" and why
+    tokens: int  # prompt + response tokens
+    response_tokens: int
+    units: int  # what its mean loss divides by (response tokens, or samples for KTO and DPO)
+    loss_sum: float  # mean loss x units
+    digest: str  # of the weights after the step; "" when not verified
+    error: str = ""  # why its local step failed (it then contributed nothing)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What the leader tells every member after the commit."""
+
+    version: int | None  # None: not committed (the members regroup and restore the newest version)
+    error: str = ""
+
+
+@dataclass
+class RoundStats:
+    """Where a member's round time went, for the benchmark and /v1/versions."""
+
+    rounds: int = 0
+    empty_polls: int = 0
+    round_s: float = 0.0  # from the agreement to the outcome
+    local_s: float = 0.0  # waiting for the local gradient (engine slices)
+    comm_s: float = 0.0  # in collectives after the local gradient (all-reduce, gather, outcome)
+    commit_s: float = 0.0  # the leader's commit
+    regroups: int = 0
+    failures: int = 0
+    last_error: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "round_s": round(self.round_s, 4),
+            "local_s": round(self.local_s, 4),
+            "comm_s": round(self.comm_s, 4),
+            "commit_s": round(self.commit_s, 4),
+            "regroups": self.regroups,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
+
+
+def diverged(contributions: Sequence[Contribution]) -> str:
+    """Why members' weights differ after the step, or "" when their digests agree (or are not computed)."""
+    digests = {c.replica: c.digest for c in contributions if c.digest}
+    if len(set(digests.values())) <= 1:
+        return ""
+    return f"members' weights differ after the step: {digests}"
+
+
+def round_draft(
+    contributions: Sequence[Contribution],
+    *,
+    version: int,
+    parent: int,
+    kind: ArtifactKind,
+    write_files: Callable[[Path], None],
+    training: dict[str, Any],
+    step: int,
+    generation: int,
+) -> VersionDraft:
+    """The version of a round; `parent` is the head every member restored or committed last."""
+    settled = [fb for c in contributions for fb in c.feedback]
+    units = sum(c.units for c in contributions)
+    outcomes = [o for c in contributions for o in c.outcomes]
+    return VersionDraft(
+        version=version,
+        parent=parent,
+        kind=kind,
+        write_files=write_files,
+        feedback=settled,
+        loss=sum(c.loss_sum for c in contributions) / max(1, units),
+        samples=len(settled),
+        training={
+            **training,
+            "steps": [step],
+            "reused": sum(path == "reused" for path, _ in outcomes),
+            "recomputed": sum(path == "recomputed" for path, _ in outcomes),
+            "recomputed_because": dict(Counter(reason for path, reason in outcomes if path == "recomputed")),
+            "data_parallel": {
+                "generation": generation,
+                "members": [c.replica for c in contributions],
+                "samples": {c.replica: len(c.feedback) for c in contributions},
+                "digests": {c.replica: c.digest for c in contributions},
+            },
+        },
+        feedback_ranges=entry_ranges([e for s in settled for e in s.entry_ids]),
+        expected_head=parent,
+    )

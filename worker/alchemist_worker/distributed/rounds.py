@@ -1,0 +1,418 @@
+"""The communication thread of a data-parallel member: generations and synchronous rounds.
+
+Outside a generation, the thread waits for a group record that lists this replica (and was formed by the
+current lease holder), or, when it holds the trainer lease, forms one from the live offers. Joining means: offer
+the generation, restore the record's committed version (weights and optimizer state: every member starts
+identical), then form torch's process group (blocks until all members arrive, or the round timeout).
+
+A round, on every member of a generation:
+1. agree: all-reduce [samples ready here, leader's regroup flag]. Nothing anywhere: wait `poll_s`, again.
+   The leader sets the flag after writing a new generation (a replica joined, left or failed; a rollback);
+2. the local gradient of this member's batch (maybe empty) in slices on the engine thread (EngineSide);
+3. all-reduce of the token-weighted gradients and the token counts, here, off the engine thread;
+4. the identical optimizer step on the engine thread (one call), and the weights' digest;
+5. all-gather of the contributions; the leader checks the digests and commits one version with everyone's
+   feedback, then broadcasts the outcome; every member marks the version committed and drops its batch (the
+   leader's commit acknowledged it).
+Any collective error (a member died, stalled past the timeout, or left) ends the generation on this member:
+its step is cancelled, its feedback released unacknowledged (it trains again), and it waits for the next
+generation. The leader waits `member_ttl_s` after a failure, so that a dead member's offer has expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from alchemist_protocol.training_group import GroupRecord, MemberOffer, TrainingGroupStore
+
+from alchemist_worker.continual.engine_side import StepDone
+from alchemist_worker.distributed.communicator import Communicator
+from alchemist_worker.distributed.round_commit import (
+    Contribution,
+    RoundOutcome,
+    RoundStats,
+    diverged,
+    round_draft,
+)
+from alchemist_worker.distributed.settings import DataParallelSettings
+from alchemist_worker.distributed.trainer import AppliedStep, DataParallelTrainer
+from alchemist_worker.feedback.consumer import SettledFeedback
+from alchemist_worker.versions.artifacts import write_trainer_state
+from alchemist_worker.versions.publisher import CommitFailure, RedisUnavailable
+
+if TYPE_CHECKING:
+    from alchemist_worker.continual.control import Pending
+    from alchemist_worker.distributed.control import DataParallelControl
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FINALIZE_ATTEMPTS = 3
+
+
+class Regroup(Exception):
+    """This generation ends without a failure (the leader formed a new one, or the lease moved)."""
+
+
+class RoundLoop:
+    def __init__(
+        self, control: DataParallelControl, settings: DataParallelSettings, group: TrainingGroupStore
+    ) -> None:
+        self.control = control
+        self.settings = settings
+        self.group = group
+        self.replica = control.consumer.settings.consumer
+        trainer = control.trainer
+        if not isinstance(trainer, DataParallelTrainer):
+            raise TypeError("data-parallel training needs a DataParallelTrainer")
+        self.trainer: DataParallelTrainer = trainer
+        self.comm = Communicator(settings.resolved_backend, settings.round_timeout_s)
+        self.record: GroupRecord | None = None  # the generation this member trains in
+        self.last_generation = 0
+        self.stats = RoundStats()
+        self._offer = MemberOffer(replica=self.replica)
+        self._offer_lock = threading.Lock()
+        self._done: queue.SimpleQueue[StepDone] = queue.SimpleQueue()
+        self._step_id = 0
+        self._settle_until = 0.0
+        self._honoured: tuple[int, float] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # Lifecycle.
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="data-parallel-rounds", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.comm.close()
+
+    def step_done(self, done: StepDone) -> None:
+        """Engine thread: the local gradient of a round is ready."""
+        self._done.put(done)
+
+    def offer(self) -> None:
+        """Renews this replica's offer (control thread, and here on every change of generation)."""
+        with self._offer_lock:
+            self._offer = self._offer.model_copy(update={"at": time.time()})
+            self.group.offer(self._offer, self.settings.member_ttl_s)
+
+    def _set_offer(self, generation: int, waiting: bool) -> None:
+        with self._offer_lock:
+            self._offer = MemberOffer(replica=self.replica, generation=generation, waiting=waiting)
+            self.group.offer(self._offer, self.settings.member_ttl_s)
+
+    def status(self) -> dict[str, Any]:
+        record = self.record
+        return {
+            "generation": record.generation if record else None,
+            "rank": self.comm.rank if record else None,
+            "world_size": record.world_size if record else 0,
+            "members": record.members if record else [],
+            "waiting": record is None,
+            **self.stats.snapshot(),
+        }
+
+    # The thread.
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.record is None:
+                    self._outside()
+                else:
+                    self._round()
+            except Regroup as why:
+                log.info("generation %s ends: %s", self.last_generation, why)
+                self.stats.regroups += 1
+                self._leave(failed=False)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                log.warning(
+                    "data-parallel round failed (%s: %s); leaving the generation", type(exc).__name__, exc
+                )
+                self.stats.failures += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self._leave(failed=True)
+
+    def _outside(self) -> None:
+        lease = self.control.lease
+        record = self.group.read()
+        current_token = self.control.store.client.get(self.control.store.keys.trainer_lease)
+        if isinstance(current_token, bytes):
+            current_token = current_token.decode()
+        joinable = (
+            record is not None
+            and record.generation > self.last_generation
+            and self.replica in record.members
+            and record.leader_token == current_token
+        )
+        if (
+            not joinable
+            and lease.held
+            and lease.token == current_token
+            and time.monotonic() >= self._settle_until
+        ):
+            record = self._form()
+            joinable = record is not None
+        if joinable and record is not None:
+            self._join(record)
+        else:
+            if self._offer.generation or not self._offer.waiting:
+                self._set_offer(0, waiting=True)
+            self._stop.wait(self.settings.poll_s)
+
+    def _form(self) -> GroupRecord | None:
+        """Leader: a new generation of every live offer, this replica first (rank 0 hosts the store)."""
+        control = self.control
+        token = control.lease.token
+        if token is None:
+            return None
+        control.publisher.reconcile(token)  # a commit a dead leader left half-way, before anyone trains on
+        alive = {offer.replica for offer in self.group.offers()} | {self.replica}
+        restore = control.store.latest_version()
+        rollback = control.store.get_rollback()
+        if rollback is not None and rollback.applies_to(restore):
+            restore = rollback.version
+            self._honoured = (rollback.version, rollback.requested_at)
+        record = GroupRecord(
+            generation=0,
+            members=[self.replica, *sorted(alive - {self.replica})],
+            master_addr=self.settings.address,
+            master_port=self.settings.port,
+            restore_version=restore,
+        )
+        formed = self.group.form(record, token)
+        if formed is not None:
+            log.info("formed generation %d: %s, from version %d", formed.generation, formed.members, restore)
+        return formed
+
+    def _join(self, record: GroupRecord) -> None:
+        self._set_offer(record.generation, waiting=False)
+        self.control.enter_generation(record)
+        self.comm.join(record, self.replica)
+        self.record = record
+        self.last_generation = record.generation
+        self.control.start_training()
+        log.info(
+            "joined generation %d as rank %d of %d", record.generation, self.comm.rank, record.world_size
+        )
+
+    def _leave(self, failed: bool) -> None:
+        record = self.record
+        if record is not None:
+            self.last_generation = max(self.last_generation, record.generation)
+        self.record = None
+        self.comm.leave()
+        try:
+            self.control.leave_generation()
+            self._set_offer(0, waiting=True)
+        except Exception:  # Redis or the engine unavailable: the next pass tries again
+            log.exception("leaving the generation")
+        if failed:
+            self._settle_until = time.monotonic() + self.settings.member_ttl_s
+
+    # Rounds.
+    def _round(self) -> None:
+        record = self.record
+        assert record is not None
+        regroup = 0.0
+        if self.comm.rank == 0:
+            regroup = 1.0 if self._leader_regroups(record) else 0.0
+        elif self.control.lease.held:
+            raise Regroup("this replica took the trainer lease: it leads a new generation")
+        ready = float(self.control.ready_count())
+        agreed = self.comm.all_reduce_sum(torch.tensor([ready, regroup], dtype=torch.float64))
+        if agreed[1] > 0:
+            raise Regroup("the leader formed a new generation")
+        if agreed[0] == 0:
+            self.stats.empty_polls += 1
+            self._stop.wait(self.settings.poll_s)
+            return
+        self._train_round(record)
+
+    def _leader_regroups(self, record: GroupRecord) -> bool:
+        """Leader: whether membership changed (or a rollback waits); if so it forms the next generation."""
+        lease = self.control.lease
+        if not lease.held or lease.token != record.leader_token:
+            raise Regroup("the leader lost the trainer lease")
+        offers = {offer.replica: offer for offer in self.group.offers()}
+        alive = set(offers) | {self.replica}
+        waiting = [
+            name for name, offer in offers.items() if offer.waiting or offer.generation != record.generation
+        ]
+        rollback = self.control.store.get_rollback()
+        rollback_due = (
+            rollback is not None
+            and rollback.applies_to(self.control.store.latest_version())
+            and self._honoured != (rollback.version, rollback.requested_at)
+        )
+        if alive == set(record.members) and not waiting and not rollback_due:
+            return False
+        log.info(
+            "re-forming the group: live %s, members %s, waiting %s, rollback %s",
+            sorted(alive),
+            record.members,
+            waiting,
+            rollback_due,
+        )
+        if self._form() is None:
+            raise Regroup("the leader lost the trainer lease")
+        return True
+
+    def _train_round(self, record: GroupRecord) -> None:
+        control = self.control
+        started = time.perf_counter()
+        batch = control.take_round_batch()
+        result, error = self._local_gradient(batch)
+        local_done = time.perf_counter()
+        units = int(result.extra.get("units", result.response_tokens)) if result is not None else 0
+        flat = self._engine(lambda: self.trainer.contribution(units))
+        summed = self.comm.all_reduce_sum(flat)
+        loss_sum = result.loss * units if result is not None else 0.0
+        totals = self.comm.all_reduce_sum(torch.tensor([float(units), loss_sum], dtype=torch.float64))
+        total_units = round(float(totals[0]))
+        comm_s = time.perf_counter() - local_done
+        if error is not None:
+            control.round_failed_locally(batch, error)
+            batch = []
+        if total_units == 0:  # every member's step failed: nothing to apply, nothing to commit
+            self._engine(self.trainer.discard_gradient)
+            return
+        leader = self.comm.rank == 0
+        applied, snapshot, state = self._engine(lambda: self._apply(summed, total_units, leader))
+        mine = Contribution(
+            replica=self.replica,
+            feedback=[
+                SettledFeedback(
+                    p.item.feedback_id, p.item.entry_ids, p.item.feedback.label.value, p.sample.served_version
+                )
+                for p in batch
+            ],
+            outcomes=[(r.path, r.reason) for r in result.results] if result is not None and batch else [],
+            tokens=result.tokens if result is not None and batch else 0,
+            response_tokens=result.response_tokens if result is not None and batch else 0,
+            units=units if batch else 0,
+            loss_sum=loss_sum if batch else 0.0,
+            digest=applied.digest,
+        )
+        gathered_at = time.perf_counter()
+        contributions: list[Contribution] = self.comm.all_gather_object(mine)
+        comm_s += time.perf_counter() - gathered_at
+        commit_s = 0.0
+        if leader:
+            commit_started = time.perf_counter()
+            outcome = self._commit(record, contributions, applied, snapshot, state)
+            commit_s = time.perf_counter() - commit_started
+        else:
+            outcome = None
+        broadcast_at = time.perf_counter()
+        outcome = self.comm.broadcast_object(outcome)
+        comm_s += time.perf_counter() - broadcast_at
+        if outcome.version is None:
+            raise Regroup(f"the round was not committed: {outcome.error}")
+        version = outcome.version
+        self._engine(lambda: self.trainer.committed(version))
+        control.round_committed(batch, result, version, leader)
+        total_s = time.perf_counter() - started
+        stats = self.stats
+        stats.rounds += 1
+        stats.round_s += total_s
+        stats.local_s += local_done - started
+        stats.comm_s += comm_s
+        stats.commit_s += commit_s
+        stats.history.append(
+            {"round_s": total_s, "local_s": local_done - started, "comm_s": comm_s, "commit_s": commit_s}
+        )
+        del stats.history[:-256]
+
+    def _local_gradient(self, batch: list[Pending]) -> tuple[Any, BaseException | None]:
+        """(StepResult or None, error) of this member's batch; None, None for an empty batch."""
+        if not batch:
+            return None, None
+        self._step_id += 1
+        step_id = self._step_id
+        samples = [p.sample for p in batch]
+        side = self.control.engine_side
+        self._engine(lambda: side.begin_step(step_id, samples, False))
+        while True:
+            try:
+                done = self._done.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise Regroup("stopping") from None
+                continue
+            if done.step_id == step_id:
+                return done.result, done.error
+
+    def _apply(self, summed: torch.Tensor, total_units: int, leader: bool) -> tuple[AppliedStep, Any, Any]:
+        """Engine thread: the step; the leader also snapshots what it will write."""
+        applied = self.trainer.apply(summed, total_units, self.settings.verify_weights)
+        if not leader:
+            return applied, None, None
+        return applied, self.trainer.weights.snapshot(), self.trainer.state_dict()
+
+    def _commit(
+        self,
+        record: GroupRecord,
+        contributions: list[Contribution],
+        applied: AppliedStep,
+        snapshot: Any,
+        state: dict[str, Any],
+    ) -> RoundOutcome:
+        """Leader: the round's version, under the lease's fencing token."""
+        control = self.control
+        why = diverged(contributions)
+        if why:
+            log.error("%s: not publishing", why)
+            return RoundOutcome(None, why)
+        token = control.lease.token
+        if token is None or token != record.leader_token:
+            return RoundOutcome(None, "the leader lost the trainer lease")
+        parent = self.trainer.head_version
+        version = parent + 1
+        state = {**state, "head_version": version, "lineage": sorted({*state["lineage"], version})}
+
+        def write(path: Any) -> None:
+            control.weights.write(path, snapshot, control.model_config)
+            write_trainer_state(path, state)
+
+        draft = round_draft(
+            contributions,
+            version=version,
+            parent=parent,
+            kind=control.weights.kind,
+            write_files=write,
+            training=control.settings.describe(),
+            step=applied.step,
+            generation=record.generation,
+        )
+        try:
+            control.publisher.publish(draft, token)
+        except CommitFailure as failure:
+            control.metrics.commit_failures.labels(failure.kind).inc()
+            return RoundOutcome(None, str(failure))
+        for attempt in range(FINALIZE_ATTEMPTS):
+            try:
+                control.publisher.finalize(draft)
+                break
+            except RedisUnavailable as failure:
+                if attempt == FINALIZE_ATTEMPTS - 1:
+                    # Published; the next leader's reconcile acknowledges it. The members regroup first.
+                    return RoundOutcome(
+                        None, f"version {version} published, feedback not acknowledged: {failure}"
+                    )
+                time.sleep(0.2 * 2**attempt)
+        control.version_published(draft, version)
+        return RoundOutcome(version)
+
+    def _engine(self, fn: Callable[[], T]) -> T:
+        return self.control.engine_side.call(fn).result()
