@@ -68,3 +68,24 @@ def test_truncated_mode_is_refused_not_substituted(tiny_checkpoints: dict[str, P
         ContinualTrainer(
             model, TrainableWeights(model, settings), ActivationStore(StoreConfig()), settings, "r0"
         )
+
+
+def test_objective_settings_come_from_the_operator_names_and_bad_ones_are_refused() -> None:
+    from alchemist_worker.training.objectives import Objective, ObjectiveConfig
+
+    env = {
+        "ALCHEMIST_TRAINING_OBJECTIVE": "KTO",
+        "ALCHEMIST_TRAINING_BETA": "0.25",
+        "ALCHEMIST_TRAINING_UNDESIRABLE_WEIGHT": "0.5",
+        "ALCHEMIST_TRAINING_KL_WEIGHT": "0.05",
+    }
+    s = TrainerSettings.from_env(env)
+    assert s.objective is Objective.KTO
+    assert s.objective_config() == ObjectiveConfig(beta=0.25, undesirable_weight=0.5, kl_weight=0.05)
+    assert s.describe()["objective"] == "kto"
+    with pytest.raises(ValueError, match="ALCHEMIST_TRAINING_OBJECTIVE='rlhf'"):
+        TrainerSettings.from_env({"ALCHEMIST_TRAINING_OBJECTIVE": "rlhf"})
+    with pytest.raises(ValueError, match="beta must be positive"):
+        TrainerSettings.from_env({"ALCHEMIST_TRAINING_BETA": "0"})
+    with pytest.raises(ValueError, match="kl_weight must be a finite number >= 0"):
+        TrainerSettings.from_env({"ALCHEMIST_TRAINING_KL_WEIGHT": "-1"})

@@ -70,3 +70,22 @@ def test_accepted_corrected_rejected_and_unknown(redis_client: redis.Redis) -> N
         and too_long.kind is SkipKind.DEAD
         and "more than the 16" in too_long.reason
     )
+
+
+def test_rejections_become_undesirable_samples_when_the_objective_uses_them(
+    redis_client: redis.Redis,
+) -> None:
+    client, consumer, plain = setup(redis_client)
+    resolver = SampleResolver(plain.store, encode, {EOS}, max_tokens=16, end_token=EOS, train_rejections=True)
+    client.reject("done")
+    client.correct("done", "ab")
+    client.accept("done")
+    client.correct("done", "abcdefghij")  # 13 tokens; with the replaced answer over the prompt 18 > 16
+    rejected, corrected, accepted, long_correction = [resolver.resolve(item) for item in consumer.poll()]
+    assert isinstance(rejected, TrainingSample) and not rejected.desirable
+    assert rejected.response_tokens == (7, 8, EOS) and rejected.replaced_tokens == ()
+    assert isinstance(corrected, TrainingSample) and corrected.desirable
+    assert corrected.response_tokens == (97, 98, EOS) and corrected.replaced_tokens == (7, 8, EOS)
+    assert corrected.num_tokens == 2 + 3 + 2 + 3
+    assert isinstance(accepted, TrainingSample) and accepted.desirable and accepted.replaced_tokens == ()
+    assert isinstance(long_correction, TrainingSample) and long_correction.replaced_tokens == ()

@@ -1,9 +1,10 @@
 """The continual trainer's settings: one validated dataclass, readable from ALCHEMIST_* environment variables.
 
-Training: objective (supervised on accepted and corrected answers), LoRA or full fine-tuning, optimizer, learning
-rate and schedule, batch size in samples and in tokens, max staleness, step interval and how often a step
-becomes a version. Co-scheduling: how long one training slice may run, and the serving bounds (queue depth,
-p99 TTFT and inter-token latency) near which training yields. The operator sets these through the pod's
+Training: objective (training/objectives.py: supervised, unlikelihood, kto or dpo, with their weights and the
+KL guard), LoRA or full fine-tuning, optimizer, learning rate and schedule, batch size in samples and in
+tokens, max staleness, step interval and how often a step becomes a version. Co-scheduling: how long one
+training slice may run, and the serving bounds (queue depth, p99 TTFT and inter-token latency) near which
+training yields. The operator sets these through the pod's
 environment (see `ENV`); the CLI takes the same names as flags.
 """
 
@@ -15,9 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-
-class Objective(enum.StrEnum):
-    SUPERVISED = "supervised"  # cross-entropy on the response tokens of accepted and corrected answers
+from alchemist_worker.training.objectives import Objective, ObjectiveConfig
 
 
 class Method(enum.StrEnum):
@@ -45,6 +44,10 @@ class Schedule(enum.StrEnum):
 class TrainerSettings:
     enabled: bool = True
     objective: Objective = Objective.SUPERVISED
+    beta: float = 0.1  # kto, dpo: temperature of the log ratio to the reference (base) model
+    desirable_weight: float = 1.0  # weight of accepted and corrected answers
+    undesirable_weight: float = 1.0  # weight of rejected answers (unlikelihood, kto)
+    kl_weight: float = 0.0  # forgetting guard: KL to the base model per response token; 0 turns it off
     method: Method = Method.LORA
     mode: Mode = Mode.EXACT
     lora_rank: int = 16
@@ -96,8 +99,18 @@ class TrainerSettings:
                 f"LoRA dropout {self.lora_dropout} is not supported: training reuses the activations serving "
                 "recorded, which dropout would make differ; set it to 0"
             )
+        object.__setattr__(self, "objective", Objective(self.objective))  # also from its name
+        self.objective_config()  # raises what is wrong with beta and the weights
         if self.method is Method.LORA and not self.lora_target_modules:
             raise ValueError("LoRA needs at least one target module (e.g. q_proj,v_proj)")
+
+    def objective_config(self) -> ObjectiveConfig:
+        return ObjectiveConfig(
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+            kl_weight=self.kl_weight,
+        )
 
     def describe(self) -> dict[str, Any]:
         """The settings as plain JSON values, for a version's metadata."""

@@ -31,6 +31,9 @@ from alchemist_worker.evaluation.candidate import CandidateEvaluation
 from alchemist_worker.feedback.samples import TrainingSample as FeedbackSample
 from alchemist_worker.model.transformer import Transformer
 from alchemist_worker.training import Decision, StepConfig, StepReport, TrainingSample, accumulate_gradients
+from alchemist_worker.training.objectives import Label, needs_reference
+from alchemist_worker.training.reference import with_reference
+from alchemist_worker.training.step import step_units
 
 LOGIT_ROWS = 8  # rows of the vocabulary projection per operator inside a training step
 
@@ -215,25 +218,35 @@ class ContinualTrainer:
         return self._result(samples, reports, own_reasons, total, lr)
 
     def _accumulate(self, samples: list[FeedbackSample]) -> tuple[list[StepReport], dict[str, str], int]:
-        """Leaves in `.grad` the gradient of the mean loss over the samples' response tokens.
+        """Leaves in `.grad` the gradient of the objective's mean loss over the samples.
 
-        Returns the micro-batches' reports, why samples were recomputed (this replica's own reasons) and the
-        number of response tokens. A data-parallel round (distributed/) all-reduces this gradient weighted by
-        those tokens before `_optimizer_step`.
+        Returns the micro-batches' reports, why samples were recomputed (this replica's own reasons) and what
+        the mean divides by (response tokens for token-level objectives, samples for KTO and DPO:
+        objectives.loss_units). A data-parallel round (distributed/) all-reduces this gradient weighted by
+        those units before `_optimizer_step`.
         """
         params = self.weights.parameters()
         for param in params:
             param.grad = None
         own_reasons: dict[str, str] = {}
-        config = StepConfig(max_staleness=self.settings.max_staleness)
-        total = sum(len(s.response_tokens) for s in samples)
+        config = StepConfig(
+            max_staleness=self.settings.max_staleness,
+            objective=self.settings.objective,
+            objective_config=self.settings.objective_config(),
+        )
+        groups = [
+            self._hedge(group, own_reasons)
+            for group in micro_batches(samples, self.settings.micro_batch_tokens)
+        ]
+        units = [step_units(group, config.objective) for group in groups]
+        total = sum(units)
         reports: list[StepReport] = []
         previous = 0
-        for group in micro_batches(samples, self.settings.micro_batch_tokens):
-            tokens = sum(len(s.response_tokens) for s in group)
-            if previous:  # keep .grad = (1 / tokens of this group) * sum of token-weighted gradients so far
+        for local, tokens in zip(groups, units, strict=True):
+            if previous:  # keep .grad = (1 / units of this group) * sum of unit-weighted gradients so far
                 self._scale_grads(params, previous / tokens)
-            local = self._hedge(group, own_reasons)
+            if needs_reference(config.objective, config.objective_config):
+                local = self._with_reference(local, log_softmax=config.objective_config.kl_weight > 0)
             reports.append(
                 accumulate_gradients(self.model, self.store, local, version=self.head_version, config=config)
             )
@@ -264,9 +277,10 @@ class ContinualTrainer:
         total: int,
         lr: float,
     ) -> StepResult:
-        outcomes = [o for r in reports for o in r.outcomes]
+        outcomes = {o.sample_id: o for r in reports for o in r.outcomes}
         results = []
-        for sample, outcome in zip(samples, outcomes, strict=True):
+        for sample in samples:
+            outcome = outcomes[sample.feedback_id]  # a replaced answer goes the way of its correction
             reused = outcome.decision is Decision.REUSED
             reason = "" if reused else own_reasons.get(sample.feedback_id) or (outcome.reason or "unknown")
             staleness = (
@@ -277,7 +291,7 @@ class ContinualTrainer:
             results.append(
                 SampleResult(sample.feedback_id, "reused" if reused else "recomputed", str(reason), staleness)
             )
-        loss = sum(r.loss * r.response_tokens for r in reports) / total
+        loss = sum(r.loss * r.loss_units for r in reports) / total
         return StepResult(
             samples=samples,
             loss=loss,
@@ -291,8 +305,20 @@ class ContinualTrainer:
             lr=lr,
         )
 
+    def _with_reference(self, samples: list[TrainingSample], *, log_softmax: bool) -> list[TrainingSample]:
+        """The samples' log-probabilities under the base model (training/reference.py), its weights installed
+        for this forward's slices."""
+        self._slice_weights = self.weights.base_serving_set()
+        self.weights.install(self._slice_weights)
+        try:
+            return with_reference(self.model, samples, log_softmax=log_softmax)
+        finally:
+            self._slice_weights = None
+            self.weights.use_training()
+
     def _hedge(self, samples: list[FeedbackSample], reasons: dict[str, str]) -> list[TrainingSample]:
-        """Training-package samples; a record is offered only when it can belong to this lineage."""
+        """Training-package samples; a record is offered only when it can belong to this lineage. A
+        correction's replaced answer is a second, undesirable sample over the same prompt and record."""
         out: list[TrainingSample] = []
         for sample in samples:
             record_id: str | None = sample.request_id
@@ -300,14 +326,29 @@ class ContinualTrainer:
                 record_id, reasons[sample.feedback_id] = None, "other_replica"
             elif sample.served_version not in self.lineage:
                 record_id, reasons[sample.feedback_id] = None, "other_lineage"
+            prompt = torch.tensor(sample.prompt_tokens, dtype=torch.long)
+            pair = sample.feedback_id if sample.replaced_tokens else None
             out.append(
                 TrainingSample(
                     sample_id=sample.feedback_id,
-                    prompt_ids=torch.tensor(sample.prompt_tokens, dtype=torch.long),
+                    prompt_ids=prompt,
                     response_ids=torch.tensor(sample.response_tokens, dtype=torch.long),
                     record_id=record_id,
+                    label=Label.DESIRABLE if sample.desirable else Label.UNDESIRABLE,
+                    pair=pair,
                 )
             )
+            if sample.replaced_tokens:
+                out.append(
+                    TrainingSample(
+                        sample_id=f"{sample.feedback_id}/replaced",
+                        prompt_ids=prompt,
+                        response_ids=torch.tensor(sample.replaced_tokens, dtype=torch.long),
+                        record_id=record_id,
+                        label=Label.UNDESIRABLE,
+                        pair=pair,
+                    )
+                )
         return out
 
     @staticmethod

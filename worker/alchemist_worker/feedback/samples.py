@@ -1,8 +1,11 @@
 """From a feedback entry to a training sample: the prompt that was served and the response to imitate.
 
-Supervised objective (DESIGN.md §3): an accepted answer is imitated as generated; a corrected one with the
-user's text in place of the generated response (tokenized, and ended like the original, so the model learns to
-stop); a rejected one trains nothing but still counts for its version's acceptance rate.
+An accepted answer is a desirable sample as generated; a corrected one has the user's text in place of the
+generated response (tokenized, and ended like the original, so the model learns to stop). What a rejection
+teaches depends on the objective (training/objectives.py): under `supervised` it trains nothing but still
+counts for its version's acceptance rate; under the others the rejected answer is an undesirable sample, and a
+correction also carries the answer it replaced (`replaced_tokens`, an undesirable answer to the same prompt:
+a DPO pair, or one more undesirable sample for unlikelihood and KTO).
 
 Where the tokens come from: the request record in Redis (`request:{id}`, written by whichever replica served
 it, with a TTL). That makes the choice for feedback on another replica's request, or on one whose activation
@@ -35,10 +38,14 @@ class TrainingSample:
     served_version: int
     served_by: str  # the replica whose activation store may hold the prompt's record
     corrected: bool
+    desirable: bool = True  # False: a rejected answer, to be moved away from
+    replaced_tokens: tuple[int, ...] = ()  # a correction's served answer, when the objective trains on it
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_tokens) + len(self.response_tokens)
+        """Tokens the step processes: the replaced answer is a second sequence over the same prompt."""
+        replaced = len(self.prompt_tokens) + len(self.replaced_tokens) if self.replaced_tokens else 0
+        return len(self.prompt_tokens) + len(self.response_tokens) + replaced
 
 
 class SkipKind(enum.Enum):
@@ -61,8 +68,11 @@ class SampleResolver:
         stop_token_ids: Collection[int],
         max_tokens: int,
         end_token: int | None = None,
+        train_rejections: bool = False,
     ) -> None:
-        """`end_token` ends a correction when the original response did not end with a stop token."""
+        """`end_token` ends a correction when the original response did not end with a stop token;
+        `train_rejections`: the objective learns from rejected answers (objectives.trains_rejections)."""
+        self.train_rejections = train_rejections
         self.store = store
         self.encode = encode
         self.stop_token_ids = frozenset(stop_token_ids)
@@ -79,7 +89,8 @@ class SampleResolver:
                 f"request {feedback.request_id!r} is unknown here: no request record in Redis (never served "
                 "by this job, or its record expired)",
             )
-        if feedback.label is FeedbackLabel.NEGATIVE:
+        rejected = feedback.label is FeedbackLabel.NEGATIVE
+        if rejected and not self.train_rejections:
             return Skip(SkipKind.NOT_TRAINED, "rejected answers are not imitated", record.version)
         response = self.response_tokens(record, feedback.correction)
         if not response:
@@ -93,6 +104,12 @@ class SampleResolver:
                 f"prompt and response are {total} tokens, more than the {self.max_tokens} a step may hold",
                 record.version,
             )
+        corrected = feedback.label is FeedbackLabel.CORRECTION
+        replaced: tuple[int, ...] = ()
+        if corrected and self.train_rejections and record.response_tokens:
+            replaced = tuple(record.response_tokens)
+            if total + len(record.prompt_tokens) + len(replaced) > self.max_tokens:
+                replaced = ()  # the pair does not fit a step: the correction still trains on its own
         return TrainingSample(
             feedback_id=item.feedback_id,
             request_id=record.request_id,
@@ -100,7 +117,9 @@ class SampleResolver:
             response_tokens=tuple(response),
             served_version=record.version,
             served_by=record.replica,
-            corrected=feedback.label is FeedbackLabel.CORRECTION,
+            corrected=corrected,
+            desirable=not rejected,
+            replaced_tokens=replaced,
         )
 
     def response_tokens(self, record: RequestRecord, correction: str | None) -> list[int]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alchemist_worker.training.objectives import Label
+
 
 @dataclass(frozen=True)
 class TrainingSample:
@@ -26,6 +28,12 @@ class TrainingSample:
     prompt_ids: Tensor  # [p] int64, p >= 1
     response_ids: Tensor  # [r] int64, r >= 1
     record_id: str | None = None  # key of the prompt's prefill record in the activation store
+    label: Label = Label.DESIRABLE
+    pair: str | None = None  # the two samples of a preference pair (same prompt) share this key
+    # Under the reference model (training/reference.py), constants: log-prob of each response token [r], and
+    # the whole log-softmax [r, vocab] when the forgetting guard needs it.
+    reference_logprobs: Tensor | None = None
+    reference_log_softmax: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_ids.ndim != 1 or self.prompt_ids.numel() < 1:
