@@ -283,7 +283,7 @@ class TrainingControl:
             tensors = self.weights.initial
             state = None
         else:
-            path = self.directory.path(version)
+            path = self.directory.require(version)  # a version held elsewhere is copied here first
             tensors, state = self.weights.read(path), read_trainer_state(path)
         self.engine_side.call(lambda: self.trainer.restore(version, dict(tensors), state)).result()
         self.metrics.version.labels(role="training").set(version)

@@ -57,6 +57,7 @@ from alchemist_worker.rollout.follower import FollowMode, RolloutFollower
 from alchemist_worker.rollout.heartbeat import Heartbeat
 from alchemist_worker.versions.directory import VersionDirectory
 from alchemist_worker.versions.publisher import VersionPublisher
+from alchemist_worker.versions.storage import version_storage
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class ContinualRuntime:
             end_token=self._end_token,
         )
         self.directory = VersionDirectory(settings.versions_dir)
+        self.version_storage = version_storage(self.directory, self.store, settings.replica)
         # A set that cannot be read stops the worker here, with the file and line: without it every version
         # would roll out unjudged.
         self.gate_metrics = GateMetrics(self.metrics.registry)
@@ -226,10 +228,16 @@ class ContinualRuntime:
             consumer=self.consumer,
             resolver=resolver,
             directory=self.directory,
-            publisher=VersionPublisher(self.directory, self.store, settings.replica, training.keep_versions),
+            publisher=VersionPublisher(
+                self.directory,
+                self.store,
+                settings.replica,
+                training.keep_versions,
+                uploader=self.version_storage.uploader,
+            ),
             lease=TrainerLease(self.redis, keys, settings.replica, settings.lease_ttl_s),
             follower=RolloutFollower(
-                self.store, settings.replica, settings.follow, lambda v: v in self.directory.committed()
+                self.store, settings.replica, settings.follow, self.version_storage.available
             ),
             heartbeat=Heartbeat(self.store, settings.replica, settings.heartbeat_s),
             engine_side=self.engine_side,
@@ -308,7 +316,9 @@ class ContinualRuntime:
             self.redis, self.store.keys, idempotency_ttl_s=self.settings.trained_horizon_s
         )
         tokenizer = self.engine.tokenizer
+        files = self.version_storage.router
         return [
+            *([files] if files is not None else []),
             feedback_router(
                 client,
                 self.store,

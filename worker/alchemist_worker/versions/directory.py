@@ -50,6 +50,10 @@ class VersionExists(RuntimeError):
     """Another writer committed this version number first."""
 
 
+class VersionNotHere(FileNotFoundError):
+    """A version this directory does not hold (yet): with a source elsewhere, a copy has been asked for."""
+
+
 class TrainedFeedback(BaseModel):
     """One feedback sample a version was trained on: enough to acknowledge it again after a crash."""
 
@@ -110,6 +114,8 @@ class VersionDirectory:
         self.root.mkdir(parents=True, exist_ok=True)
         self._host = socket.gethostname().replace("-", "_")
         self._undeleted: set[Path] = set()  # staging directories a failed publish could not remove yet
+        # Asks for a copy of a version held elsewhere (mirror.py): other replicas or a bucket; None: nowhere.
+        self.fetch_missing: Callable[[int], object] | None = None
 
     def path(self, version: int) -> Path:
         return self.root / version_dirname(version)
@@ -128,6 +134,16 @@ class VersionDirectory:
         """Newest committed version; 0 (the base model) when none."""
         versions = self.committed()
         return versions[-1] if versions else 0
+
+    def require(self, version: int) -> Path:
+        """The version's directory; raises VersionNotHere (after asking `fetch_missing`) while it is absent."""
+        path = self.path(version)
+        if (path / MANIFEST).is_file():
+            return path
+        if self.fetch_missing is not None:
+            self.fetch_missing(version)
+            raise VersionNotHere(f"version {version} is not in {self.root} yet; a copy has been requested")
+        raise VersionNotHere(f"version {version} is not in {self.root} (kept: {self.committed()})")
 
     def manifest(self, version: int) -> VersionManifest:
         path = self.path(version) / MANIFEST
@@ -184,6 +200,38 @@ class VersionDirectory:
             if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # someone committed it in between
                 raise VersionExists(f"version {staged.version} already exists at {target}") from exc
             raise  # permissions, a full or read-only disk: not a conflict, and the caller must know which
+        _fsync_path(self.root)
+        return target
+
+    def commit_copy(self, staged: StagedVersion) -> Path:
+        """Makes a version copied from elsewhere, manifest included, visible in one rename, once every file its
+        manifest lists is there; raises VersionExists when it is already here. Any failure removes the copy."""
+        try:
+            path = staged.path / MANIFEST
+            manifest = VersionManifest.model_validate_json(path.read_text())
+            if manifest.info.version != staged.version:
+                raise ValueError(f"copied manifest of version {manifest.info.version}, not {staged.version}")
+            missing = [name for name in manifest.files if not (staged.path / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"version {staged.version}'s copy lacks {', '.join(missing)}")
+            for name in [*manifest.files, MANIFEST]:
+                _fsync_path(staged.path / name)
+            _fsync_path(staged.path)
+            return self._rename_into_place(staged)
+        except BaseException:
+            self.discard(staged)
+            raise
+
+    def _rename_into_place(self, staged: StagedVersion) -> Path:
+        target = self.path(staged.version)
+        if target.exists():
+            raise VersionExists(f"version {staged.version} already exists at {target}")
+        try:
+            os.rename(staged.path, target)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise VersionExists(f"version {staged.version} already exists at {target}") from exc
+            raise
         _fsync_path(self.root)
         return target
 

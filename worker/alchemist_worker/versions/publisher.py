@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import redis
 from alchemist_protocol.job_store import JobStore, VersionCommit
@@ -120,14 +120,30 @@ def entry_ranges(entry_ids: Sequence[str]) -> list[tuple[str, str]]:
     return [(ordered[0], ordered[-1])]
 
 
+class Uploader(Protocol):
+    """Copies a committed directory to shared storage before Redis publishes it (s3_versions.py)."""
+
+    def upload(self, path: Path, manifest: VersionManifest) -> VersionInfo: ...
+
+    def delete(self, info: VersionInfo) -> None: ...
+
+
 class VersionPublisher:
-    def __init__(self, directory: VersionDirectory, store: JobStore, replica: str, keep: int) -> None:
+    def __init__(
+        self,
+        directory: VersionDirectory,
+        store: JobStore,
+        replica: str,
+        keep: int,
+        uploader: Uploader | None = None,
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.directory = directory
         self.store = store
         self.replica = replica
         self.keep = keep
+        self.uploader = uploader
         self._finalize = finalize_script(store.client)
 
     def commit(
@@ -148,6 +164,7 @@ class VersionPublisher:
         """Steps 1 and 2: the directory (or our own from an earlier attempt), then the fenced Redis commit."""
         try:
             info = self._own_directory(draft) or self._write(draft, fence)
+            info = self._uploaded(draft.version, info)
             if after_files is not None:
                 after_files()
             outcome = self.store.commit_version(info, fence, draft.expected_head)
@@ -175,6 +192,12 @@ class VersionPublisher:
             finalize_feedback(self._finalize, self.store.keys, draft.feedback)
         except redis.RedisError as exc:
             raise RedisUnavailable(f"Redis unavailable acknowledging version {draft.version}: {exc}") from exc
+
+    def _uploaded(self, version: int, info: VersionInfo) -> VersionInfo:
+        """The metadata to publish: with an uploader, the version is in shared storage first (its path there)."""
+        if self.uploader is None:
+            return info
+        return self.uploader.upload(self.directory.path(version), self.directory.manifest(version))
 
     def _own_directory(self, draft: VersionDraft) -> VersionInfo | None:
         """The version's metadata if an earlier attempt of this draft already wrote its directory."""
@@ -240,8 +263,14 @@ class VersionPublisher:
         if rollback is not None:
             keep.add(rollback.version)
         removed = self.directory.prune(self.keep, keep)
+        if self.directory.fetch_missing is not None:  # held elsewhere too: Redis lists more than the disk
+            listed = self.store.version_numbers()
+            removed += [v for v in listed[: -self.keep] if v not in keep and v not in removed]
         for version in removed:
+            info = self.store.get_version(version) if self.uploader is not None else None
             self.store.forget_version(version)
+            if info is not None and self.uploader is not None:
+                self.uploader.delete(info)
         return removed
 
     def reconcile(self, fence: str | None = None) -> ReconcileReport:
@@ -258,13 +287,18 @@ class VersionPublisher:
         refinalized = 0
         published = set(self.store.version_numbers())
         on_disk = self.directory.committed()
-        for version in sorted(published - set(on_disk)):  # deleted from disk, then killed before Redis heard
-            self.store.forget_version(version)
+        if self.directory.fetch_missing is None:  # else it may be held elsewhere (mirror.py): keep it
+            for version in sorted(published - set(on_disk)):  # deleted from disk, killed before Redis heard
+                self.store.forget_version(version)
         for version in on_disk:
             manifest = self.directory.manifest(version)
             if version not in published:
                 head = self.store.latest_version()
-                outcome = self.store.commit_version(manifest.info, fence, version - 1 if head else None)
+                try:
+                    info = self._uploaded(version, manifest.info)
+                except OSError as exc:
+                    raise CommitIOError(f"reconciling version {version}: {exc}") from exc
+                outcome = self.store.commit_version(info, fence, version - 1 if head else None)
                 if outcome is VersionCommit.FENCED:
                     raise CommitConflict(f"reconciling version {version}: the trainer lease was taken over")
                 if outcome is VersionCommit.TAKEN:  # Redis has another record of it: leave both as they are
