@@ -56,6 +56,8 @@ from alchemist_worker.model.config import ModelConfig
 from alchemist_worker.rollout.follower import FollowMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: `bench` importable
+from rich import progress as bar
+
 from bench.load_trace import lognormal_length, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -350,12 +352,21 @@ def main() -> int:
     orders = [names[i:] + names[:i] for i in range(len(names))]
     hot, cold = idle_penalty()
     print(f"idle penalty: {hot:.2f} ms back to back, {cold:.2f} ms after 0.5 s idle", flush=True)
-    with LocalRedis() as redis:
+    # Runs take minutes each: a bar with the time spent on a terminal; elsewhere the lines and the final bar.
+    with (
+        LocalRedis() as redis,
+        bar.Progress(*bar.Progress.get_default_columns(), bar.TimeElapsedColumn()) as progress,
+    ):
+        runs = progress.add_task("runs", total=args.rounds * len(names))
         for round_no in range(args.rounds):
             for name in orders[round_no % len(orders)]:
+                progress.update(runs, description=f"round {round_no} {name} ({args.seconds:g} s trace)")
                 numbers = measure(args, redis, name, round_no, pooled)
                 results[name].append(numbers)
-                print(f"round {round_no} {name}: {fmt(numbers)}", flush=True)
+                progress.console.print(
+                    f"round {round_no} {name}: {fmt(numbers)}", markup=False, soft_wrap=True
+                )
+                progress.advance(runs)
     table = render(args, results, pooled) + (
         f"\nIdle penalty of this machine: a fixed batch of small matmuls takes {hot:.2f} ms back to back and "
         f"{cold:.2f} ms right after 0.5 s of idleness ({cold / hot:.2f}x). Serving alone idles between requests; "
