@@ -4,9 +4,11 @@ One vLLM engine (our model class, weights shared as for training, compiled unles
 rounds; in each round, for every configuration in a rotating order, it prefills a fresh prompt of --prompt tokens
 while a small batch decodes, and the step that holds the prefill is timed. Configurations:
 - `off`: no recording; the step runs vLLM's compiled graph;
+- `eager`: no recording, but the step runs eagerly as a recording step does: the baseline of recording proper;
 - `kv`, `selective`, `full`: the prompt is recorded; the step runs eagerly (see docs/vllm-engine.md), so its cost
-  is the recording work plus eager instead of compiled execution. The recording work itself (every layer's copies,
-  the log-sum-exp vLLM does not return, the commit to the store) is also timed inside the step.
+  over `off` is the recording work plus eager instead of compiled execution, and over `eager` the recording work.
+  The recorder's hooks (the copies it makes, the commit to the store) are also timed inside the step; the
+  clones the model makes of tensors vLLM overwrites in place are not (they are in the step time).
 Medians over rounds. A decode step after each prefill is timed too: decodes never record.
 
     .venv/bin/python bench/vllm_recording_overhead.py --prompt 256 --rounds 7
@@ -15,6 +17,7 @@ Medians over rounds. A decode step after each prefill is timed too: decodes neve
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +31,17 @@ from alchemist_worker.engine.serving_engine import GenerationRequest
 from alchemist_worker.engine.store_recording import StoreRecording
 from alchemist_worker.model.config import ModelConfig
 
-CONFIGS = ("off", "kv", "selective", "full")
+CONFIGS = ("off", "eager", "kv", "selective", "full")
+
+
+class EagerOnly:
+    """A step "recording" that records nothing: the runner hooks run the step eagerly, as when recording."""
+
+    def recorder(self, input_ids: Any, positions: Any) -> None:
+        return None
+
+    def finish(self) -> None:
+        pass
 
 
 def timed_plan(engine: Any, clock: list[float]) -> None:
@@ -38,8 +51,8 @@ def timed_plan(engine: Any, clock: list[float]) -> None:
     def planned(output: Any) -> Any:
         step = plan(output)
         if step is None:
-            return None
-        for name in ("record_layer", "attention_lse", "finish", "recorder"):
+            return EagerOnly() if engine.eager_only else None
+        for name in ("record_layer", "finish", "recorder"):
             inner = getattr(step, name)
 
             def timed(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
@@ -53,6 +66,7 @@ def timed_plan(engine: Any, clock: list[float]) -> None:
         return step
 
     engine._plan_step = planned
+    engine.eager_only = False
 
 
 def main() -> int:
@@ -93,14 +107,16 @@ def main() -> int:
     hooks: dict[str, list[float]] = {c: [] for c in CONFIGS}
     decodes: dict[str, list[float]] = {c: [] for c in CONFIGS}
     for round_no in range(args.rounds + 1):  # round 0 warms every path up
-        order = CONFIGS[round_no % 4 :] + CONFIGS[: round_no % 4]
-        for name in order:
-            if name != "off":
+        shift = round_no % len(CONFIGS)
+        for name in CONFIGS[shift:] + CONFIGS[:shift]:
+            recorded = name not in ("off", "eager")
+            engine.eager_only = name == "eager"
+            if recorded:
                 engine.policy = RecordingPolicy(name)
             prompt = torch.randint(10, vocab, (args.prompt,), generator=gen).tolist()
             rid = f"p{round_no}-{name}"
             params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-            engine.add_request(GenerationRequest(rid, prompt, params, record=name != "off"))
+            engine.add_request(GenerationRequest(rid, prompt, params, record=recorded))
             clock[0] = 0.0
             started = time.perf_counter()
             engine.step()  # the prefill, with the decoding batch
@@ -112,21 +128,24 @@ def main() -> int:
                 times[name].append(elapsed)
                 hooks[name].append(clock[0])
                 decodes[name].append(decode)
+            engine.eager_only = False
             store.store.pop(rid)
-    base = statistics.median(times["off"])
+    base, eager = statistics.median(times["off"]), statistics.median(times["eager"])
     print(
         f"vLLM engine, {'eager' if args.eager else 'compiled'}; prompt {args.prompt} tokens joining 4 decoding "
-        f"requests; medians over {args.rounds} rounds; {torch.get_num_threads()} torch threads\n"
+        f"requests; medians over {args.rounds} rounds; {torch.get_num_threads()} torch threads; "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
     )
     print(
-        "| policy | prefill step (ms) | vs off | recording work in the step (ms) | its share | decode step (ms) |"
+        "| policy | prefill step (ms) | vs off | vs eager | recorder hooks in the step (ms) | their share "
+        "| decode step (ms) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name in CONFIGS:
         step, hook = statistics.median(times[name]), statistics.median(hooks[name])
         print(
-            f"| {name} | {1000 * step:.1f} | {step / base - 1:+.1%} | {1000 * hook:.1f} | {hook / step:.1%} "
-            f"| {1000 * statistics.median(decodes[name]):.1f} |"
+            f"| {name} | {1000 * step:.1f} | {step / base - 1:+.1%} | {step / eager - 1:+.1%} | {1000 * hook:.1f} "
+            f"| {hook / step:.1%} | {1000 * statistics.median(decodes[name]):.1f} |"
         )
     return 0
 

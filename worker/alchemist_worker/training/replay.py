@@ -174,9 +174,13 @@ def replay_layer_backward(
         q_lin = given_linear(attn.q_proj, xn_q, queries["q_lin"]) if "q_lin" in queries else attn.q_proj(xn_q)
         q = attn.shape_q(q_lin, cos_q, sin_q)
         if "attn" in queries:
-            out = _GivenAttention.apply(
-                q, k, v, queries["attn"], queries["lse"], cu_q, rows.cu_seqlens, sliding_window
-            )
+            lse = queries.get("lse")
+            if lse is None:  # a record that deferred it (vLLM's attention does not return it)
+                with torch.no_grad():
+                    _, lse = varlen_attention(
+                        q, k, v, cu_q, rows.cu_seqlens, sliding_window=sliding_window, need_lse=True
+                    )
+            out = _GivenAttention.apply(q, k, v, queries["attn"], lse, cu_q, rows.cu_seqlens, sliding_window)
         else:
             out, _ = varlen_attention(q, k, v, cu_q, rows.cu_seqlens, sliding_window=sliding_window)
         out = out.reshape(x_q.shape[0], -1)

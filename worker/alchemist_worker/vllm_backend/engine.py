@@ -331,6 +331,7 @@ class VllmEngine:
             layout_of=lambda: runner_layout(self._runner),
             on_complete=self._store_record,
             copy_stream=self._copy_stream,
+            record_dtype=self.recording.record_dtype,
         )
 
     def _store_record(self, response_id: str, record: SequenceRecord) -> None:

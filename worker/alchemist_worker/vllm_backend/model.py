@@ -38,11 +38,17 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
 from alchemist_worker.model.config import ModelConfig
-from alchemist_worker.model.layer_activations import LayerActivations, Recorder
+from alchemist_worker.model.layer_activations import LayerActivations
+from alchemist_worker.vllm_backend.step_recording import StepRecording
 
 ARCHITECTURE = "AlchemistForCausalLM"
 ADAPTER_CONFIG_KEY = "alchemist_adapter"  # hf_overrides key: {"rank": r, "target_modules": [...]}
 SHARE_WEIGHTS_KEY = "alchemist_share_weights"  # hf_overrides key: plain weights the trainer can view
+# What a recording layer hands over (nothing writes it later): the input's clone, vLLM's attention output, the
+# qkv and gate/up buffers once rotary has run, and the clones of q_lin, k_lin and o where the policy keeps them
+# (rotary, QK norm and the fused add-norm write the originals in place).
+HANDED_OVER = frozenset({"x", "k", "v", "attn", "gate", "up"})
+CLONED_IF_KEPT = frozenset({"q_lin", "k_lin", "o"})
 
 
 class ServedAdapter(nn.Module):
@@ -163,15 +169,17 @@ class AlchemistAttention(nn.Module):
         return norm(t.view(-1, heads, self.head_dim)).view(t.shape)
 
     def forward(
-        self, positions: Tensor, x: Tensor, recorder: Recorder | None, layer: int
+        self, positions: Tensor, x: Tensor, recorder: StepRecording | None, layer: int
     ) -> tuple[Tensor, dict[str, Tensor | None]]:
         qkv, _ = self.qkv_proj(x)
         if self.qkv_adapter is not None:
             qkv = qkv + self.qkv_adapter(x)
         q_lin, k_lin, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        kept: dict[str, Tensor | None] = {}
-        if recorder is not None:  # rotary embedding and the norms below work in place
-            kept = {"q_lin": q_lin.clone(), "k_lin": k_lin.clone()}
+        wanted = recorder.fields if recorder is not None else ()
+        kept: dict[str, Tensor | None] = {  # rotary and the norms below write q_lin and k_lin in place
+            "q_lin": q_lin.clone() if "q_lin" in wanted else q_lin,
+            "k_lin": k_lin.clone() if "k_lin" in wanted else k_lin,
+        }
         q = self._norm_heads(q_lin, self.q_norm, self.num_heads)
         k = self._norm_heads(k_lin, self.k_norm, self.num_kv_heads)
         q, k = self.rotary_emb(positions, q, k)
@@ -181,15 +189,12 @@ class AlchemistAttention(nn.Module):
             o = o + self.o_adapter(out)
         if recorder is not None:
             tokens = x.shape[0]
-            q3 = q.view(tokens, self.num_heads, self.head_dim)
-            k3 = k.view(tokens, self.num_kv_heads, self.head_dim)
-            v3 = v.view(tokens, self.num_kv_heads, self.head_dim)
             kept.update(
-                k=k3,
-                v=v3,
+                k=k.view(tokens, self.num_kv_heads, self.head_dim),
+                v=v.view(tokens, self.num_kv_heads, self.head_dim),
                 attn=out.view(tokens, self.num_heads, self.head_dim),
-                lse=recorder.attention_lse(layer, q3, k3, v3) if recorder.wants_lse else None,  # type: ignore[attr-defined]
-                o=o.clone(),  # the fused add-norm after attention overwrites it
+                lse=None,  # vLLM's attention does not return it: the trainer computes it (see step_recording.py)
+                o=o.clone() if "o" in wanted else o,  # the fused add-norm after attention overwrites it
             )
         return o, kept
 
@@ -238,7 +243,7 @@ class AlchemistDecoderLayer(nn.Module):
         positions: Tensor,
         hidden_states: Tensor,
         residual: Tensor | None,
-        recorder: Recorder | None = None,
+        recorder: StepRecording | None = None,
     ) -> tuple[Tensor, Tensor]:
         if residual is None:
             residual = hidden_states
@@ -259,7 +264,9 @@ class AlchemistDecoderLayer(nn.Module):
         if recorder is not None:
             assert x is not None
             gate, up = gate_up.split(self.intermediate_size, dim=-1)
-            recorder.record_layer(self.layer_idx, LayerActivations(x=x, gate=gate, up=up, **kept))
+            handed_over = HANDED_OVER | (CLONED_IF_KEPT & set(recorder.fields))
+            acts = LayerActivations(x=x, gate=gate, up=up, handed_over=handed_over, **kept)
+            recorder.record_layer(self.layer_idx, acts)
         return out, residual
 
 

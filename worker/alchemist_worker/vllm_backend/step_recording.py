@@ -5,10 +5,11 @@ vLLM flattens the tokens of every scheduled request into one batch: request i ow
 in chunks over several steps (chunked prefill), share a step with other prompts and with decodes, and be
 prefilled again after preemption (then over its output tokens too). `PromptRecording` follows one recorded
 prompt across steps; `StepRecording` is the recorder of one step: it lays the prompt chunks of that step out for
-a `PrefillRecorder`, adds the softmax statistics vLLM's attention does not return (computed for the recorded
-rows only, against the prompt's keys recorded so far), and on commit appends each chunk to its prompt. A prompt
-whose chunks cover it from position 0 goes into the activation store under its response id, the same record the
-native engine makes.
+a `PrefillRecorder`, and on commit appends each chunk to its prompt. A prompt whose chunks cover it from position
+0 goes into the activation store under its response id, the same record the native engine makes except for the
+softmax log-sum-exp of `selective` and `full`: vLLM's attention does not return it, and computing it again in the
+step cost a second attention forward (about 10% of the step on CPU), so it is deferred to the trainer, which
+computes it for the few records that ever get feedback (training/replay.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from torch import Tensor
 from alchemist_worker.activations.policy import RecordingPolicy
 from alchemist_worker.activations.recorder import PrefillRecorder
 from alchemist_worker.activations.records import SequenceRecord, concat_records
-from alchemist_worker.model.attention import varlen_attention
 from alchemist_worker.model.config import ModelConfig
 from alchemist_worker.model.layer_activations import LayerActivations
 
@@ -83,8 +83,10 @@ class StepRecording:
         layout_of: Callable[[], BatchLayout],
         on_complete: Callable[[str, SequenceRecord], None],
         copy_stream: torch.cuda.Stream | None = None,
+        record_dtype: torch.dtype | None = None,
     ) -> None:
         self.policy = policy
+        self.record_dtype = record_dtype  # None: the model's dtype
         self.config = config
         self.prompts = prompts  # internal request id -> its recording, for the requests of this step
         self.layout_of = layout_of  # read once the runner has prepared the step
@@ -131,6 +133,8 @@ class StepRecording:
             keep=keep,
             start_positions=starts,
             copy_stream=self.copy_stream,
+            defer_lse=True,
+            record_dtype=self.record_dtype,
         )
         return self
 
@@ -138,38 +142,17 @@ class StepRecording:
 
     @property
     def wants_lse(self) -> bool:
-        return self.policy.wants_lse
+        return False  # deferred to the trainer
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The `LayerActivations` fields this step keeps (the model copies only these where it must)."""
+        return tuple(f for f in self.policy.fields(self.config.qk_norm) if f != "lse")
 
     def record_layer(self, layer: int, activations: LayerActivations) -> None:
         if self._prefill is None:
             raise RuntimeError("record_layer() before recorder(): the forward was not started by the model")
         self._prefill.record_layer(layer, activations)
-
-    def attention_lse(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """[T, heads] fp32 log-sum-exp of the recorded rows' attention (zeros elsewhere).
-
-        Each recorded chunk attends to its prompt's keys recorded so far plus its own, as vLLM's attention
-        did; vLLM does not return the statistic, so it is computed again here for the recorded rows only.
-        """
-        lse = torch.zeros(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
-        if self.copy_stream is not None and self._segments:  # earlier chunks' keys may still be copying
-            torch.cuda.current_stream(q.device).wait_stream(self.copy_stream)
-        for begin, end, prompt in self._segments:
-            keys = [c.layers[layer]["k"].to(k.device) for c in prompt.chunks] + [k[begin:end]]
-            values = [c.layers[layer]["v"].to(v.device) for c in prompt.chunks] + [v[begin:end]]
-            all_k, all_v = torch.cat(keys), torch.cat(values)
-            _, chunk_lse = varlen_attention(
-                q[begin:end],
-                all_k,
-                all_v,
-                [0, end - begin],
-                [0, all_k.shape[0]],
-                sliding_window=self.config.sliding_window,
-                need_lse=True,
-            )
-            assert chunk_lse is not None
-            lse[begin:end] = chunk_lse
-        return lse
 
     # After the forward ---------------------------------------------------------------------------------
 
