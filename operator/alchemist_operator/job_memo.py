@@ -31,6 +31,7 @@ class JobMemo:
     posted_blockers: frozenset[Blocker] = frozenset()  # reported by a Warning Event already
     last_drift_check: float = 0.0  # monotonic time of the monitor's last comparison of children and spec
     reported_failures: tuple[str, ...] = ()  # worker failures reported by a Warning Event already
+    gone: bool = False  # the watch reported the job deleted: its monitor ends (handlers.py, no finalizer)
     # One for the whole operator: kopf copies the operator-wide memo shallowly.
     metrics: JobMetrics = field(default_factory=JobMetrics)
     _wakeup: asyncio.Event | None = None

@@ -221,7 +221,7 @@ async def _sleep(memo: JobMemo, stopped: kopf.DaemonStopped, seconds: float) -> 
 
 async def monitor_job(body: kopf.Body, memo: JobMemo, stopped: kopf.DaemonStopped, logger: Any) -> None:
     try:
-        while not stopped:
+        while not stopped and not memo.gone:
             try:
                 await monitor_once(body, memo)
             except Exception as exc:  # the loop must outlive any one bad look (API hiccups, odd data)

@@ -195,7 +195,8 @@ async def test_a_crashing_worker_is_reported_with_its_last_words(
             },
         }
         assert (await kube.post(f"/api/v1/namespaces/{NS}/pods", json=pod)).status in (200, 201)
-        await eventually(lambda: condition(kube, "Ready")[1] == "WorkersFailing")  # type: ignore[index]
+        # Read once the status has a Ready condition (the first look may not have written one yet).
+        await eventually(lambda: (condition(kube, "Ready") or ("", ""))[1] == "WorkersFailing")
         message = condition(kube, "Ready")[2]  # type: ignore[index]
         assert message.startswith(
             "chat-0: CrashLoopBackOff, back-off 40s, exit code 2: loading FileNotFoundError"
