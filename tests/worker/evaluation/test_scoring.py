@@ -72,3 +72,21 @@ def test_scores_match_transformers(setup) -> None:
     assert ours.perplexity == pytest.approx(math.exp(text_nll / text_tokens), rel=1e-4)
     assert ours.reference_nll == pytest.approx(ref_nll / ref_tokens, rel=1e-4)
     assert ours.exact_match == exact / 2
+
+
+@pytest.mark.gpu
+def test_scores_on_cuda_in_slices_match_the_cpu_scores(setup) -> None:
+    """On a GPU the cursor runs the work on its own stream; the numbers are the CPU's (fp32, within rounding)."""
+    path, cpu_model, items = setup
+    on_cpu = score_items(cpu_model, torch.device("cpu"), items)
+    device = torch.device("cuda")
+    model = load_model(path, device=device)
+    cursor = StepCursor(
+        lambda: score_items(model, device, items), yield_at_modules=list(model.layers), device=device
+    )
+    while not cursor.advance(1e-6):
+        pass
+    on_gpu = cursor.result()
+    assert on_gpu.perplexity == pytest.approx(on_cpu.perplexity, rel=1e-3)
+    assert on_gpu.reference_nll == pytest.approx(on_cpu.reference_nll, rel=1e-3)
+    assert on_gpu.text_tokens == on_cpu.text_tokens
