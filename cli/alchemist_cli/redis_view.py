@@ -24,6 +24,7 @@ from alchemist_protocol.schemas import (
     RolloutPointer,
     VersionInfo,
 )
+from alchemist_protocol.training_group import GroupRecord, TrainingGroupStore
 
 DEAD_LETTER_SCAN = 1000  # newest dead letters grouped by reason
 
@@ -54,6 +55,8 @@ class RedisView:
     lag: FeedbackLag
     stream_length: int
     dead: DeadLetters
+    group: GroupRecord | None = None  # the data-parallel training group, when the replicas train together
+    trainer: str = ""  # the replica holding the trainer lease (the one that publishes versions)
     now: float = field(default_factory=time.time)
 
 
@@ -119,4 +122,6 @@ def read_view(store: JobStore, versions: int = 10) -> RedisView:
         lag=store.feedback_lag(),
         stream_length=int(store.stream_client.xlen(store.keys.feedback)),
         dead=read_dead_letters(store.stream_client, store.keys.dead_letters),
+        group=TrainingGroupStore(store.client, store.keys).read(),
+        trainer=(store.client.get(store.keys.trainer_lease) or "").split("/", 1)[0],
     )

@@ -181,8 +181,16 @@ def feedback_table(view: RedisView) -> Table:
 
 def replicas_table(kube: KubeView, view: RedisView | None) -> Table:
     table = Table(title="Replicas", title_justify="left")
+    group = view.group if view is not None else None
+    if view is not None and (group is not None or view.trainer):
+        caption = f"trainer lease: {view.trainer or 'nobody'}"
+        if group is not None:
+            caption += f"; training group generation {group.generation}, {group.world_size} members"
+        table.caption, table.caption_justify = caption, "left"
     for column in ("replica", "serves", "wanted", "ready", "heartbeat", "lag", "pod", "restarts", "problem"):
         table.add_column(column)
+    if group is not None:
+        table.add_column("rank")
     states = {r.replica: r for r in (view.replicas if view is not None else ())}
     pods = {p.name: p for p in kube.pods}
     reported = kube.status.get("replicaVersions") or {}
@@ -193,6 +201,7 @@ def replicas_table(kube: KubeView, view: RedisView | None) -> Table:
             wanted = str(view.pointer.version_for(name))
         serves = str(state.loaded_version) if state else str(reported.get(name, "-"))
         behind = bool(wanted) and serves != wanted
+        rank = [] if group is None else [str(group.rank_of(name)) if name in group.members else ""]
         table.add_row(
             name,
             Text(serves, style="bold red" if behind else ""),
@@ -203,6 +212,7 @@ def replicas_table(kube: KubeView, view: RedisView | None) -> Table:
             "" if pod is None else f"{pod.phase}{'' if pod.ready else ' (not ready)'}",
             "" if pod is None else str(pod.restarts),
             state.commit_error if state else ("no heartbeat" if pod else ""),
+            *rank,
         )
     return table
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from alchemist_cli.main import main, redis_url_for
 from alchemist_cli.redis_view import reason_group
+from alchemist_protocol.training_group import GroupRecord
 
 from tests.cli.job_state import JOB, NS, store_for, write_canary_job
 
@@ -46,6 +47,27 @@ def test_status_shows_lineage_rollout_gate_lag_dead_letters_and_replicas(
     assert row(out, "chat-1")[:4] == ["chat-1", "1", "2", "yes"]
     assert row(out, "chat-2")[:3] == ["chat-2", "3", "3"]
     assert "Kubernetes: not read (--no-kubernetes)" in out
+
+
+def test_trainer_lease_and_training_group_when_present(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = store_for(redis_url)
+    write_canary_job(store)
+    _, out = status(capsys, redis_url)
+    assert "trainer lease" not in out and "rank" not in out  # a job without a group shows no empty column
+    store.client.set(store.keys.trainer_lease, "chat-0/3/9f2c")
+    group = GroupRecord(
+        generation=2,
+        members=["chat-0", "chat-2"],
+        master_addr="10.0.0.5",
+        master_port=29500,
+        restore_version=2,
+    )
+    store.client.set(store.keys.training_group, group.model_dump_json())
+    _, out = status(capsys, redis_url)
+    assert "trainer lease: chat-0; training group generation 2, 2 members" in out
+    assert row(out, "chat-0")[-1] == "0" and row(out, "chat-2")[-1] == "1" and row(out, "chat-1")[-1] == ""
 
 
 def test_versions_limit_hides_the_base_row(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
