@@ -37,6 +37,7 @@ from alchemist_operator.rollout_store import (
     write_state,
 )
 from alchemist_operator.worker_env import uses_default_redis
+from alchemist_operator.workload_health import model_fetch, unbound_claims, unschedulable_pods
 
 
 async def redis_url_for(job: JobRef, spec: JobSpec, memo: JobMemo) -> str | None:
@@ -82,16 +83,22 @@ async def _workload(body: kopf.Body, job: JobRef, memo: JobMemo) -> WorkloadView
         return None
     status = live.get("status") or {}
     pods = await memo.cluster.list_objects("v1", "Pod", job.namespace, job.selector())
-    failing = pod_problems(pods)
-    new = [line for line in failing if line not in memo.reported_failures]
-    if new:
-        kopf.event(body, type="Warning", reason="WorkerFailing", message="; ".join(new))
-    memo.reported_failures = failing
+    claims = await memo.cluster.list_objects("v1", "PersistentVolumeClaim", job.namespace, job.selector())
+    now = datetime.datetime.now(datetime.UTC)
+    failing = pod_problems(pods) + unschedulable_pods(pods)
+    unbound = unbound_claims(claims, now)
+    for reason, lines in (("WorkerFailing", failing), ("VolumeNotBound", unbound)):
+        new = [line for line in lines if line not in memo.reported_failures]
+        if new:
+            kopf.event(body, type="Warning", reason=reason, message="; ".join(new))
+    memo.reported_failures = failing + unbound
     return WorkloadView(
         replicas=int(status.get("replicas") or 0),
         ready_replicas=int(status.get("readyReplicas") or 0),
         updated_replicas=int(status.get("updatedReplicas") or 0),
         failing=failing,
+        unbound_claims=unbound,
+        model_fetch=model_fetch(pods),
     )
 
 

@@ -18,8 +18,10 @@ from alchemist_operator.conditions import FALSE, TRUE, UNKNOWN, Condition, merge
 from alchemist_operator.job_spec import JobSpec
 from alchemist_operator.naming import JobRef
 from alchemist_operator.rollout import GateReading, Phase, RolloutState, next_candidate, replicas_behind
+from alchemist_operator.workload_health import ModelFetch
 
 VALID, READY, FEEDBACK, ROLLOUT = "Valid", "Ready", "FeedbackConnected", "RolloutProgressing"
+VOLUMES, MODEL = "VolumesBound", "ModelAvailable"
 RECONCILED = "Reconciled"
 
 
@@ -49,6 +51,8 @@ class WorkloadView:
     ready_replicas: int = 0
     updated_replicas: int = 0
     failing: tuple[str, ...] = ()  # why worker pods fail to start or keep crashing, one line per pod
+    unbound_claims: tuple[str, ...] = ()  # the job's claims that do not bind (workload_health.py)
+    model_fetch: ModelFetch = field(default_factory=ModelFetch)
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,33 @@ def _ready(inputs: StatusInputs, desired: int) -> Condition:
         return Condition(READY, FALSE, "StatefulSetMissing", "the job's StatefulSet does not exist")
     if workload.failing:
         return Condition(READY, FALSE, "WorkersFailing", "; ".join(workload.failing))
+    if workload.unbound_claims:
+        return Condition(READY, FALSE, "VolumeNotBound", "; ".join(workload.unbound_claims))
     if desired == 0:
         return Condition(READY, TRUE, "ScaledToZero", "no replicas requested")
     ready = min(workload.ready_replicas, workload.updated_replicas)
     if ready >= desired:
         return Condition(READY, TRUE, "ReplicasReady", f"{ready}/{desired} replicas ready")
     return Condition(READY, FALSE, "ReplicasNotReady", f"{ready}/{desired} replicas ready")
+
+
+def _volumes(workload: WorkloadView | None) -> Condition:
+    if workload is None:
+        return Condition(VOLUMES, UNKNOWN, "StatefulSetMissing", "the job's StatefulSet does not exist")
+    if workload.unbound_claims:
+        return Condition(VOLUMES, FALSE, "ClaimPending", "; ".join(workload.unbound_claims))
+    return Condition(VOLUMES, TRUE, "ClaimsBound", "every claim of the job is bound, or none is pending")
+
+
+def _model(workload: WorkloadView | None) -> Condition:
+    if workload is None:
+        return Condition(MODEL, UNKNOWN, "StatefulSetMissing", "the job's StatefulSet does not exist")
+    fetch = workload.model_fetch
+    if fetch.failed:
+        return Condition(MODEL, FALSE, "FetchFailed", "; ".join(fetch.failed))
+    if fetch.fetching:
+        return Condition(MODEL, FALSE, "Fetching", "; ".join(fetch.fetching))
+    return Condition(MODEL, TRUE, "ModelInPlace", "no pod is waiting for its model")
 
 
 def _feedback(redis: RedisView | None) -> Condition:
@@ -222,6 +247,8 @@ def compute_status(inputs: StatusInputs) -> dict[str, Any]:
         READY: _ready(inputs, desired),
         FEEDBACK: _feedback(redis),
         ROLLOUT: _rollout(redis),
+        VOLUMES: _volumes(workload),
+        MODEL: _model(workload),
     }
     generation = inputs.outcome.generation if inputs.outcome else None
     status: dict[str, Any] = {

@@ -45,6 +45,8 @@ def container_problem(status: Mapping[str, Any]) -> str | None:
         parts.append(_last_lines(str(waiting["message"])))
     if terminated.get("exitCode") not in (None, 0):
         detail = f"exit code {terminated['exitCode']}"
+        if terminated.get("reason") == "OOMKilled":
+            detail += " (OOMKilled: the container used more than its memory limit, spec.resources.memory)"
         if terminated.get("message"):
             detail += f": {_last_lines(str(terminated['message']))}"
         parts.append(detail)

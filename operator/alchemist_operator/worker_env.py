@@ -17,6 +17,7 @@ from alchemist_operator.job_spec import JobSpec
 from alchemist_operator.model_source import model_path
 from alchemist_operator.naming import VERSIONS_DIR, JobRef
 from alchemist_operator.quantities import quantity_bytes
+from alchemist_operator.training_group_env import data_parallel_config, data_parallel_pod_env
 from alchemist_operator.versions_storage import versions_config
 
 
@@ -90,6 +91,7 @@ def worker_config(job: JobRef, spec: JobSpec) -> dict[str, str]:
         "ALCHEMIST_TRAINING_PUBLISH_EVERY_STEPS": str(training.publish_every_steps),
         "ALCHEMIST_VERSIONS_DIR": VERSIONS_DIR,
         **evaluation_config(spec),
+        **data_parallel_config(spec),
         **versions_config(job, spec),
     }
 
@@ -157,6 +159,7 @@ POD_ENV_NAMES = (
     "ALCHEMIST_REPLICA",
     "ALCHEMIST_REDIS_URL",
     "ALCHEMIST_REDIS_PASSWORD",
+    "ALCHEMIST_DP_ADDRESS",
 )
 
 
@@ -168,6 +171,7 @@ def pod_env(
         {"name": "ALCHEMIST_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "ALCHEMIST_REPLICA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         *redis_env(job, spec, default_redis_url, default_password),
+        *data_parallel_pod_env(job, spec),
     ]
     env.extend(var.model_dump(by_alias=True, exclude_none=True) for var in spec.env)
     return env

@@ -82,7 +82,10 @@ async def test_missing_objects_read_as_none_and_status_of_a_gone_job_is_skipped(
 async def test_immutable_fields_keep_their_live_values(kube: KubernetesEmulator, api: ClusterApi) -> None:
     def claim(access_mode: str, size: str) -> dict[str, Any]:
         spec = parse_job_spec(
-            {"model": {"path": "/m"}, "versions": {"accessMode": access_mode, "size": size}}
+            {
+                "model": {"path": "/m"},
+                "versions": {"storage": "PersistentVolumeClaim", "accessMode": access_mode, "size": size},
+            }
         )
         return next(m for m in desired_children(JOB, spec, CONFIG) if m["kind"] == "PersistentVolumeClaim")
 

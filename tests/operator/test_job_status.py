@@ -75,6 +75,8 @@ def test_a_healthy_job_is_running_with_every_condition_reported() -> None:
         "Ready": ("True", "ReplicasReady"),
         "FeedbackConnected": ("True", "RedisReachable"),
         "RolloutProgressing": ("False", "RolloutComplete"),
+        "VolumesBound": ("True", "ClaimsBound"),
+        "ModelAvailable": ("True", "ModelInPlace"),
     }
     assert status["observedGeneration"] == 3
     assert all(

@@ -59,7 +59,8 @@ async def patch_job(
 async def test_create_update_scale_suspend_and_delete(
     kube: KubernetesEmulator, operator_config: OperatorConfig, crd: dict[str, Any]
 ) -> None:
-    response = await kube.post(JOB_PATH, json=job_manifest(replicas=2))
+    shared = {"storage": "PersistentVolumeClaim"}
+    response = await kube.post(JOB_PATH, json=job_manifest(replicas=2, versions=shared))
     assert response.status == 200
     async with running_operator(operator_config):
         # Create: every child, owned by the job, and a status that says the pods are not ready yet.

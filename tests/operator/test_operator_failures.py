@@ -120,7 +120,8 @@ async def test_an_invalid_spec_is_never_ready(
 async def test_deleted_and_hand_edited_children_are_put_back(
     kube: KubernetesEmulator, operator_config: OperatorConfig
 ) -> None:
-    await kube.post(JOB_PATH, json=job_manifest(replicas=2))
+    shared = {"storage": "PersistentVolumeClaim"}
+    await kube.post(JOB_PATH, json=job_manifest(replicas=2, versions=shared))
     async with running_operator(fast(operator_config)):
         await eventually(lambda: (condition(kube, "Reconciled") or ("",))[0] == "True")
         await settled(kube)

@@ -15,6 +15,7 @@ honoured by the leader forming a new generation that restores the rolled-back ve
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -30,6 +31,8 @@ from alchemist_worker.feedback.consumer import FeedbackItem
 from alchemist_worker.feedback.samples import Skip, SkipKind
 from alchemist_worker.versions.publisher import VersionDraft
 
+log = logging.getLogger(__name__)
+
 
 class DataParallelControl(TrainingControl):
     def __init__(
@@ -38,8 +41,10 @@ class DataParallelControl(TrainingControl):
         super().__init__(**kwargs)
         data_parallel.check_claim_idle(self.consumer.settings.claim_idle_ms)
         if self.settings.publish_every_steps != 1:
-            raise ValueError(
-                "ALCHEMIST_TRAINING_PUBLISH_EVERY_STEPS must be 1 in data-parallel mode: each round is a version"
+            log.warning(
+                "ALCHEMIST_TRAINING_PUBLISH_EVERY_STEPS=%d is not used in data-parallel mode: each round is a "
+                "version (members restore the newest one whenever the group re-forms)",
+                self.settings.publish_every_steps,
             )
         self.data_parallel = data_parallel
         self.replica = self.consumer.settings.consumer

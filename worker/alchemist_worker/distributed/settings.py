@@ -22,7 +22,7 @@ class DataParallelSettings:
     address: str  # how the other replicas reach this one (its stable pod name), when it leads
     port: int = 29500  # the TCPStore a leader hosts
     backend: str = "auto"  # gloo, nccl, or auto (nccl where CUDA is, else gloo)
-    round_timeout_s: float = 120.0
+    round_timeout_s: float = 40.0
     member_ttl_s: float = 10.0
     poll_s: float = 0.1  # how often an idle group asks whether anyone has samples
     verify_weights: bool = True  # members compare digests of their weights after every step
