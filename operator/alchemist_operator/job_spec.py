@@ -51,6 +51,11 @@ class RecordingPolicy(enum.StrEnum):
     FULL = "full"
 
 
+class RecordDtype(enum.StrEnum):
+    AUTO = "auto"  # the model's
+    BFLOAT16 = "bfloat16"
+
+
 class TrainingMethod(enum.StrEnum):
     LORA = "lora"
     FULL = "full"
@@ -166,6 +171,7 @@ class RecordingSpec(SpecModel):
     host_memory: Quantity = Field(default="8Gi")
     gpu_memory: Quantity = Field(default="1Gi")
     ttl_seconds: int = Field(default=86400, ge=1)
+    dtype: RecordDtype = RecordDtype.AUTO
 
 
 class LoraSpec(SpecModel):

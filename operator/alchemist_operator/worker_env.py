@@ -73,6 +73,7 @@ def worker_config(job: JobRef, spec: JobSpec) -> dict[str, str]:
         "ALCHEMIST_RECORD_RATE": repr(recording.sample_rate),
         "ALCHEMIST_RECORD_DEVICE_MIB": _mib(recording.gpu_memory),
         "ALCHEMIST_RECORD_HOST_MIB": _mib(recording.host_memory),
+        "ALCHEMIST_RECORD_DTYPE": recording.dtype.value,
         "ALCHEMIST_REQUEST_TTL_S": str(recording.ttl_seconds),
         "ALCHEMIST_TRAINING_ENABLED": _flag(training.enabled),
         "ALCHEMIST_TRAINING_OBJECTIVE": training.objective.value,

@@ -165,3 +165,11 @@ def test_the_feedback_stream_setting_comes_from_the_environment() -> None:
     assert resolve_settings(args, {}).feedback_stream == ""
     settings = resolve_settings(args, {"ALCHEMIST_FEEDBACK_STREAM": "shop:reactions"})
     assert settings.feedback_stream == "shop:reactions"
+
+
+def test_record_dtype_reaches_the_recording_config(tmp_path: Path) -> None:
+    env = {"ALCHEMIST_MODEL": str(tmp_path), "ALCHEMIST_RECORD_DTYPE": "bfloat16"}
+    assert parse([], env).engine_config().recording.dtype == "bfloat16"  # type: ignore[attr-defined]
+    assert parse([], {"ALCHEMIST_MODEL": str(tmp_path)}).record_dtype == "auto"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="ALCHEMIST_RECORD_DTYPE"):
+        parse([], {**env, "ALCHEMIST_RECORD_DTYPE": "float8"})

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from alchemist_protocol.log_format import LOG_FORMATS
-from alchemist_worker.engine.config import DTYPES, RECORDING_POLICIES, EngineConfig, RecordingConfig
+from alchemist_worker.engine.config import (
+    DTYPES,
+    RECORD_DTYPES,
+    RECORDING_POLICIES,
+    EngineConfig,
+    RecordingConfig,
+)
 
 MIB = 1 << 20
 ENGINES = ("native", "vllm")
@@ -91,6 +97,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("record_rate", float, 0.1, "share of requests recorded unless they opt in or out"),
     Option("record_device_mib", float, 256.0, "device-memory budget of prefill records in MiB"),
     Option("record_host_mib", float, 2048.0, "host-memory budget of prefill records in MiB (spill tier)"),
+    Option(
+        "record_dtype",
+        str,
+        "auto",
+        "element type of records: auto (the model's, exact gradients) or bfloat16 (half the bytes, approximate)",
+        RECORD_DTYPES,
+    ),
     Option("redis_url", str, "", "Redis for request records (tokens, replica, version); empty: not written"),
     Option("namespace", str, "default", "job namespace (Redis key prefix)"),
     Option("job", str, "local", "job name (Redis key prefix)"),
@@ -135,6 +148,7 @@ class ServeSettings:
     record_rate: float
     record_device_mib: float
     record_host_mib: float
+    record_dtype: str
     redis_url: str
     namespace: str
     job: str
@@ -169,6 +183,7 @@ class ServeSettings:
                 device_budget_bytes=int(self.record_device_mib * MIB),
                 host_budget_bytes=int(self.record_host_mib * MIB),
                 seed=self.seed,
+                dtype=self.record_dtype,
             ),
         )
 
