@@ -51,3 +51,31 @@ def test_job_metrics_are_scraped_over_http() -> None:
     assert samples[("alchemist_job_feedback_lag_entries", job)] == 17
     assert samples[("alchemist_job_rollout_phase", (*job, ("phase", "Canary")))] == 1
     assert samples[("alchemist_job_rollout_events_total", (*job, ("reason", "CanaryStarted")))] == 1
+
+
+def test_main_wires_json_logs_and_the_metrics_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    from collections.abc import Coroutine
+    from typing import Any
+
+    from alchemist_operator import cli
+    from alchemist_protocol.log_format import JsonFormatter
+
+    served: list[tuple[int, Any]] = []
+    ran: list[Any] = []
+
+    def fake_run(coroutine: Coroutine[Any, Any, None]) -> None:
+        ran.append(coroutine.cr_frame.f_locals["metrics"])  # the JobMetrics the operator would fill
+        coroutine.close()
+
+    monkeypatch.setattr(cli.asyncio, "run", fake_run)
+    monkeypatch.setattr(cli, "start_http_server", lambda port, registry: served.append((port, registry)))
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    try:
+        cli.main(["--log-format=json", "--metrics-port=9187", "--standalone", "--namespace=a"])
+        assert any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    finally:
+        root.handlers = saved
+        root.setLevel(level)
+    assert isinstance(ran[0], JobMetrics) and served == [(9187, ran[0].registry)]
