@@ -55,6 +55,7 @@ from alchemist_worker.feedback.router import feedback_router
 from alchemist_worker.feedback.samples import SampleResolver
 from alchemist_worker.rollout.follower import FollowMode, RolloutFollower
 from alchemist_worker.rollout.heartbeat import Heartbeat
+from alchemist_worker.training.objectives import trains_rejections
 from alchemist_worker.versions.directory import VersionDirectory
 from alchemist_worker.versions.publisher import VersionPublisher
 from alchemist_worker.versions.storage import version_storage
@@ -205,6 +206,7 @@ class ContinualRuntime:
             eos_ids,
             max_tokens=self.max_sample_tokens,
             end_token=self._end_token,
+            train_rejections=trains_rejections(training.objective),
         )
         self.directory = VersionDirectory(settings.versions_dir)
         self.version_storage = version_storage(self.directory, self.store, settings.replica)
