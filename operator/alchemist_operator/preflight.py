@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alchemist_operator.cluster_api import ApiError, ClusterApi
-from alchemist_operator.job_spec import JobSpec, ModelSource
+from alchemist_operator.job_spec import JobSpec, VersionsStorage
 from alchemist_operator.job_status import Blocker
+from alchemist_operator.model_source import S3_SECRET_KEYS, SourceKind, model_location
 from alchemist_operator.naming import JobRef
 
 
@@ -38,6 +39,12 @@ def referenced_secrets(spec: JobSpec) -> list[SecretUse]:
     ):
         if secret is not None:
             uses.append(SecretUse(secret.name, secret.key, field))
+    buckets = [("spec.model.s3.credentialsSecret", spec.model.s3)]
+    if spec.versions.storage is VersionsStorage.S3:
+        buckets.append(("spec.versions.s3.credentialsSecret", spec.versions.s3))
+    for field, s3 in buckets:
+        if s3.credentials_secret:
+            uses += [SecretUse(s3.credentials_secret, key, field) for key in S3_SECRET_KEYS]
     for var in spec.env:
         source = var.value_from
         if source is not None and source.secret_key_ref is not None and not source.secret_key_ref.optional:
@@ -77,13 +84,15 @@ async def find_blockers(job: JobRef, spec: JobSpec, cluster: ClusterApi) -> list
                     f"(it has {', '.join(sorted(keys)) or 'none'})",
                 )
             )
-    if spec.model.source is ModelSource.VOLUME and spec.model.claim_name:
-        claim = await cluster.get("v1", "PersistentVolumeClaim", job.namespace, spec.model.claim_name)
+    location = model_location(spec)
+    if location.kind is SourceKind.CLAIM and location.ref:
+        claim = await cluster.get("v1", "PersistentVolumeClaim", job.namespace, location.ref)
         if claim is None:
+            field = "spec.model.uri" if spec.model.uri else "spec.model.claimName"
             blockers.append(
                 Blocker(
                     "ModelVolumeNotFound",
-                    f"PersistentVolumeClaim {spec.model.claim_name} named by spec.model.claimName does not exist "
+                    f"PersistentVolumeClaim {location.ref} named by {field} does not exist "
                     f"in namespace {job.namespace}; the pods cannot start without the model",
                 )
             )

@@ -176,3 +176,35 @@ def test_model_source_problems(model: dict[str, Any], expected: str) -> None:
 def test_a_model_uri_of_another_form_is_refused_by_the_schema(uri: str) -> None:
     with pytest.raises(ValueError, match=r"spec\.model\.uri"):
         parse_job_spec({"model": {"uri": uri}})
+
+
+def test_the_s3_credentials_secrets_are_checked_before_the_pods_need_them() -> None:
+    from alchemist_operator.preflight import referenced_secrets
+
+    spec = parse_job_spec(
+        {
+            "model": {"uri": "s3://w/m", "s3": {"credentialsSecret": "model-creds"}},
+            "versions": {
+                "storage": "S3",
+                "uri": "s3://v/chat",
+                "s3": {"credentialsSecret": "versions-creds"},
+            },
+        }
+    )
+    assert [(u.name, u.key, u.field) for u in referenced_secrets(spec)] == [
+        ("model-creds", "AWS_ACCESS_KEY_ID", "spec.model.s3.credentialsSecret"),
+        ("model-creds", "AWS_SECRET_ACCESS_KEY", "spec.model.s3.credentialsSecret"),
+        ("versions-creds", "AWS_ACCESS_KEY_ID", "spec.versions.s3.credentialsSecret"),
+        ("versions-creds", "AWS_SECRET_ACCESS_KEY", "spec.versions.s3.credentialsSecret"),
+    ]
+
+
+async def test_a_pvc_uri_naming_a_missing_claim_is_a_blocker(kube: Any) -> None:
+    from alchemist_operator.cluster_api import ClusterApi
+    from alchemist_operator.preflight import find_blockers
+
+    api = ClusterApi.from_environment()  # the kube fixture points it at kmock
+    spec = parse_job_spec({"model": {"uri": "pvc://weights/smollm2"}})
+    (blocker,) = await find_blockers(JOB, spec, api)
+    assert blocker.reason == "ModelVolumeNotFound"
+    assert "PersistentVolumeClaim weights named by spec.model.uri does not exist" in blocker.message
