@@ -106,6 +106,7 @@ def test_default_render(render: Render) -> None:
         "--monitor-interval=10",
         "--liveness=http://0.0.0.0:8080/healthz",
         "--metrics-port=8081",
+        "--log-format=text",
     ]
     assert (
         container_env(deployment)["ALCHEMIST_DEFAULT_REDIS_URL"]

@@ -174,8 +174,11 @@ def test_defaults_ship_the_dashboard_and_no_prometheus_operator_objects(render: 
     assert {"port": 8081, "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
     off = by_kind(render({"dashboard": {"enabled": False}, "metricsPort": 0}))
     assert all(c["metadata"]["name"] != "alc-alchemist-dashboard" for c in off.get("ConfigMap", []))
-    (container,) = operator_deployment(render({"metricsPort": 0}))["spec"]["template"]["spec"]["containers"]
+    (container,) = operator_deployment(render({"metricsPort": 0, "logFormat": "json"}))["spec"]["template"][
+        "spec"
+    ]["containers"]
     assert "--metrics-port=0" in container["args"] and all(p["name"] != "metrics" for p in container["ports"])
+    assert "--log-format=json" in container["args"]
 
 
 def test_dashboard_panels_are_laid_out_and_use_the_datasource_variable() -> None:
