@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import redis
-from alchemist_protocol.rollback_command import roll_back
+from alchemist_protocol.rollback_command import roll_back_and_settle
 from rich.console import Console
 
 from alchemist_cli.feedback_tail import follow, newest, row_line, tail_table
@@ -61,6 +61,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     rollback.add_argument("version", type=int)
     rollback.add_argument("--reason", default="", help="kept with the rollback request")
+    rollback.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="seconds after which to check that no rollout decision racing with the rollback replaced it",
+    )
     feedback = commands.add_parser("feedback", help="the job's feedback stream")
     feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True)
     tail = feedback_commands.add_parser("tail", parents=[common], help="the newest feedback entries")
@@ -100,10 +106,14 @@ def _rollback(args: argparse.Namespace, environ: Mapping[str, str], console: Con
     url = redis_url_for(args.redis_url, environ, kube.spec)
     store = open_store(url, args.namespace, args.job, None, environ.get("ALCHEMIST_REDIS_PASSWORD"))
     try:
-        outcome = roll_back(store.client, store.keys, args.version, args.reason)
+        outcome, redone = roll_back_and_settle(
+            store.client, store.keys, args.version, args.reason, settle_s=args.settle
+        )
     finally:
         store.close()
     console.print(f"rollback to version {args.version} requested: the trainer continues from it")
+    if redone:
+        console.print(f"a rollout decision taken at the same moment replaced it; written again ({redone}x)")
     if outcome.pointer is None:
         console.print(
             "no operator manages this job's rollout: replicas following the newest version return to it"

@@ -9,11 +9,14 @@ Without a pointer (a worker run without an operator) only the request is written
 version go back to it by themselves, and writing a pointer would switch them to following one.
 
 All of it is one transaction that watches the version index and the rollout keys, so a version published or a
-rollout decision written in between makes it start over with what is there now.
+rollout decision written in between makes it start over with what is there now. A decision the operator computed
+just before and writes just after is caught afterwards (`overwritten`) and the rollback written again.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -60,3 +63,40 @@ def roll_back(client: redis.Redis, keys: JobKeys, version: int, reason: str = ""
                 return RollbackOutcome(request, pointer, newer if pointer is not None else ())
             except redis.WatchError:
                 continue
+
+
+def overwritten(client: redis.Redis, keys: JobKeys, outcome: RollbackOutcome) -> bool:
+    """Whether a rollout decision taken before the rollback (and written after it) replaced its pointer.
+
+    The operator writes the pointer without watching it, so a decision it computed from what it read just before
+    the rollback lands afterwards and drops the versions the rollback rejected. A pointer that moved on for a
+    legitimate reason (a child of the rolled-back version rolled out) keeps them rejected.
+    """
+    if outcome.pointer is None:
+        return False
+    pointer, progress = load_rollout(client, keys)
+    if pointer is None or pointer.stable_version < outcome.request.version:
+        return True
+    return not set(outcome.rejected) <= set(progress.rejected_versions)
+
+
+def roll_back_and_settle(
+    client: redis.Redis,
+    keys: JobKeys,
+    version: int,
+    reason: str = "",
+    settle_s: float = 2.0,
+    attempts: int = 3,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[RollbackOutcome, int]:
+    """`roll_back`, then, after `settle_s` (longer than an operator's decision takes), again if a decision racing
+    with it replaced its pointer; at most `attempts` times. Returns the last outcome and how often it was redone."""
+    outcome = roll_back(client, keys, version, reason)
+    redone = 0
+    while settle_s > 0 and redone < attempts - 1:
+        sleep(settle_s)
+        if not overwritten(client, keys, outcome):
+            break
+        outcome = roll_back(client, keys, version, reason)
+        redone += 1
+    return outcome, redone

@@ -27,7 +27,7 @@ def test_rollback_moves_every_replica_and_the_trainer_back(
 ) -> None:
     store = store_for(redis_url)
     write_canary_job(store)
-    assert run(redis_url, "rollback", JOB, "1", "--reason", "answers got worse") == 0
+    assert run(redis_url, "rollback", JOB, "1", "--reason", "answers got worse", "--settle", "0.1") == 0
     out = capsys.readouterr().out
     assert "every replica is asked to serve version 1; not served again: 2, 3" in out
     # The trainer's message, as the existing rollback path writes it.
@@ -56,7 +56,7 @@ def test_rollback_to_an_unknown_version_changes_nothing(
 ) -> None:
     store = store_for(redis_url)
     write_canary_job(store)
-    assert run(redis_url, "rollback", JOB, "9") == 2
+    assert run(redis_url, "rollback", JOB, "9", "--settle", "0") == 2
     assert "version 9 is not published" in capsys.readouterr().err
     assert store.get_rollback() is None and store.get_rollout().canary_version == 3
 

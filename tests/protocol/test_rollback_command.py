@@ -2,7 +2,7 @@ import pytest
 import redis
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import JobKeys
-from alchemist_protocol.rollback_command import roll_back
+from alchemist_protocol.rollback_command import overwritten, roll_back, roll_back_and_settle
 from alchemist_protocol.rollout_state import RolloutProgress, load_rollout, save_rollout
 from alchemist_protocol.schemas import ArtifactKind, RolloutPointer, VersionInfo
 
@@ -58,3 +58,30 @@ def test_the_base_model_is_always_a_target_and_unknown_versions_are_refused(
     assert roll_back(redis_client, KEYS, 0).pointer == RolloutPointer(
         stable_version=0, updated_at=store.get_rollout().updated_at
     )
+
+
+def test_a_racing_rollout_decision_is_caught_and_the_rollback_written_again(
+    redis_client: redis.Redis,
+) -> None:
+    store = _store_with_versions(redis_client, 3)
+    save_rollout(redis_client, KEYS, RolloutPointer(stable_version=3), RolloutProgress())
+    stale = load_rollout(redis_client, KEYS)  # what the operator read just before the rollback
+    waits: list[float] = []
+
+    def operator_writes_its_stale_decision(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 1:
+            assert stale[0] is not None
+            save_rollout(redis_client, KEYS, stale[0], stale[1])
+
+    outcome, redone = roll_back_and_settle(
+        redis_client, KEYS, 1, settle_s=0.5, sleep=operator_writes_its_stale_decision
+    )
+    assert redone == 1 and waits == [0.5, 0.5]
+    pointer, progress = load_rollout(redis_client, KEYS)
+    assert pointer is not None and pointer.stable_version == 1 and progress.rejected_versions == [2, 3]
+    assert not overwritten(redis_client, KEYS, outcome)
+    # A child of the rolled-back version rolling out later is no race.
+    store.publish_version(VersionInfo(version=4, parent=1, kind=ArtifactKind.LORA, path="/v/4"))
+    save_rollout(redis_client, KEYS, RolloutPointer(stable_version=4), progress)
+    assert not overwritten(redis_client, KEYS, outcome)
