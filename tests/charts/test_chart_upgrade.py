@@ -1,7 +1,7 @@
 """Upgrading from the previous chart release: what `helm upgrade` would refuse, what the CRD upgrade must keep,
 and the current operator taking over a job the previous release created, against kmock.
 
-Helm installs `crds/` once and never upgrades them, so the documented path (docs/operations.md) applies the new
+Helm installs `crds/` once and never upgrades them, so the documented path (docs/job-lifecycle.md) applies the new
 CRDs first, then upgrades the release. The previous release is read from git history (`PREVIOUS_RELEASE`).
 """
 
