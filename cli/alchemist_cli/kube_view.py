@@ -16,6 +16,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 GROUP, VERSION, PLURAL = "alchemist.dev", "v1alpha1", "continuallearningjobs"
+REQUEST_TIMEOUT_S = 10  # a person is waiting: an unreachable API server is reported, not waited on
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def read_kube_view(namespace: str, name: str) -> KubeView:
     with api:
         try:
             job: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(  # type: ignore[assignment]
-                GROUP, VERSION, namespace, PLURAL, name
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=REQUEST_TIMEOUT_S
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -81,7 +82,7 @@ def read_kube_view(namespace: str, name: str) -> KubeView:
         try:
             # As JSON, not the client's models: they refuse a pod status missing a field they require.
             raw: Any = client.CoreV1Api(api).list_namespaced_pod(
-                namespace, label_selector=selector, _preload_content=False
+                namespace, label_selector=selector, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_S
             )
             items = json.loads(raw.data).get("items") or []
         except Exception as exc:  # the job is shown without its pods
