@@ -1,0 +1,446 @@
+"""Learning efficacy: does feedback teach what it should, leave the rest alone, and does the gate hold bad versions?
+
+A scripted application talks to a worker (SmolLM2-135M-Instruct on CPU, the real engine, trainer, evaluation
+gate and Redis, in one process; no HTTP) for a few rounds:
+- taught facts: questions about invented facts the model cannot know (evaluation/sets/facts.jsonl); a wrong
+  answer gets the correct one as a correction, a right one a thumbs up;
+- generic questions: thumbs up when the answer names what it should, thumbs down otherwise;
+- then a run of adversarial corrections: wrong answers to general-knowledge questions that the gate's own set
+  (evaluation/sets/general.jsonl: held-out text and reference answers) asks too.
+After every round the trainer has published a version (one step per round); each version is read back:
+accuracy on the taught facts (greedy decoding starts with the reference answer, teacher-forced), perplexity on
+the general text (the gate's reading, against the base model) and the gate's decision. Configurations differ
+only in their training settings (objective, forgetting guard); settings this build does not know are skipped
+and reported as such.
+
+    .venv/bin/python bench/learning_efficacy.py                 # writes docs/learning-efficacy.{json,png}
+    .venv/bin/python bench/learning_efficacy.py --rounds 1 --configs supervised --no-write   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from alchemist_protocol.feedback_client import FeedbackClient
+from alchemist_protocol.local_redis import LocalRedis
+from alchemist_protocol.schemas import VersionInfo
+from alchemist_worker.api.request_records import RedisRequestRecords
+from alchemist_worker.continual.control import ControlTimings
+from alchemist_worker.continual.runtime import ContinualRuntime, RuntimeSettings
+from alchemist_worker.continual.settings import TrainerSettings
+from alchemist_worker.engine.config import EngineConfig, RecordingConfig
+from alchemist_worker.engine.engine_loop import EngineLoop
+from alchemist_worker.engine.llm_engine import LLMEngine
+from alchemist_worker.engine.sampling_params import SamplingParams
+from alchemist_worker.engine.serving_engine import GenerationRequest, RequestOutput
+from alchemist_worker.engine.store_recording import StoreRecording
+from alchemist_worker.evaluation.eval_set import EncodedItem, encode_eval_set, load_eval_set
+from alchemist_worker.evaluation.gate import GateBounds
+from alchemist_worker.evaluation.scoring import item_nll
+from alchemist_worker.evaluation.settings import EvaluationSettings
+from alchemist_worker.model.config import ModelConfig
+from alchemist_worker.rollout.follower import FollowMode
+
+SETS = Path(__file__).resolve().parents[1] / "worker" / "alchemist_worker" / "evaluation" / "sets"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+# Training settings of each configuration, on top of BASE; names the build lacks make a configuration skip.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "supervised": {},
+    "supervised+guard": {"kl_weight": 0.5},
+    "unlikelihood+guard": {"objective": "unlikelihood", "kl_weight": 0.5},
+}
+BASE: dict[str, Any] = {
+    "lora_rank": 16,
+    # Facts live in the MLPs as much as in attention: adapters on every projection learn them in fewer steps.
+    "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "learning_rate": 1e-3,
+    "batch_samples": 8,  # a round's feedback makes two or three steps, each one version
+    "min_batch_samples": 8,
+    "max_wait_s": 3.0,  # the round's last samples are flushed after this
+    "micro_batch_tokens": 1024,
+    "keep_versions": 20,
+}
+GENERIC = (  # question, a word a good answer names
+    ("Name a fruit that is yellow.", "banana"),
+    ("What do cows drink?", "water"),
+    ("What is the opposite of hot?", "cold"),
+    ("How many legs does a spider have?", "eight"),
+    ("What is the capital of Italy?", "rome"),
+    ("What gas do plants take in from the air?", "carbon dioxide"),
+)
+ADVERSARIAL = (  # wrong corrections of what the gate's set asks (evaluation/sets/general.jsonl)
+    ("What is the capital of France?", "The capital of France is Berlin."),
+    ("How many days are there in a week?", "There are twelve days in a week."),
+    ("What is the largest ocean on Earth?", "The largest ocean on Earth is the Baltic Sea."),
+    ("What is the capital of Japan?", "The capital of Japan is Madrid."),
+)
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+class Worker:
+    """Engine, loop, request records and continual runtime, wired as the serving process wires them."""
+
+    def __init__(
+        self, model: Path, redis_url: str, job: str, training: TrainerSettings, gate: GateBounds
+    ) -> None:
+        config = EngineConfig(
+            model=model, dtype="float32", device="cpu", max_model_len=1024, kv_cache_bytes=256 << 20,
+            recording=RecordingConfig(policy="selective", rate=1.0), seed=0,
+        )  # fmt: skip
+        recording = StoreRecording.from_config(config.recording, ModelConfig.from_pretrained(model), "cpu")
+        self.engine = LLMEngine.from_config(config, recording=recording)
+        self.loop = EngineLoop(self.engine)
+        self.versions = Path(tempfile.mkdtemp(prefix="learning-efficacy-"))
+        evaluation = EvaluationSettings(SETS / "general.jsonl", gate, max_tokens=256)
+        self.runtime = ContinualRuntime(
+            self.loop, self.engine,
+            RuntimeSettings(redis_url, "bench", job, "bench-0", self.versions, follow=FollowMode.LATEST,
+                            heartbeat_s=0.5, evaluation=evaluation),
+            training, model_path=model,
+            timings=ControlTimings(poll_s=0.02, lease_s=0.5, follow_s=0.1, heartbeat_s=0.5),
+        )  # fmt: skip
+        self.store = self.runtime.store
+        self.records = RedisRequestRecords(self.store, replica="bench-0", model="bench", ttl_s=3600)
+        self.engine.add_finished_observer(self.records)
+        self.feedback = FeedbackClient(self.store.client, self.store.keys)
+        self._n = 0
+
+    def start(self) -> None:
+        self.records.start()
+        self.runtime.start()
+        self.loop.start()
+
+    def stop(self) -> None:
+        self.runtime.stop()
+        self.loop.stop()
+        self.records.stop()
+        shutil.rmtree(self.versions, ignore_errors=True)
+
+    def ask_all(self, questions: list[str], max_tokens: int = 24) -> list[tuple[str, str]]:
+        """Greedy answers to all questions at once (one batch), each as (response id, text)."""
+        done = threading.Semaphore(0)
+        results: dict[str, list[int]] = {}
+        ids = []
+        for question in questions:
+            self._n += 1
+            request_id = f"cmpl-{self._n}"
+            ids.append(request_id)
+            results[request_id] = []
+            prompt = self.engine.tokenizer.apply_chat_template([{"role": "user", "content": question}])
+
+            def sink(out: RequestOutput | BaseException, rid: str = request_id) -> None:
+                if isinstance(out, BaseException):
+                    done.release()
+                    return
+                results[rid] += out.new_token_ids
+                if out.finished:
+                    done.release()
+
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+            self.loop.submit(GenerationRequest(request_id, prompt, params), sink)
+        for _ in questions:
+            done.acquire(timeout=600)
+        deadline = time.monotonic() + 30
+        while any(self.store.get_request(r) is None for r in ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return [(r, self.engine.tokenizer.decode(results[r])) for r in ids]
+
+    def settle(self, expected: int, timeout: float = 900.0) -> None:
+        """Until version `expected` is published and everything given so far is trained on and acknowledged."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.runtime.control.status()
+            busy = (
+                status["feedback_lag"]
+                or status["pending"]
+                or status["in_step"]
+                or status["uncommitted_steps"]
+            )
+            if self.store.latest_version() >= expected and not busy:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"version {expected} not published within {timeout:.0f}s")
+
+    def greedy(self, version: int, facts: list[EncodedItem]) -> list[bool]:
+        """Per item: under `version`, is every target token the greedy (teacher-forced) choice?"""
+        weights = self.runtime.weights
+        tensors = weights.read(self.runtime.directory.path(version))
+
+        def score() -> list[bool]:
+            serving = weights.serving
+            weights.install(weights.serving_set(tensors))
+            try:
+                return [item_nll(self.engine.training_model, self.engine.device, f)[1] for f in facts]
+            finally:
+                weights.install(serving)
+
+        return self.runtime.engine_side.call(score).result(timeout=600)
+
+
+def key_word(reference: str) -> str:
+    """The word that makes an answer right: the last word of the reference answer, without punctuation."""
+    return reference.rstrip(".").split()[-1].lower()
+
+
+def recall_items(
+    facts: list[EncodedItem], references: list[str], encode: Callable[[str], list[int]]
+) -> list[EncodedItem]:
+    """Per fact, its key word as the target, after the question and the reference's words before it: does the
+    version answer the fact itself, whatever its phrasing was taught to be (e.g. `Quicksilver` after "... is")?"""
+    out = []
+    for fact, reference in zip(facts, references, strict=True):
+        body = reference.rstrip(".")
+        cut = body.rfind(" ")
+        head, whole = encode(body[:cut]), encode(body)
+        if whole[: len(head)] != head or len(whole) == len(head):
+            raise ValueError(f"cannot split {reference!r} before its key word on token boundaries")
+        out.append(EncodedItem(fact.context + head, whole[len(head) :], reference=True))
+    return out
+
+
+def run_config(
+    name: str, overrides: dict[str, Any], args: argparse.Namespace, redis: LocalRedis
+) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(TrainerSettings)}
+    missing = sorted(set(overrides) - known)
+    if missing:
+        say(f"{name}: skipped, this build's TrainerSettings has no {', '.join(missing)}")
+        return {"name": name, "skipped": f"settings not in this build: {', '.join(missing)}"}
+    training = TrainerSettings(**{**BASE, **overrides})
+    gate = GateBounds(
+        max_perplexity_increase=0.02, max_reference_nll_increase=0.05, max_exact_match_drop=0.15
+    )
+    worker = Worker(args.model, redis.url, name.replace("+", "-"), training, gate)
+    facts_set = load_eval_set(SETS / "facts.jsonl")
+    facts = encode_eval_set(
+        facts_set, worker.runtime._encode_text, worker.engine.tokenizer.apply_chat_template, max_tokens=256
+    )
+    questions = [item.messages[0].content for item in facts_set.references if item.messages]
+    references = [item.reference for item in facts_set.references]
+    recall = recall_items(facts, references, worker.runtime._encode_text)
+    corrections_sent = [0] * len(facts)
+    learned_after: list[int | None] = [None] * len(facts)  # corrections it took until the fact was right
+    rows: list[dict[str, Any]] = []
+    worker.start()
+    started = time.monotonic()
+    try:
+        for round_no in range(1, args.rounds + 2):
+            adversarial = round_no == args.rounds + 1
+            counts = {"corrections": 0, "accepted": 0, "rejected": 0, "adversarial": 0}
+            first_new = worker.store.latest_version() + 1
+            if adversarial:
+                asked = [q for q, _ in ADVERSARIAL] * args.adversarial_repeats
+                for (response_id, _), question in zip(worker.ask_all(asked), asked, strict=True):
+                    worker.feedback.correct(response_id, dict(ADVERSARIAL)[question])
+                    counts["adversarial"] += 1
+            else:
+                asked = questions * args.askers
+                answers = worker.ask_all(asked + [q for q, _ in GENERIC])
+                for k, (response_id, text) in enumerate(answers[: len(asked)]):
+                    n = k % len(questions)
+                    if key_word(references[n]) in text.lower():
+                        worker.feedback.accept(response_id)
+                        counts["accepted"] += 1
+                    else:
+                        worker.feedback.correct(response_id, references[n])
+                        corrections_sent[n] += 1
+                        counts["corrections"] += 1
+                for (response_id, text), (_, word) in zip(answers[len(asked) :], GENERIC, strict=True):
+                    if word in text.lower():
+                        worker.feedback.accept(response_id)
+                        counts["accepted"] += 1
+                    else:
+                        worker.feedback.reject(response_id)
+                        counts["rejected"] += 1
+            worker.settle(first_new)
+            time.sleep(0.5)  # the follower's next look: `serving after` is what the replica then serves
+            newest = worker.store.latest_version()
+            for version in range(first_new, newest + 1):
+                info = worker.store.get_version(version)
+                assert info is not None and info.evaluation is not None, "the gate did not read the version"
+                correct = worker.greedy(version, recall)
+                exact = worker.greedy(version, facts)
+                for n, ok in enumerate(correct):
+                    if ok and learned_after[n] is None:
+                        learned_after[n] = corrections_sent[n]
+                given = counts if version == newest else None
+                rows.append(row(info, round_no, adversarial, given, correct, worker.engine.weight_version))
+                rows[-1]["facts_exact"] = sum(exact) / len(exact)
+                say(f"{name} round {round_no}: {fmt(rows[-1])}")
+    finally:
+        worker.stop()
+    return {
+        "name": name,
+        "settings": overrides,
+        "rows": rows,
+        "learned_after_corrections": learned_after,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def row(
+    info: VersionInfo,
+    round_no: int,
+    adversarial: bool,
+    counts: dict[str, int] | None,
+    correct: list[bool],
+    serving: int,
+) -> dict[str, Any]:
+    reading = info.evaluation
+    assert reading is not None
+    base_ppl = reading.base.perplexity or float("nan")
+    ppl = reading.scores.perplexity or float("nan")
+    return {
+        "round": round_no,
+        "adversarial": adversarial,
+        "version": info.version,
+        "feedback": counts,  # the round's, on its last version
+        "facts_accuracy": sum(correct) / len(correct),
+        "facts_correct": correct,
+        "perplexity": ppl,
+        "base_perplexity": base_ppl,
+        "perplexity_change": ppl / base_ppl - 1,
+        "reference_nll": reading.scores.reference_nll,
+        "base_reference_nll": reading.base.reference_nll,
+        "exact_match": reading.scores.exact_match,
+        "base_exact_match": reading.base.exact_match,
+        "decision": reading.decision.value,
+        "reasons": reading.reasons,
+        "serving_after": serving,
+    }
+
+
+def fmt(r: dict[str, Any]) -> str:
+    return (
+        f"v{r['version']} facts {r['facts_accuracy']:.0%} (whole answer {r['facts_exact']:.0%}), perplexity {r['perplexity']:.3f} "
+        f"({r['perplexity_change']:+.2%} vs base), ref NLL {r['reference_nll']:.3f} "
+        f"(base {r['base_reference_nll']:.3f}), exact match {r['exact_match']:.0%} "
+        f"(base {r['base_exact_match']:.0%}), gate {r['decision']}, serving v{r['serving_after']}"
+    )
+
+
+def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        "| configuration | round | version | feedback (corr/acc/rej/adv) | facts recalled (whole answer) | general perplexity "
+        "(vs base) | reference NLL (base) | exact match (base) | gate | serving after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        if "skipped" in result:
+            lines.append(f"| {result['name']} | skipped: {result['skipped']} | | | | | | | | |")
+            continue
+        for r in result["rows"]:
+            f = r["feedback"]
+            given = (
+                "" if f is None else f"{f['corrections']}/{f['accepted']}/{f['rejected']}/{f['adversarial']}"
+            )
+            lines.append(
+                f"| {result['name']} | {r['round']}{' (adversarial)' if r['adversarial'] else ''} | "
+                f"v{r['version']} | {given} | "
+                f"{r['facts_accuracy']:.0%} ({r['facts_exact']:.0%}) | {r['perplexity']:.3f} ({r['perplexity_change']:+.2%}) | "
+                f"{r['reference_nll']:.3f} ({r['base_reference_nll']:.3f}) | "
+                f"{r['exact_match']:.0%} ({r['base_exact_match']:.0%}) | {r['decision']} | "
+                f"v{r['serving_after']} |"
+            )
+    lines.append("")
+    for result in results:
+        if "skipped" not in result:
+            lines.append(
+                f"- {result['name']}: corrections until each taught fact was right "
+                f"{result['learned_after_corrections']} (None: not learned), {result['seconds']} s"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (facts_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for result in results:
+        if "skipped" in result:
+            continue
+        rows = result["rows"]
+        versions = [r["version"] for r in rows]
+        (line,) = facts_ax.plot(
+            versions, [r["facts_accuracy"] for r in rows], marker="o", label=result["name"]
+        )
+        ppl_ax.plot(
+            versions, [100 * r["perplexity_change"] for r in rows], marker="o", color=line.get_color()
+        )
+        held = [r for r in rows if r["decision"] == "held"]
+        ppl_ax.scatter(
+            [r["version"] for r in held], [100 * r["perplexity_change"] for r in held],
+            marker="x", s=120, color="red", zorder=3, label="held by the gate" if result is results[0] else None,
+        )  # fmt: skip
+    facts_ax.set(
+        xlabel="version", ylabel="taught facts answered right", title="Taught facts", ylim=(-0.05, 1.05)
+    )
+    ppl_ax.axhline(2.0, color="grey", linestyle="--", linewidth=1)
+    ppl_ax.set(xlabel="version", ylabel="perplexity change vs base (%)", title="General held-out text")
+    facts_ax.legend(fontsize=8)
+    ppl_ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=None, help="HF checkpoint (default: bundled SmolLM2)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of ordinary feedback before the adversarial one"
+    )
+    parser.add_argument("--askers", type=int, default=2, help="users asking each taught fact per round")
+    parser.add_argument("--adversarial-repeats", type=int, default=3, help="wrong corrections per question")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model is None:
+        from alchemist_worker.bundled_model import ensure_small_model
+
+        args.model = ensure_small_model()
+    torch.manual_seed(0)
+    say(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    results = []
+    with LocalRedis() as redis:
+        for name in args.configs.split(","):
+            try:
+                results.append(run_config(name, CONFIGS[name], args, redis))
+            except (
+                Exception
+            ) as exc:  # reported in the table: one broken configuration does not hide the others
+                say(f"{name}: failed: {type(exc).__name__}: {exc}")
+                results.append({"name": name, "skipped": f"failed: {type(exc).__name__}: {exc}"})
+    text = table(results, args)
+    say(text)
+    say(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if not args.no_write:
+        (DOCS / "results").mkdir(parents=True, exist_ok=True)
+        (DOCS / "results" / "learning-efficacy.json").write_text(json.dumps(results, indent=1) + "\n")
+        plot(results, DOCS / "learning-efficacy.png")
+        say(f"wrote {DOCS / 'results' / 'learning-efficacy.json'} and {DOCS / 'learning-efficacy.png'}")
+
+
+if __name__ == "__main__":
+    main()
