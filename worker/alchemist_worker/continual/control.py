@@ -311,6 +311,8 @@ class TrainingControl:
         if self.committing is not None and self.committing.draft is not None:
             self.publisher.withdraw(self.committing.draft)  # written on the abandoned branch, not published
         if rollback.version != 0 and rollback.version not in self.directory.committed():
+            if self.directory.fetch_missing is not None:  # held by another replica or a bucket: copy it first
+                self.directory.fetch_missing(rollback.version)
             log.error(
                 "rollback to version %d requested, but it is not in %s", rollback.version, self.directory.root
             )
