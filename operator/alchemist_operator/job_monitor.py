@@ -173,6 +173,7 @@ async def _rollout(
         feedback_lag=snapshot.feedback_lag,
         gate=gate,
         held=snapshot.observation.held,
+        training_group=snapshot.training_group,
     )
 
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from alchemist_protocol.training_group import GroupRecord
+
 from alchemist_operator.conditions import FALSE, TRUE, UNKNOWN, Condition, merge_conditions, timestamp
 from alchemist_operator.job_spec import JobSpec
 from alchemist_operator.naming import JobRef
@@ -65,6 +67,7 @@ class RedisView:
     feedback_lag: int | None = None
     gate: GateReading | None = None
     held: Mapping[int, str] = field(default_factory=dict)  # versions the evaluation gate held -> its reasons
+    training_group: GroupRecord | None = None  # the data-parallel group's current generation
 
 
 @dataclass(frozen=True)
@@ -276,9 +279,23 @@ def compute_status(inputs: StatusInputs) -> dict[str, Any]:
         status["rollout"] = _rollout_block(spec, redis)
         if redis.feedback_lag is not None:
             status["feedbackLag"] = redis.feedback_lag
+        if redis.training_group is not None:
+            group = redis.training_group
+            status["trainingGroup"] = {
+                "generation": group.generation,
+                "size": group.world_size,
+                "members": list(group.members),
+            }
     else:
         # Keep the last known versions rather than blanking them while Redis is away.
-        for key in ("currentVersion", "targetVersion", "replicaVersions", "rollout", "feedbackLag"):
+        for key in (
+            "currentVersion",
+            "targetVersion",
+            "replicaVersions",
+            "rollout",
+            "feedbackLag",
+            "trainingGroup",
+        ):
             if key in inputs.previous:
                 status[key] = inputs.previous[key]
     return status

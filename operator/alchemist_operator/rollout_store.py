@@ -16,6 +16,7 @@ from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import FEEDBACK_GROUP
 from alchemist_protocol.rollout_state import CounterSnapshot, RolloutProgress, load_rollout, save_rollout
 from alchemist_protocol.schemas import FeedbackLabel, RolloutPointer
+from alchemist_protocol.training_group import GroupRecord, TrainingGroupStore
 
 from alchemist_operator.rollout import FeedbackCounts, Observation, Phase, RolloutState, versions_to_count
 
@@ -29,6 +30,7 @@ class RedisSnapshot:
     feedback_lag: int
     latest_version: int
     pointer_exists: bool  # False until an operator first writes the pointer
+    training_group: GroupRecord | None = None  # the data-parallel group's current generation
 
 
 def state_from_redis(pointer: RolloutPointer | None, progress: RolloutProgress) -> RolloutState:
@@ -111,7 +113,16 @@ def read_snapshot(store: JobStore, feedback_stream: str, now: float) -> RedisSna
         feedback_lag=feedback_lag(store.stream_client, feedback_stream),
         latest_version=max(published, default=0),
         pointer_exists=pointer is not None,
+        training_group=read_training_group(store),
     )
+
+
+def read_training_group(store: JobStore) -> GroupRecord | None:
+    """The group record the trainers' leader wrote; None when there is none (or it cannot be read)."""
+    try:
+        return TrainingGroupStore(store.client, store.keys).read()
+    except ValueError:  # written by another version of the worker: the status goes without it
+        return None
 
 
 def write_state(store: JobStore, state: RolloutState) -> None:

@@ -44,7 +44,8 @@ class GroupRecord(BaseModel):
     master_port: int = Field(ge=1, le=65535)
     restore_version: int = Field(ge=0)  # every member loads this committed version before its first round
     leader_token: str = ""  # the lease token it was formed under
-    formed_at: float = Field(default_factory=time.time)
+    # Milliseconds: the forming script re-encodes the record with Lua's cjson, which keeps 14 digits.
+    formed_at: float = Field(default_factory=lambda: round(time.time(), 3))
 
     @property
     def world_size(self) -> int:

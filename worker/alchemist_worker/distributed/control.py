@@ -79,6 +79,10 @@ class DataParallelControl(TrainingControl):
             self._duty("follow", self._follow)
         if self._is_due("heartbeat", self.timings.heartbeat_s):
             self._duty("heartbeat", self._heartbeat)
+        if self._is_due("settings", self.timings.settings_s):
+            # Members take new values at slightly different times; a round that straddles the change ends
+            # with differing digests, is not published, and the group restores the newest version.
+            self._duty("settings", self._apply_live_settings)
 
     def _lease_tick(self) -> None:
         """The lease only elects the leader here; the communication thread acts on it."""
