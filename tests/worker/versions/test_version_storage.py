@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,12 @@ import uvicorn
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import JobKeys
 from alchemist_protocol.schemas import ArtifactKind, ReplicaState
+from alchemist_worker.api.auth import AccessKeys, BearerAuth
 from alchemist_worker.api.errors import install_error_handlers
 from alchemist_worker.object_store import S3Location, list_objects
 from alchemist_worker.versions.directory import MANIFEST, VersionDirectory, VersionNotHere
 from alchemist_worker.versions.mirror import VersionMirror, VersionUnavailable
-from alchemist_worker.versions.peer_source import PeerSource, version_files_router
+from alchemist_worker.versions.peer_source import PeerSource, first_admin_key, version_files_router
 from alchemist_worker.versions.publisher import CommitIOError, VersionDraft, VersionPublisher
 from alchemist_worker.versions.s3_versions import S3Versions
 from alchemist_worker.versions.storage import version_storage
@@ -50,23 +51,35 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def replica_server(tmp_path: Path) -> Iterator[tuple[str, VersionDirectory]]:
-    """A replica's versions directory served by the worker's route on a real HTTP server; (its name, directory).
-    The name is its host:port, so the URL template `http://{replica}` reaches it."""
-    directory = VersionDirectory(tmp_path / "publisher")
+def _serve(directory: VersionDirectory, keys: AccessKeys | None = None) -> tuple[str, Callable[[], None]]:
+    """The worker's file route (behind its bearer-key middleware when `keys`) on a real HTTP server: (its name,
+    stop). The name is its host:port, so the URL template `http://{replica}` reaches it."""
     app = FastAPI()
     install_error_handlers(app)  # as the worker's server does
     app.include_router(version_files_router(directory))
+    if keys is not None:
+        app.add_middleware(BearerAuth, keys=keys)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    yield f"127.0.0.1:{port}", directory
-    server.should_exit = True
-    thread.join(timeout=10)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return f"127.0.0.1:{port}", stop
+
+
+@pytest.fixture
+def replica_server(tmp_path: Path) -> Iterator[tuple[str, VersionDirectory]]:
+    """A replica's versions directory served over HTTP: (its name, directory)."""
+    directory = VersionDirectory(tmp_path / "publisher")
+    name, stop = _serve(directory)
+    yield name, directory
+    stop()
 
 
 def test_a_replica_copies_a_version_from_the_one_that_published_it(
@@ -220,3 +233,31 @@ def test_a_failed_upload_publishes_nothing_and_is_retried_unchanged(
     info = working.commit(pending)  # the retry reuses its own directory and uploads it
     assert info.path == f"s3://{bucket}/v/v000001-{pending.writer}"
     assert store.version_numbers() == [1]
+
+
+def test_with_admin_keys_a_replica_presents_the_first_one_and_nothing_else_gets_the_files(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "admin-keys"
+    keys_file.write_text("# the Secret mounted in every pod\nadmin-one\nadmin-two\n")
+    env = {"ALCHEMIST_ADMIN_KEYS_FILE": str(keys_file), "ALCHEMIST_API_KEYS": "api-key"}
+    published = VersionDirectory(tmp_path / "publisher")
+    name, stop = _serve(published, AccessKeys.from_env(env))
+    try:
+        store = JobStore(redis_client, KEYS)
+        VersionPublisher(published, store, name, keep=3).commit(draft(1))
+        assert first_admin_key(env) == "admin-one"
+        with pytest.raises(VersionUnavailable, match="401"):
+            VersionMirror(
+                VersionDirectory(tmp_path / "a"), store, PeerSource("http://{replica}", store, "r1")
+            ).copy(1)
+        with_api_key = PeerSource("http://{replica}", store, "r1", token="api-key")
+        with pytest.raises(VersionUnavailable, match="401"):
+            VersionMirror(VersionDirectory(tmp_path / "b"), store, with_api_key).copy(1)
+        mine = VersionDirectory(tmp_path / "c")
+        VersionMirror(
+            mine, store, PeerSource("http://{replica}", store, "r1", token=first_admin_key(env))
+        ).copy(1)
+        assert files_of(mine, 1) == files_of(published, 1)
+    finally:
+        stop()
