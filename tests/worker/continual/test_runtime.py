@@ -1,5 +1,6 @@
 """The continual trainer inside a serving process (tiny model, real Redis): feedback in, versions out."""
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,8 +32,9 @@ def samples_metric(worker: InProcessWorker, path: str) -> float:
 
 
 def test_feedback_becomes_a_version_that_serving_switches_to(
-    make_worker: Callable[..., InProcessWorker], redis_client: redis.Redis
+    make_worker: Callable[..., InProcessWorker], redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="alchemist_worker.continual.control")
     worker = make_worker(min_batch_samples=2, max_wait_s=30.0)  # the two trainable ones make one step
     outputs = [worker.generate(PROMPT[:k]) for k in (3, 4, 5)]
     correction = worker.runtime.continuation_tokens("a fix")
@@ -54,6 +56,8 @@ def test_feedback_becomes_a_version_that_serving_switches_to(
     wait_until(lambda: pending(redis_client) == 0, 10, "all feedback acknowledged")
     dead = redis_client.xrange(KEYS.dead_letters)
     assert len(dead) == 1 and "no request record" in dead[0][1]["reason"]
+    # Its log line carries the response id the feedback named (a field of its own in JSON logs).
+    assert any(getattr(r, "response_id", None) == "cmpl-unknown" for r in caplog.records)
     assert redis_client.hgetall(KEYS.version_feedback(0)) == {
         "positive": "1",
         "correction": "1",

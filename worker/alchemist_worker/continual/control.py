@@ -348,6 +348,10 @@ class TrainingControl:
         if not isinstance(resolved, Skip):
             self.pending.append(Pending(item, resolved))
         elif resolved.kind is SkipKind.DEAD:
+            # The response id in the line's context (JSON logs): the feedback names the response it judges.
+            log.debug(
+                "feedback dead-lettered: %s", resolved.reason, extra={"response_id": item.feedback.request_id}
+            )
             self.consumer.dead_letter(item, resolved.reason)
         else:
             versions = {} if resolved.served_version is None else {item.feedback_id: resolved.served_version}
@@ -416,7 +420,13 @@ class TrainingControl:
         for pending in reversed(batch):
             pending.failures += 1
             if pending.failures >= MAX_FAILURES:
-                self.consumer.dead_letter(pending.item, f"training failed {pending.failures} times: {error}")
+                reason = f"training failed {pending.failures} times: {error}"
+                log.warning(
+                    "feedback dead-lettered: %s",
+                    reason,
+                    extra={"response_id": pending.item.feedback.request_id},
+                )
+                self.consumer.dead_letter(pending.item, reason)
             else:
                 self.pending.appendleft(pending)
 
