@@ -72,9 +72,13 @@ def with_pod_options(job: JobRef, spec: JobSpec, template: dict[str, Any]) -> di
     meta["labels"] = {**options.labels, **meta["labels"]}  # the operator's labels select the pods: they win
     meta["annotations"] = {**options.annotations, **meta["annotations"]}
     container = next(c for c in pod["containers"] if c["name"] == WORKER_CONTAINER)
-    own = {var.name for var in spec.env}
-    added = [var for var in (*thread_env(spec), *lifecycle_env(spec)) if var["name"] not in own]
-    container["env"] = [*container["env"], *added]
+    own = [var.model_dump(by_alias=True, exclude_none=True) for var in spec.env]
+    added = [
+        var
+        for var in (*thread_env(spec), *lifecycle_env(spec))
+        if var["name"] not in {v["name"] for v in own}
+    ]
+    container["env"] = _before_own_env(container["env"], added, own)
     if spec.resources.cpu_limit is not None:
         container["resources"]["limits"]["cpu"] = str(spec.resources.cpu_limit)
     if options.volume_mounts:
@@ -98,6 +102,16 @@ def with_pod_options(job: JobRef, spec: JobSpec, template: dict[str, Any]) -> di
     if options.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": ref.name} for ref in options.image_pull_secrets]
     return out
+
+
+def _before_own_env(
+    env: list[dict[str, Any]], added: list[dict[str, Any]], own: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`added` just before the job's own `spec.env`, so that its values may refer to ours as $(NAME)."""
+    for start in range(len(env) - len(own) + 1):
+        if own and env[start : start + len(own)] == own:
+            return [*env[:start], *added, *env[start:]]
+    return [*env, *added]
 
 
 def pod_options_problems(spec: JobSpec) -> list[str]:

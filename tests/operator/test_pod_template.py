@@ -132,6 +132,14 @@ def test_torch_threads_follow_the_cpu_limit_else_the_request() -> None:
     assert "cpu" not in pod_of(sts)["containers"][0]["resources"]["limits"]
     own = statefulset(env=[{"name": "ALCHEMIST_CPU_THREADS", "value": "1"}])
     assert [e["name"] for e in pod_of(own)["containers"][0]["env"]].count("ALCHEMIST_CPU_THREADS") == 1
+    # The job's own variables come after ours, so that they may refer to them ($(ALCHEMIST_CPU_THREADS)).
+    names = [
+        e["name"]
+        for e in pod_of(statefulset(env=[{"name": "OMP_NUM_THREADS", "value": "$(ALCHEMIST_CPU_THREADS)"}]))[
+            "containers"
+        ][0]["env"]
+    ]
+    assert names.index("ALCHEMIST_CPU_THREADS") < names.index("OMP_NUM_THREADS")
 
 
 LIVE_CHANGE = {
