@@ -68,6 +68,9 @@ class TrainingMode(enum.StrEnum):
 
 class Objective(enum.StrEnum):
     SUPERVISED = "supervised"
+    UNLIKELIHOOD = "unlikelihood"
+    KTO = "kto"
+    DPO = "dpo"
 
 
 class Optimizer(enum.StrEnum):
@@ -187,6 +190,10 @@ class FullSpec(SpecModel):
 class TrainingSpec(SpecModel):
     enabled: bool = True
     objective: Objective = Objective.SUPERVISED
+    beta: float = Field(default=0.1, gt=0)
+    desirable_weight: float = Field(default=1.0, ge=0)
+    undesirable_weight: float = Field(default=1.0, ge=0)
+    kl_weight: float = Field(default=0.0, ge=0)
     method: TrainingMethod = TrainingMethod.LORA
     mode: TrainingMode = TrainingMode.EXACT
     lora: LoraSpec = Field(default_factory=LoraSpec)
@@ -291,31 +298,6 @@ class RedisSpec(SpecModel):
     password_secret: PasswordSecret | None = None
 
 
-class ConfigMapKeyRef(SpecModel):
-    name: str = Field(min_length=1)
-    key: str = Field(min_length=1, pattern=r"^[-._a-zA-Z0-9]+$")
-
-
-class EvaluationSpec(SpecModel):
-    """The evaluation gate: the set every candidate version is scored on before rollout, and how far it may fall
-    behind its parent and the base model. Exactly one of `path` and `config_map`."""
-
-    path: str | None = Field(default=None, pattern=r"^/")  # a JSONL file in the image or on a mounted volume
-    config_map: ConfigMapKeyRef | None = None  # a ConfigMap key the operator mounts as the file
-    max_perplexity_increase: float = Field(default=0.02, ge=0, le=10)
-    max_reference_nll_increase: float = Field(default=0.05, ge=0, le=10)
-    max_exact_match_drop: float = Field(default=0.05, ge=0, le=1)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> EvaluationSpec:
-        if (self.path is None) == (self.config_map is None):
-            raise ValueError(
-                "give exactly one of path (a JSONL file in the worker's image or volume) and configMap "
-                "(name and key of a ConfigMap in the job's namespace)"
-            )
-        return self
-
-
 class LocalObjectReference(SpecModel):
     name: str = Field(min_length=1)
 
@@ -341,6 +323,31 @@ class LifecycleSpec(SpecModel):
 
     pre_stop_seconds: int = Field(default=5, ge=0, le=120)  # for the Service to stop routing to the pod
     drain_seconds: int = Field(default=120, ge=0, le=3600)  # for in-flight generations to finish
+
+
+class ConfigMapKeyRef(SpecModel):
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class EvaluationSpec(SpecModel):
+    """The evaluation gate: the set every candidate version is scored on before rollout, and how far it may fall
+    behind its parent and the base model. Exactly one of `path` and `config_map`."""
+
+    path: str | None = Field(default=None, pattern=r"^/")  # a JSONL file in the image or on a mounted volume
+    config_map: ConfigMapKeyRef | None = None  # a ConfigMap key the operator mounts as the file
+    max_perplexity_increase: float = Field(default=0.02, ge=0, le=10)
+    max_reference_nll_increase: float = Field(default=0.05, ge=0, le=10)
+    max_exact_match_drop: float = Field(default=0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvaluationSpec:
+        if (self.path is None) == (self.config_map is None):
+            raise ValueError(
+                "give exactly one of path (a JSONL file in the worker's image or volume) and configMap "
+                "(name and key of a ConfigMap in the job's namespace)"
+            )
+        return self
 
 
 class JobSpec(SpecModel):
