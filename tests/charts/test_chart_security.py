@@ -164,7 +164,10 @@ def test_network_policies(render: Render) -> None:
     assert workers["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a", "team-b"]
     worker_policy = policies[("team-a", "alc-alchemist-workers")]
     assert worker_policy["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "alchemist-worker"
-    assert worker_policy["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
+    serving, group = worker_policy["ingress"]
+    assert serving == {"ports": [{"port": "http", "protocol": "TCP"}]}
+    # Any port, but only from workers: the replicas' data-parallel group (rendezvous store, gloo/NCCL).
+    assert group == {"from": [{"podSelector": {"matchLabels": worker_policy["podSelector"]["matchLabels"]}}]}
     assert "NetworkPolicy" not in by_kind(render({"networkPolicy": {"enabled": False}}))
 
 
