@@ -13,7 +13,7 @@ from kmock import KubernetesEmulator
 
 from tests.operator.conftest import eventually, has_object, job_manifest, running_operator
 from tests.operator.test_operator import JOB_PATH, NS, STS, condition, statefulset, status
-from tests.operator.test_operator_failures import warning
+from tests.operator.test_operator_failures import secret, warning
 
 NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)
 
@@ -129,6 +129,8 @@ async def test_the_operator_reports_unbound_claims_unschedulable_pods_and_model_
 ) -> None:
     manifest = job_manifest()
     manifest["spec"]["model"] = {"uri": "s3://weights/smollm2", "s3": {"credentialsSecret": "s3"}}
+    keys = secret("s3", AWS_ACCESS_KEY_ID="id", AWS_SECRET_ACCESS_KEY="key")  # preflight checks both keys
+    assert (await kube.post(f"/api/v1/namespaces/{NS}/secrets", json=keys)).status in (200, 201)
     await kube.post(JOB_PATH, json=manifest)
     async with running_operator(operator_config):
         await eventually(lambda: has_object(kube, STS, NS, "chat"))
