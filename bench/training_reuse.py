@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workloads", nargs="*", default=None, help="run only these (1:1 4:1 16:1 sharegpt-like)"
     )
+    ap.add_argument(
+        "--activation-budget-mib", type=int, default=1024, help="budget of the trainable-tokens table"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/alchemist-bench"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
