@@ -1,9 +1,9 @@
 """A worker process configured as the operator configures a pod: SIGTERM in the middle of a long streamed answer.
 
 The environment is the one the operator renders (the ConfigMap's data and the container's plain env values), so
-`spec.lifecycle.drainSeconds` is what the worker honours: the answer completes when the drain allows it, and is
-cut (finish_reason "abort") when it does not. Either way the process exits with status 0 before the pod's grace
-period, minus the preStop sleep, runs out.
+`spec.lifecycle.drainSeconds` is what the worker honours: the answer completes when the drain allows it (a real
+process, a real SIGTERM, exit status 0), and is cut (finish_reason "abort") when it does not. Either way the worker
+exits before the pod's grace period, minus the preStop sleep, runs out.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,17 @@ from alchemist_operator.naming import JobRef
 from alchemist_operator.operator_config import OperatorConfig
 from alchemist_operator.spec_checks import validate_job
 from alchemist_protocol.local_redis import free_port
+
+from tests.worker.api.conftest import start_worker
+
+
+@dataclass(frozen=True)
+class Drained:
+    finish: str | None
+    chunks: int
+    last_chunk_after: float  # seconds from SIGTERM to the last chunk
+    exited_after: float  # seconds from SIGTERM to the worker's exit
+
 
 CONFIG = OperatorConfig(worker_image="alchemist/worker:test", default_redis_url="redis://unused:6379/0")
 JOB = JobRef(namespace="team-a", name="chat", uid="1")
@@ -98,10 +110,9 @@ def start_pod(tmp_path: Path) -> Iterator[Any]:
         pod.stop()
 
 
-def stream_with_sigterm(pod: PodProcess) -> tuple[str | None, int, float, float]:
-    """Streams a long answer, sends SIGTERM after its first tokens; returns (finish reason, chunks, seconds from
-    SIGTERM to the last chunk, seconds from SIGTERM to the process's exit)."""
-    client = openai.OpenAI(base_url=pod.url + "/v1", api_key="-", max_retries=0, timeout=120)
+def stream_with_sigterm(url: str, sigterm: Callable[[], None], wait_exit: Callable[[], None]) -> Drained:
+    """Streams a long answer and calls `sigterm` after its first tokens; then waits for the worker to exit."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
     stream = client.completions.create(
         model="chat",
         prompt="tell me a long story",
@@ -116,12 +127,12 @@ def stream_with_sigterm(pod: PodProcess) -> tuple[str | None, int, float, float]
     for chunk in stream:
         chunks += 1
         if chunks == 5:
-            pod.process.send_signal(signal.SIGTERM)
+            sigterm()
             signalled = time.monotonic()
         finish = chunk.choices[0].finish_reason or finish
     last_chunk = time.monotonic() - signalled
-    assert pod.process.wait(60) == 0
-    return finish, chunks, last_chunk, time.monotonic() - signalled
+    wait_exit()
+    return Drained(finish, chunks, last_chunk, time.monotonic() - signalled)
 
 
 @pytest.mark.slow
@@ -130,18 +141,35 @@ def test_a_long_stream_in_flight_at_sigterm_completes_within_the_grace_period(
 ) -> None:
     env, grace, pre_stop = pod_environment(tiny_checkpoints["qwen2"], drain_seconds=60)
     assert env["ALCHEMIST_SHUTDOWN_TIMEOUT_S"] == "60" and grace == pre_stop + 60 + 15
-    finish, chunks, last_chunk, exited = stream_with_sigterm(start_pod(env))
-    assert finish == "length" and chunks >= MAX_TOKENS // 2  # every token (detokenized pieces may merge)
-    assert exited < grace - pre_stop  # Kubernetes would not have killed it
-    print(f"answer finished {last_chunk:.2f}s after SIGTERM, process exited after {exited:.2f}s")
+    pod = start_pod(env)
+
+    def exited_cleanly() -> None:
+        assert pod.process.wait(60) == 0
+
+    drained = stream_with_sigterm(pod.url, lambda: pod.process.send_signal(signal.SIGTERM), exited_cleanly)
+    assert drained.finish == "length" and drained.chunks >= MAX_TOKENS // 2  # every token (pieces may merge)
+    assert drained.exited_after < grace - pre_stop  # Kubernetes would not have killed it
+    print(
+        f"answer finished {drained.last_chunk_after:.2f}s after SIGTERM, exit after {drained.exited_after:.2f}s"
+    )
 
 
 @pytest.mark.slow
-def test_the_drain_time_the_spec_gives_is_what_the_worker_allows(
-    tiny_checkpoints: dict[str, Path], start_pod: Any
-) -> None:
+def test_the_drain_time_the_spec_gives_is_what_the_worker_allows(tiny_checkpoints: dict[str, Path]) -> None:
+    """In this process (one worker process is enough to show the signal path): settings resolved from the
+    rendered environment, and the server's own SIGTERM handler."""
     env, grace, pre_stop = pod_environment(tiny_checkpoints["qwen2"], drain_seconds=0)
     assert env["ALCHEMIST_SHUTDOWN_TIMEOUT_S"] == "0"
-    finish, chunks, _, exited = stream_with_sigterm(start_pod(env))
-    assert finish == "abort" and chunks < MAX_TOKENS // 2  # cut at once, as the spec said
-    assert exited < grace - pre_stop
+    del env["ALCHEMIST_CPU_THREADS"]  # torch's threads are process-wide: not for the test process
+    running = start_worker(tiny_checkpoints["qwen2"], env=env)  # its flags (model, port, device) win
+    assert running.worker.settings.shutdown_timeout_s == 0
+
+    def stopped() -> None:
+        running.thread.join(60)
+        assert not running.thread.is_alive()
+
+    drained = stream_with_sigterm(
+        running.base_url, lambda: running.worker.server.handle_exit(signal.SIGTERM, None), stopped
+    )
+    assert drained.finish == "abort" and drained.chunks < MAX_TOKENS // 2  # cut at once, as the spec said
+    assert drained.exited_after < grace - pre_stop
