@@ -6,19 +6,13 @@ and, with `checkpoint_layers`, the per-layer activation checkpointing baseline o
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from alchemist_worker.model.attention import DenseCausalAttention
 from alchemist_worker.model.transformer import Transformer
 from alchemist_worker.training.batch import FlatBatch, TrainingSample, full_batch
-
-
-def response_loss_sum(model: Transformer, hidden_rows: Tensor, labels: Tensor) -> Tensor:
-    """Summed cross-entropy (fp32) of `labels` [R] from final-normed hidden states [R, hidden]."""
-    logits = model.compute_logits(hidden_rows)
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+from alchemist_worker.training.loss import response_loss_sum
 
 
 def forward_hidden(model: Transformer, batch: FlatBatch, *, checkpoint_layers: bool = False) -> Tensor:
