@@ -10,11 +10,8 @@ feedback on the requests it served, every sample must reuse its prefill record.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -143,8 +140,8 @@ def check_against_one_trainer(
 def test_members_train_as_one_trainer_and_survive_kill_9(
     tiny_checkpoints: dict[str, Path], redis_url: str, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    """Three members train their own feedback; kill -9 one holding the feedback of the round that is starting
-    (usually inside it): the two others re-form, the dead one's feedback is claimed and recomputed by a
+    """Three members train their own feedback; kill -9 one holding feedback it has not committed yet, while
+    the group's collectives run: the two others re-form, the dead one's feedback is claimed and recomputed by a
     survivor, and the member returns with the newest version. Then kill the leader right after a commit: a
     survivor takes the lease and leads on."""
     checkpoint = tiny_checkpoints["llama"]
@@ -157,7 +154,6 @@ def test_members_train_as_one_trainer_and_survive_kill_9(
         # learning-rate steps; SGD keeps the comparison with one trainer as tight as fp32 allows.
         "ALCHEMIST_TRAINING_OPTIMIZER": "sgd",
         "ALCHEMIST_TRAINING_LEARNING_RATE": "0.05",
-        "ALCHEMIST_TRAINING_SLICE_MS": "2",  # while serving, a round's local gradient takes many slices
     }
     everyone = [
         group_worker(checkpoint, redis_url, directory.root, tmp_path, f"r{n}", **env) for n in range(3)
@@ -192,13 +188,12 @@ def test_members_train_as_one_trainer_and_survive_kill_9(
         wait_serving(everyone, 1)
 
         victims = feedback_on([victim, victim], leader)
-        with keep_serving(victim, checkpoint.name):  # training gets a share of decode time: a long round
-            # Its feedback is pending under its consumer name from hand-off to commit; the round starts once
-            # the oldest sample waited MAX_WAIT_SECONDS, and serving stretches its local gradient. (Status polls
-            # over HTTP are too slow on a loaded machine to catch the round itself.)
-            wait_until(lambda: held_by(redis_client, victim) >= len(victims), 30, "the victim's feedback")
-            time.sleep(1.6)
-            victim.kill()
+        # Its feedback is pending under its consumer name from hand-off to commit: killed as soon as it
+        # holds it, it dies before committing it, inside the group's collectives (an idle group all-reduces
+        # every poll). Timing the kill on its gradient is not reliable here: status polls over HTTP take
+        # longer than a round on a loaded machine.
+        wait_until(lambda: held_by(redis_client, victim) >= len(victims), 30, "the victim's feedback")
+        victim.kill()
         feedback_on(survivors, leader)
         wait_trained(directory, set(sent), timeout=90)  # its feedback too, recomputed by a survivor
         members(2, survivors)
@@ -239,30 +234,6 @@ def held_by(client: redis.Redis, worker: WorkerProcess) -> int:
     consumers = client.xinfo_consumers(KEYS.feedback, FEEDBACK_GROUP)
     name = worker.env["ALCHEMIST_REPLICA"]
     return sum(int(c["pending"]) for c in consumers if c["name"] in (name, name.encode()))
-
-
-@contextlib.contextmanager
-def keep_serving(worker: WorkerProcess, model: str) -> Iterator[None]:
-    """Long completions to `worker`, one after another, until the block ends or the worker is gone."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        body = {"model": model, "prompt": "once upon a time", "max_tokens": 100}
-        while not stop.is_set():
-            try:
-                httpx.post(worker.base_url + "/v1/completions", json=body, timeout=30)
-            except httpx.HTTPError:
-                return
-
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(3)]  # never idle between them
-    for thread in threads:
-        thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(35)
 
 
 def start_all(workers: list[WorkerProcess]) -> None:

@@ -60,8 +60,8 @@ class DataParallelControl(TrainingControl):
             self.rounds.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)  # first: its offer duty must not renew the offer the rounds withdraw
         self.rounds.stop(timeout)
-        super().stop(timeout)
 
     def on_step_done(self, done: StepDone) -> None:
         self.rounds.step_done(done)

@@ -90,9 +90,16 @@ class RoundLoop:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Withdraws the offer (the leader re-forms without us at once), then ends the thread."""
         self._stop.set()
+        try:
+            self.group.withdraw(self.replica)
+        except Exception:  # Redis away: the offer expires by itself
+            log.debug("withdrawing the offer failed", exc_info=True)
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still inside a collective: its timeout ends it; never tear the group down under it
         self.comm.close()
 
     def step_done(self, done: StepDone) -> None:
