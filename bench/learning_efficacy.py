@@ -7,13 +7,14 @@ gate and Redis, in one process; no HTTP) for a few rounds:
 - generic questions: thumbs up when the answer names what it should, thumbs down otherwise;
 - then a run of adversarial corrections: wrong answers to general-knowledge questions that the gate's own set
   (evaluation/sets/general.jsonl: held-out text and reference answers) asks too.
-After every round the trainer has published a version (one step per round); each version is read back:
-accuracy on the taught facts (greedy decoding starts with the reference answer, teacher-forced), perplexity on
-the general text (the gate's reading, against the base model) and the gate's decision. Configurations differ
+After every round the trainer has published a few versions (one per step of 8 samples); each is read back:
+facts recalled (the fact's key word is the greedy choice after the question and the reference's words before
+it) and whole answers (greedy decoding, teacher-forced, reproduces the reference), perplexity on the general text
+(the gate's reading, against the base model) and the gate's decision. Configurations differ
 only in their training settings (objective, forgetting guard); settings this build does not know are skipped
 and reported as such.
 
-    .venv/bin/python bench/learning_efficacy.py                 # writes docs/learning-efficacy.{json,png}
+    .venv/bin/python bench/learning_efficacy.py   # docs/learning-efficacy.png, docs/results/learning-efficacy.json
     .venv/bin/python bench/learning_efficacy.py --rounds 1 --configs supervised --no-write   # smoke run
 """
 
