@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 from alchemist_protocol.local_redis import free_port
@@ -36,6 +37,6 @@ def group_worker(
     )
 
 
-def group_status(worker: WorkerProcess) -> dict[str, object]:
-    status: dict[str, object] = httpx.get(worker.base_url + "/v1/versions", timeout=10).json()["worker"]
-    return dict(status.get("data_parallel") or {})  # type: ignore[call-overload]
+def group_status(worker: WorkerProcess) -> dict[str, Any]:
+    status: dict[str, Any] = httpx.get(worker.base_url + "/v1/versions", timeout=10).json()["worker"]
+    return dict(status.get("data_parallel") or {})

@@ -88,8 +88,10 @@ def round_draft(
     training: dict[str, Any],
     step: int,
     generation: int,
+    expected_head: int,
 ) -> VersionDraft:
-    """The version of a round; `parent` is the head every member restored or committed last."""
+    """The version of a round. `parent`: what the members trained from (the head, or a rollback's target);
+    `expected_head`: the newest published version, which the commit checks is still the newest."""
     settled = [fb for c in contributions for fb in c.feedback]
     units = sum(c.units for c in contributions)
     outcomes = [o for c in contributions for o in c.outcomes]
@@ -115,5 +117,5 @@ def round_draft(
             },
         },
         feedback_ranges=entry_ranges([e for s in settled for e in s.entry_ids]),
-        expected_head=parent,
+        expected_head=expected_head,
     )

@@ -384,8 +384,9 @@ class RoundLoop:
         token = control.lease.token
         if token is None or token != record.leader_token:
             return RoundOutcome(None, "the leader lost the trainer lease")
-        parent = self.trainer.head_version
-        version = parent + 1
+        parent = self.trainer.head_version  # the head, or a rollback's target
+        head = control.store.latest_version()
+        version = head + 1
         state = {**state, "head_version": version, "lineage": sorted({*state["lineage"], version})}
 
         def write(path: Any) -> None:
@@ -401,6 +402,7 @@ class RoundLoop:
             training=control.settings.describe(),
             step=applied.step,
             generation=record.generation,
+            expected_head=head,
         )
         try:
             control.publisher.publish(draft, token)
