@@ -3,41 +3,18 @@ trainer publishes, copied over HTTP from the trainer (`peers`, the operator's de
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from alchemist_worker.api.errors import install_error_handlers
 from fastapi import FastAPI
 
+from tests.fixtures.http_server import free_port, serve_in_thread
 from tests.worker.continual.conftest import InProcessWorker, wait_until
 
 PROMPT = [5, 17, 42, 8, 99, 23]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _serve(app: FastAPI, port: int) -> Callable[[], None]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-    return stop
 
 
 @pytest.fixture
@@ -64,13 +41,13 @@ def test_a_replica_without_a_shared_volume_serves_the_trainers_versions(
     else:
         _, bucket = request.getfixturevalue("s3_bucket")  # a moto S3 server, boto3's variables set
         monkeypatch.setenv("ALCHEMIST_VERSIONS_S3_URI", f"s3://{bucket}/versions")
-    port = _free_port()
+    port = free_port()
     trainer = make_worker(replica=f"127.0.0.1:{port}", versions=tmp_path / "trainer-versions")
     app = FastAPI()
     install_error_handlers(app)
     for router in trainer.runtime.routers():
         app.include_router(router)
-    servers.append(_serve(app, port))
+    servers.append(serve_in_thread(app, port))
     wait_until(lambda: trainer.runtime.control.training, 10, "the first replica takes the lease")
 
     follower = make_worker(replica="r1", versions=tmp_path / "follower-versions")

@@ -3,8 +3,6 @@ S3 server), into a replica's own directory, with real Redis as the lineage's com
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +10,6 @@ from typing import Any
 
 import pytest
 import redis
-import uvicorn
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import JobKeys
 from alchemist_protocol.schemas import ArtifactKind, ReplicaState
@@ -26,6 +23,8 @@ from alchemist_worker.versions.publisher import CommitIOError, VersionDraft, Ver
 from alchemist_worker.versions.s3_versions import S3Versions
 from alchemist_worker.versions.storage import version_storage
 from fastapi import FastAPI
+
+from tests.fixtures.http_server import free_port, serve_in_thread
 
 KEYS = JobKeys("ns", "job")
 WEIGHTS = bytes(range(256)) * 4096  # 1 MiB: several chunks on the wire
@@ -45,12 +44,6 @@ def files_of(directory: VersionDirectory, version: int) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.path(version).iterdir()}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _serve(directory: VersionDirectory, keys: AccessKeys | None = None) -> tuple[str, Callable[[], None]]:
     """The worker's file route (behind its bearer-key middleware when `keys`) on a real HTTP server: (its name,
     stop). The name is its host:port, so the URL template `http://{replica}` reaches it."""
@@ -59,17 +52,8 @@ def _serve(directory: VersionDirectory, keys: AccessKeys | None = None) -> tuple
     app.include_router(version_files_router(directory))
     if keys is not None:
         app.add_middleware(BearerAuth, keys=keys)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=10)
-
+    port = free_port()
+    stop = serve_in_thread(app, port)
     return f"127.0.0.1:{port}", stop
 
 
@@ -123,7 +107,7 @@ def test_any_live_replica_that_holds_the_version_serves_it_when_the_publisher_is
 ) -> None:
     holder_name, holder = replica_server
     store = JobStore(redis_client, KEYS)
-    gone = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    gone = f"127.0.0.1:{free_port()}"  # nothing listens there
     VersionPublisher(VersionDirectory(tmp_path / "gone"), store, gone, keep=3).commit(draft(1))
     # The holder copied it earlier (here: straight from the publisher's files) and beats its heartbeat.
     VersionMirror(holder, store, _DirectorySource(tmp_path / "gone")).copy(1)
