@@ -125,3 +125,31 @@ def test_quantities() -> None:
     for bad in ("8Q", "Gi", "-1", "1.2.3"):
         with pytest.raises(ValueError):
             parse_quantity(bad)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("training", "beta"), 0),
+        (("training", "beta"), float("nan")),
+        (("training", "klWeight"), -1),
+        (("training", "klWeight"), float("nan")),
+        (("training", "desirableWeight"), -0.5),
+        (("training", "undesirableWeight"), float("nan")),
+        (("training", "objective"), "rlhf"),
+        (("recording", "dtype"), "float8"),
+        (("recording", "dtype"), b"\xff"),
+        (("lifecycle", "drainSeconds"), -1),
+        (("lifecycle", "drainSeconds"), 10**12),
+        (("lifecycle", "preStopSeconds"), 121),
+        (("evaluation", "maxPerplexityIncrease"), float("nan")),
+        (("evaluation", "maxExactMatchDrop"), 2),
+    ],
+)
+def test_hostile_values_in_the_newer_fields_name_the_field(path: tuple[str, str], value: Any) -> None:
+    """Negative, NaN, huge, unknown and undecodable values are refused with the field's path, never accepted."""
+    raw: dict[str, Any] = {"model": {"path": "/m"}, path[0]: {path[1]: value}}
+    if path[0] == "evaluation":
+        raw["evaluation"]["path"] = "/eval.jsonl"
+    with pytest.raises(InvalidSpec, match=rf"spec\.{path[0]}\.{path[1]}"):
+        parse_job_spec(raw)
