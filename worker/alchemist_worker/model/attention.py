@@ -90,6 +90,8 @@ def _one_sequence(
     q: Tensor, k: Tensor, v: Tensor, scale: float, sliding_window: int | None, need_lse: bool
 ) -> tuple[Tensor, Tensor | None]:
     """q: [tq, H, D], k/v: [tk, Hkv, D] -> out [tq, H, D], lse [tq, H] | None."""
+    if need_lse and _fused_applies(q, k, v, sliding_window):
+        return fused_attention(q, k, v, scale)
     mask = causal_mask(q.shape[0], k.shape[0], sliding_window, q.dtype, q.device)
     qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, len, D]
     if _FLASH_CPU is not None and q.device.type == "cpu":
@@ -100,8 +102,6 @@ def _one_sequence(
             qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
         )
         return out[0].transpose(0, 1), None
-    if _fused_applies(q, k, v, sliding_window):
-        return fused_attention(q, k, v, scale)
     return _softmax_attention(q, k, v, scale, sliding_window)
 
 
@@ -205,8 +205,8 @@ def varlen_attention_backward(
             dks.append(torch.zeros_like(k[k0:k1]))
             dvs.append(torch.zeros_like(v[k0:k1]))
             continue
-        mask = causal_mask(q1 - q0, k1 - k0, sliding_window, q.dtype, q.device)
         if _FLASH_CPU_BACKWARD is not None and q.device.type == "cpu":
+            mask = causal_mask(q1 - q0, k1 - k0, sliding_window, q.dtype, q.device)
             bq, bk, bv, bo, bg = (
                 t.transpose(0, 1).unsqueeze(0)
                 for t in (q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1], grad_out[q0:q1])
