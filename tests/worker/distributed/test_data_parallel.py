@@ -11,6 +11,7 @@ feedback on the requests it served, every sample must reuse its prefill record.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from pathlib import Path
 
@@ -20,11 +21,16 @@ import redis
 import torch
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import FEEDBACK_GROUP, JobKeys
+from alchemist_protocol.schemas import GateDecision
 from alchemist_worker.activations.store import ActivationStore, StoreConfig
 from alchemist_worker.continual.settings import TrainerSettings
 from alchemist_worker.continual.trainable_weights import TrainableWeights
 from alchemist_worker.continual.trainer import ContinualTrainer
 from alchemist_worker.distributed.trainer import same_initial_adapters
+from alchemist_worker.engine.serving_tokenizer import ServingTokenizer
+from alchemist_worker.evaluation.candidate import CandidateEvaluation
+from alchemist_worker.evaluation.gate import GateBounds
+from alchemist_worker.evaluation.settings import EvaluationSettings
 from alchemist_worker.feedback.samples import TrainingSample
 from alchemist_worker.model.checkpoint import load_model
 from alchemist_worker.versions.artifacts import read_trainer_state
@@ -262,3 +268,80 @@ def start_all(workers: list[WorkerProcess]) -> None:
         thread.join()
     for worker in workers:
         assert worker.process is not None and worker.process.poll() is None
+
+
+GENERAL_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Operators reconcile custom resources into pods, services and config maps.",
+    "def add(a, b):\n    return a + b",
+]
+
+
+def test_the_evaluation_gate_judges_every_round(
+    tiny_checkpoints: dict[str, Path], redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """With an evaluation set, the leader scores each round's candidate before committing it, as one trainer
+    does: every version carries the gate's reading, whose scores are those of the published weights (scored
+    here again, independently of the members), and a held version is never served."""
+    checkpoint = tiny_checkpoints["llama"]
+    directory = VersionDirectory(tmp_path / "versions")
+    eval_path = tmp_path / "eval.jsonl"
+    eval_path.write_text("\n".join(json.dumps({"text": text}) for text in GENERAL_TEXT))
+    env = {
+        "ALCHEMIST_TRAINING_MIN_BATCH_SIZE": "4",
+        "ALCHEMIST_TRAINING_MAX_WAIT_SECONDS": "1.0",
+        "ALCHEMIST_TRAINING_OPTIMIZER": "sgd",
+        "ALCHEMIST_TRAINING_LEARNING_RATE": "0.5",  # large: some candidates regress on general text
+        "ALCHEMIST_EVALUATION_SET": str(eval_path),
+        "ALCHEMIST_EVALUATION_MAX_PERPLEXITY_INCREASE": "0",
+        "ALCHEMIST_DP_ROUND_TIMEOUT_SECONDS": "20",  # the members wait for the leader's scoring
+        "ALCHEMIST_FEEDBACK_CLAIM_IDLE_MS": "30000",
+    }
+    workers = [
+        group_worker(checkpoint, redis_url, directory.root, tmp_path, f"g{n}", **env) for n in range(2)
+    ]
+    store = JobStore(redis_client, KEYS)
+    sent: set[str] = set()
+    try:
+        start_all(workers)
+        wait_until(lambda: all(group_status(w).get("world_size") == 2 for w in workers), 60, "2 members")
+        for round_ in range(3):
+            served = [serve(w, checkpoint.name, 10 * round_ + n) for n, w in enumerate(workers + workers)]
+            for response_id in served:
+                wait_record(store, response_id)
+                accept(workers[0], response_id)
+            sent.update(f"fb-{rid}" for rid in served)
+            wait_trained(directory, set(sent))
+        readings = {v: directory.manifest(v).info.evaluation for v in directory.committed()}
+        passed = [v for v, r in readings.items() if r is not None and r.decision is GateDecision.PASSED]
+        wait_serving(workers, max(passed, default=0))  # `latest` followers skip held versions
+    finally:
+        for worker in workers:
+            worker.stop()
+
+    tokenizer = ServingTokenizer.from_pretrained(checkpoint)
+    gate = CandidateEvaluation.load(
+        EvaluationSettings(eval_path, GateBounds(max_perplexity_increase=0)),
+        lambda text: tokenizer.inner.encode(text, add_special_tokens=False),
+        tokenizer.apply_chat_template,
+        max_model_len=512,
+    )
+    assert gate is not None
+    model = load_model(checkpoint, dtype=torch.float32, device=torch.device("cpu"))
+    settings = TrainerSettings.from_env({**workers[0].env, **env})
+    weights = TrainableWeights(model, settings, base_model=str(checkpoint))
+    weights.install(weights.base_serving_set())
+    base = gate.score(model, torch.device("cpu"))
+    assert len(readings) >= 2, readings
+    for version, reading in readings.items():
+        assert reading is not None, f"version {version} was published without the gate's reading"
+        assert reading.parent == directory.manifest(version).info.parent
+        weights.load_training(weights.read(directory.path(version)))
+        weights.use_training()
+        scores = gate.score(model, torch.device("cpu"))
+        assert reading.scores.perplexity == pytest.approx(scores.perplexity, rel=1e-5), version
+        assert reading.base.perplexity == pytest.approx(base.perplexity, rel=1e-5)
+        floor = min(base.perplexity or 0, (reading.parent_scores or reading.base).perplexity or 0)
+        regressed = (scores.perplexity or 0) > floor  # the bound is 0: any increase is a regression
+        assert (reading.decision is GateDecision.HELD) == regressed, (version, reading)
+    assert any(r is not None and r.decision is GateDecision.HELD for r in readings.values()), readings

@@ -452,7 +452,7 @@ class TrainingControl:
                     info.samples,
                     info.loss or 0,
                 )
-                self._judged(version, info.evaluation)
+                self.judged(version, info.evaluation)
             self.publisher.finalize(pending.draft)
         except redis.RedisError as exc:  # building the draft: same as the publisher's RedisUnavailable
             self._commit_failed(pending, RedisUnavailable(f"Redis unavailable before committing: {exc}"))
@@ -488,7 +488,7 @@ class TrainingControl:
             write_trainer_state(path, state)
 
         tokens = sum(r.response_tokens for r in results)
-        evaluation = self._gate_reading(results[-1], parent)
+        evaluation = self.gate_reading(results[-1], parent)
         return VersionDraft(
             version=version,
             parent=parent,
@@ -508,7 +508,7 @@ class TrainingControl:
             evaluation=evaluation,
         )
 
-    def _gate_reading(self, result: StepResult, parent: int) -> EvaluationReading | None:
+    def gate_reading(self, result: StepResult, parent: int) -> EvaluationReading | None:
         """The evaluation gate's reading of the candidate the last step produced (it scored it), if any."""
         gate = self.trainer.evaluation
         scores = result.extra.get("evaluation")
@@ -516,7 +516,7 @@ class TrainingControl:
             return None
         return gate.reading(scores, parent, self.store.get_version(parent) if parent else None)
 
-    def _judged(self, version: int, reading: EvaluationReading | None) -> None:
+    def judged(self, version: int, reading: EvaluationReading | None) -> None:
         gate = self.trainer.evaluation
         if gate is None or reading is None:
             return

@@ -87,6 +87,13 @@ class EngineSide:
         self.snapshot_due = snapshot_due
         self.trainer.begin(samples, evaluate=snapshot_due)
 
+    def begin_evaluation(self, step_id: int) -> None:
+        """Engine thread: starts scoring the training weights on the evaluation set (trainer.begin_evaluation);
+        its StepDone carries `step_id`."""
+        self.step_id = step_id
+        self.snapshot_due = False
+        self.trainer.begin_evaluation()
+
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Runs `fn` on the engine thread between iterations; the future holds its result."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()

@@ -17,11 +17,12 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from alchemist_protocol.schemas import EvaluationScores
 
 from alchemist_worker.activations.store import ActivationStore
 from alchemist_worker.continual.settings import Mode, Optimizer, Schedule, TrainerSettings
@@ -143,9 +144,22 @@ class ContinualTrainer:
             raise RuntimeError("a training step is already in progress")
         if not samples:
             raise ValueError("a training step needs at least one sample")
+        self._start(lambda: self._step_and_evaluate(samples, evaluate))
+
+    def begin_evaluation(self) -> None:
+        """Scores the training weights as they stand on the evaluation set, in slices, without a step: a
+        data-parallel leader's candidate is the round's applied step, scored before it is committed. The result
+        carries only `extra["evaluation"]`."""
+        if self._cursor is not None:
+            raise RuntimeError("a training step is already in progress")
+        if self.evaluation is None:
+            raise RuntimeError("the job names no evaluation set")
+        self._start(self._evaluation_only)
+
+    def _start(self, step: Callable[[], StepResult]) -> None:
         self._started = time.monotonic()
         self._cursor = StepCursor(
-            lambda: self._step_and_evaluate(samples, evaluate),
+            step,
             yield_at_modules=list(self.model.layers),
             on_resume=self._resume,
             on_pause=self._pause,
@@ -199,18 +213,28 @@ class ContinualTrainer:
     # Step thread.
     def _step_and_evaluate(self, samples: list[FeedbackSample], evaluate: bool) -> StepResult:
         result = self._step(samples)
-        evaluation = self.evaluation
-        if evaluate and evaluation is not None:
-            if evaluation.base is None:  # once per process: the base model on the same set
-                self._slice_weights = self.weights.base_serving_set()
-                self.weights.install(self._slice_weights)
-                try:
-                    evaluation.base = evaluation.score(self.model, self.device)
-                finally:
-                    self._slice_weights = None
-                    self.weights.use_training()
-            result.extra["evaluation"] = evaluation.score(self.model, self.device)
+        if evaluate and self.evaluation is not None:
+            result.extra["evaluation"] = self._score_candidate(self.evaluation)
         return result
+
+    def _evaluation_only(self) -> StepResult:
+        assert self.evaluation is not None
+        result = StepResult([], 0.0, 0, 0, [], 0.0, 0.0, 0, self.step_count, 0.0)
+        result.extra["evaluation"] = self._score_candidate(self.evaluation)
+        return result
+
+    def _score_candidate(self, evaluation: CandidateEvaluation) -> EvaluationScores:
+        """The training weights' scores; the base model's first, once per process, with its weights installed
+        for those slices."""
+        if evaluation.base is None:
+            self._slice_weights = self.weights.base_serving_set()
+            self.weights.install(self._slice_weights)
+            try:
+                evaluation.base = evaluation.score(self.model, self.device)
+            finally:
+                self._slice_weights = None
+                self.weights.use_training()
+        return evaluation.score(self.model, self.device)
 
     def _step(self, samples: list[FeedbackSample]) -> StepResult:
         reports, own_reasons, total = self._accumulate(samples)

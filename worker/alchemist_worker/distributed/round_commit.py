@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alchemist_protocol.schemas import ArtifactKind
+from alchemist_protocol.schemas import ArtifactKind, EvaluationReading
 
 from alchemist_worker.feedback.consumer import SettledFeedback
 from alchemist_worker.versions.publisher import VersionDraft, entry_ranges
@@ -89,9 +89,11 @@ def round_draft(
     step: int,
     generation: int,
     expected_head: int,
+    evaluation: EvaluationReading | None = None,
 ) -> VersionDraft:
     """The version of a round. `parent`: what the members trained from (the head, or a rollback's target);
-    `expected_head`: the newest published version, which the commit checks is still the newest."""
+    `expected_head`: the newest published version, which the commit checks is still the newest; `evaluation`:
+    the gate's reading of the candidate, when the job names an evaluation set."""
     settled = [fb for c in contributions for fb in c.feedback]
     units = sum(c.units for c in contributions)
     outcomes = [o for c in contributions for o in c.outcomes]
@@ -118,4 +120,5 @@ def round_draft(
         },
         feedback_ranges=entry_ranges([e for s in settled for e in s.entry_ids]),
         expected_head=expected_head,
+        evaluation=evaluation,
     )

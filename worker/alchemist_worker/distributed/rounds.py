@@ -11,9 +11,10 @@ A round, on every member of a generation:
 2. the local gradient of this member's batch (maybe empty) in slices on the engine thread (EngineSide);
 3. all-reduce of the token-weighted gradients and the token counts, here, off the engine thread;
 4. the identical optimizer step on the engine thread (one call), and the weights' digest;
-5. all-gather of the contributions; the leader checks the digests and commits one version with everyone's
-   feedback, then broadcasts the outcome; every member marks the version committed and drops its batch (the
-   leader's commit acknowledged it).
+5. all-gather of the contributions; the leader checks the digests, scores the candidate on the evaluation set
+   when the job names one (in engine slices; the gate's reading goes with the version, as with one trainer)
+   and commits one version with everyone's feedback, then broadcasts the outcome; every member marks the
+   version committed and drops its batch (the leader's commit acknowledged it).
 Any collective error (a member died, stalled past the timeout, or left) ends the generation on this member:
 its step is cancelled, its feedback released unacknowledged (it trains again), and it waits for the next
 generation. The leader waits `member_ttl_s` after a failure, so that a dead member's offer has expired.
@@ -32,6 +33,7 @@ import torch
 from alchemist_protocol.training_group import GroupRecord, MemberOffer, TrainingGroupStore
 
 from alchemist_worker.continual.engine_side import StepDone
+from alchemist_worker.continual.trainer import StepResult
 from alchemist_worker.distributed.communicator import Communicator
 from alchemist_worker.distributed.round_commit import (
     Contribution,
@@ -350,6 +352,20 @@ class RoundLoop:
         samples = [p.sample for p in batch]
         side = self.control.engine_side
         self._engine(lambda: side.begin_step(step_id, samples, False))
+        return self._wait_done(step_id)
+
+    def _candidate_scores(self) -> StepResult:
+        """Leader: the applied step's weights scored on the evaluation set, in engine slices."""
+        self._step_id += 1
+        step_id = self._step_id
+        side = self.control.engine_side
+        self._engine(lambda: side.begin_evaluation(step_id))
+        result, error = self._wait_done(step_id)
+        if error is not None:
+            raise error
+        return result
+
+    def _wait_done(self, step_id: int) -> tuple[Any, BaseException | None]:
         while True:
             try:
                 done = self._done.get(timeout=0.1)
@@ -385,6 +401,11 @@ class RoundLoop:
         if token is None or token != record.leader_token:
             return RoundOutcome(None, "the leader lost the trainer lease")
         parent = self.trainer.head_version  # the head, or a rollback's target
+        # The gate judges every candidate, as with one trainer: the members wait in the outcome's broadcast
+        # meanwhile, so the round timeout must cover the scoring (docs/data-parallel.md).
+        reading = None
+        if self.trainer.evaluation is not None:
+            reading = control.gate_reading(self._candidate_scores(), parent)
         head = control.store.latest_version()
         version = head + 1
         state = {**state, "head_version": version, "lineage": sorted({*state["lineage"], version})}
@@ -403,6 +424,7 @@ class RoundLoop:
             step=applied.step,
             generation=record.generation,
             expected_head=head,
+            evaluation=reading,
         )
         try:
             control.publisher.publish(draft, token)
@@ -421,6 +443,7 @@ class RoundLoop:
                     )
                 time.sleep(0.2 * 2**attempt)
         control.version_published(draft, version)
+        control.judged(version, reading)
         return RoundOutcome(version)
 
     def _engine(self, fn: Callable[[], T]) -> T:
