@@ -49,7 +49,10 @@ def test_logits_match_transformers_on_smollm2() -> None:
     assert model.config.num_layers == 30 and model.config.tie_word_embeddings
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     seqs, positions = flat_batch(model.config.vocab_size, [37, 12])
-    assert (native_logits(model, seqs, positions) - hf_logits(hf, seqs)).abs().max().item() <= 1e-4
+    ours, ref = native_logits(model, seqs, positions), hf_logits(hf, seqs)
+    # Relative to the logits' scale (|logit| up to ~15 over 30 fp32 layers): CPUs with different vector units
+    # sum the GEMMs in different orders, 1.2e-4 apart at most measured; a real divergence is orders larger.
+    assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
 def test_sliding_window_matches_transformers(tmp_path: Path) -> None:
