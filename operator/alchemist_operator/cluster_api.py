@@ -72,9 +72,17 @@ class ApplyResult:
 
 
 class ClusterApi:
-    def __init__(self, api_client: kubernetes.client.ApiClient, field_manager: str = MANAGER) -> None:
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        field_manager: str = MANAGER,
+        request_timeout: tuple[float, float] = (5.0, 30.0),
+    ) -> None:
+        """`request_timeout`: (connect, read) seconds. Without it a connection the API server accepted but
+        never answers holds a handler's thread forever; with it the call fails and the handler retries."""
         self.api_client = api_client
         self.field_manager = field_manager
+        self.request_timeout = request_timeout
 
     @classmethod
     def from_environment(cls) -> ClusterApi:
@@ -108,7 +116,13 @@ class ClusterApi:
         )
         http_method, url, http_headers, http_body, _ = serialized
         try:
-            response = self.api_client.call_api(http_method, url, header_params=http_headers, body=http_body)
+            response = self.api_client.call_api(
+                http_method,
+                url,
+                header_params=http_headers,
+                body=http_body,
+                _request_timeout=self.request_timeout,
+            )
             response.read()
         except kubernetes.client.ApiException as exc:
             raise ApiError(exc.status or 0, method, path, str(exc.reason)) from None

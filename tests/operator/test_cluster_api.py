@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import socket
+import threading
+import time
 from typing import Any
 
+import kubernetes
 import pytest
 from alchemist_operator.children import IMMUTABLE_SPEC_FIELDS, desired_children
 from alchemist_operator.cluster_api import ApiError, ClusterApi, is_subset, resource_path
@@ -124,3 +128,26 @@ def test_paths_and_subset() -> None:
     assert is_subset({"a": [{"b": 1}]}, {"a": [{"b": 1, "c": 2}], "d": 3})
     assert not is_subset({"a": [{"b": 1}]}, {"a": [{"b": 2}]})
     assert is_subset({"size": 5}, {"size": "5"})
+
+
+async def test_an_api_server_that_never_answers_fails_the_call_instead_of_hanging() -> None:
+    """A connection accepted but never answered (a wedged API server or proxy) must not hold the handler's
+    thread forever: the read timeout fails the call, and kopf retries the handler."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    accepting = threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True)
+    accepting.start()
+    configuration = kubernetes.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    configuration.retries = 0
+    api = ClusterApi(kubernetes.client.ApiClient(configuration), request_timeout=(1.0, 1.0))
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match=r"(?i)timed out|timeout"):
+            await api.get("v1", "ConfigMap", "ns", "c")
+        assert time.monotonic() - started < 10
+    finally:
+        api.close()
+        for connection in held:
+            connection.close()
+        silent.close()

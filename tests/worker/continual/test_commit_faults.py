@@ -163,7 +163,8 @@ def test_a_holder_whose_lease_is_taken_over_between_step_and_commit_cannot_publi
     published = [old.store.get_version(v) for v in old.store.version_numbers()]
     assert all(info is not None and info.trained_by == "r1" for info in published)
     assert counter(old.runtime.metrics.steps) == 0 and counter(old.runtime.metrics.versions_published) == 0
-    assert not control.training
+    # The failure is counted first, then training stops (same control-thread call): wait for the second.
+    wait_until(lambda: not control.training, 10, "r0 stopped training")
     # r1 claims what r0 left pending and trains it.
     wait_until(all_trained(redis_client, sent), 30, "r1 trained r0's feedback")
     info = old.store.get_version(1)
