@@ -140,8 +140,6 @@ class ContinualTrainer:
     def begin(self, samples: list[FeedbackSample], evaluate: bool = False) -> None:
         """`evaluate`: the step completes a version, so the candidate is scored on the evaluation set (in the
         same cursor, after the optimizer step) and its scores go into the result's `extra["evaluation"]`."""
-        if self._cursor is not None:
-            raise RuntimeError("a training step is already in progress")
         if not samples:
             raise ValueError("a training step needs at least one sample")
         self._start(lambda: self._step_and_evaluate(samples, evaluate))
@@ -150,13 +148,13 @@ class ContinualTrainer:
         """Scores the training weights as they stand on the evaluation set, in slices, without a step: a
         data-parallel leader's candidate is the round's applied step, scored before it is committed. The result
         carries only `extra["evaluation"]`."""
-        if self._cursor is not None:
-            raise RuntimeError("a training step is already in progress")
         if self.evaluation is None:
             raise RuntimeError("the job names no evaluation set")
         self._start(self._evaluation_only)
 
     def _start(self, step: Callable[[], StepResult]) -> None:
+        if self._cursor is not None:
+            raise RuntimeError("a training step is already in progress")
         self._started = time.monotonic()
         self._cursor = StepCursor(
             step,
@@ -219,7 +217,18 @@ class ContinualTrainer:
 
     def _evaluation_only(self) -> StepResult:
         assert self.evaluation is not None
-        result = StepResult([], 0.0, 0, 0, [], 0.0, 0.0, 0, self.step_count, 0.0)
+        result = StepResult(
+            samples=[],
+            loss=0.0,
+            tokens=0,
+            response_tokens=0,
+            results=[],
+            busy_s=0.0,
+            wall_s=0.0,
+            slices=0,
+            step=self.step_count,
+            lr=0.0,
+        )
         result.extra["evaluation"] = self._score_candidate(self.evaluation)
         return result
 

@@ -51,7 +51,7 @@ class RoundStats:
     round_s: float = 0.0  # from the agreement to the outcome
     local_s: float = 0.0  # waiting for the local gradient (engine slices)
     comm_s: float = 0.0  # in collectives after the local gradient (all-reduce, gather, outcome)
-    commit_s: float = 0.0  # the leader's commit
+    commit_s: float = 0.0  # the leader's commit, its scoring of the candidate included
     regroups: int = 0
     failures: int = 0
     last_error: str = ""

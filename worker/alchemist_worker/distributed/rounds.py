@@ -347,25 +347,22 @@ class RoundLoop:
         """(StepResult or None, error) of this member's batch; None, None for an empty batch."""
         if not batch:
             return None, None
-        self._step_id += 1
-        step_id = self._step_id
         samples = [p.sample for p in batch]
         side = self.control.engine_side
-        self._engine(lambda: side.begin_step(step_id, samples, False))
-        return self._wait_done(step_id)
+        return self._sliced(lambda step_id: side.begin_step(step_id, samples, False))
 
     def _candidate_scores(self) -> StepResult:
         """Leader: the applied step's weights scored on the evaluation set, in engine slices."""
-        self._step_id += 1
-        step_id = self._step_id
-        side = self.control.engine_side
-        self._engine(lambda: side.begin_evaluation(step_id))
-        result, error = self._wait_done(step_id)
+        result, error = self._sliced(self.control.engine_side.begin_evaluation)
         if error is not None:
             raise error
         return result
 
-    def _wait_done(self, step_id: int) -> tuple[Any, BaseException | None]:
+    def _sliced(self, begin: Callable[[int], None]) -> tuple[Any, BaseException | None]:
+        """Starts work on the engine thread under a new step id and waits for its (result, error)."""
+        self._step_id += 1
+        step_id = self._step_id
+        self._engine(lambda: begin(step_id))
         while True:
             try:
                 done = self._done.get(timeout=0.1)
