@@ -1,14 +1,23 @@
-"""Worker processes of one data-parallel job on this machine: each its own rendezvous port, one Redis."""
+"""Worker processes of one data-parallel job on this machine: each its own rendezvous port, one Redis; what the
+tests do to them through their API (serve, give feedback) and what they read back (group status, holdings)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
+from alchemist_protocol.job_store import JobStore
+from alchemist_protocol.keys import FEEDBACK_GROUP, JobKeys
 from alchemist_protocol.local_redis import free_port
 
+from tests.worker.continual.conftest import wait_until
 from tests.worker.continual.worker_process import WorkerProcess
+
+KEYS = JobKeys("ns", "job")
+PROMPTS = ["hello there", "def add(a, b):", "the quick brown fox", "once upon a time", "print(1)", "a b c d"]
 
 # Short timeouts so a dead member costs seconds; the claim idle time must exceed round timeout + member TTL.
 GROUP_ENV = {
@@ -40,3 +49,55 @@ def group_worker(
 def group_status(worker: WorkerProcess) -> dict[str, Any]:
     status: dict[str, Any] = httpx.get(worker.base_url + "/v1/versions", timeout=10).json()["worker"]
     return dict(status.get("data_parallel") or {})
+
+
+def start_all(workers: list[WorkerProcess]) -> None:
+    """Starts the processes together (their model loads overlap), then waits for each."""
+    threads = [threading.Thread(target=w.start) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for worker in workers:
+        assert worker.process is not None and worker.process.poll() is None
+
+
+def wait_members(world: int, among: list[WorkerProcess], timeout: float = 60) -> None:
+    wait_until(
+        lambda: all(group_status(w).get("world_size") == world for w in among), timeout, f"{world} members"
+    )
+
+
+def serve(worker: WorkerProcess, model: str, n: int) -> str:
+    body = {"model": model, "prompt": PROMPTS[n % len(PROMPTS)] + f" {n}", "max_tokens": 4 + n % 3}
+    response = httpx.post(worker.base_url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+def accept(worker: WorkerProcess, response_id: str) -> None:
+    body = {"response_id": response_id, "label": "accept", "idempotency_key": f"fb-{response_id}"}
+    response = httpx.post(worker.base_url + "/v1/feedback", json=body, timeout=30)
+    assert response.status_code == 202, response.text
+
+
+def wait_record(store: JobStore, response_id: str) -> None:
+    wait_until(lambda: store.get_request(response_id) is not None, 10, "the request record")
+
+
+def wait_serving(workers: list[WorkerProcess], version: int) -> None:
+    wait_until(
+        lambda: all(w.status()["serving_version"] == version for w in workers), 30, f"serving {version}"
+    )
+
+
+def held_by(client: redis.Redis, worker: WorkerProcess) -> int:
+    """Feedback entries pending under the worker's consumer name."""
+    consumers = client.xinfo_consumers(KEYS.feedback, FEEDBACK_GROUP)
+    name = worker.env["ALCHEMIST_REPLICA"]
+    return sum(int(c["pending"]) for c in consumers if c["name"] in (name, name.encode()))
+
+
+def pending_entries(client: redis.Redis) -> int:
+    """Feedback entries not acknowledged yet, whoever holds them."""
+    return int(client.xpending(KEYS.feedback, FEEDBACK_GROUP)["pending"])

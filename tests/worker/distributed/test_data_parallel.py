@@ -12,135 +12,40 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 import torch
 from alchemist_protocol.job_store import JobStore
-from alchemist_protocol.keys import FEEDBACK_GROUP, JobKeys
 from alchemist_protocol.schemas import GateDecision
-from alchemist_worker.activations.store import ActivationStore, StoreConfig
 from alchemist_worker.continual.settings import TrainerSettings
 from alchemist_worker.continual.trainable_weights import TrainableWeights
-from alchemist_worker.continual.trainer import ContinualTrainer
-from alchemist_worker.distributed.trainer import same_initial_adapters
 from alchemist_worker.engine.serving_tokenizer import ServingTokenizer
 from alchemist_worker.evaluation.candidate import CandidateEvaluation
 from alchemist_worker.evaluation.gate import GateBounds
 from alchemist_worker.evaluation.settings import EvaluationSettings
-from alchemist_worker.feedback.samples import TrainingSample
 from alchemist_worker.model.checkpoint import load_model
-from alchemist_worker.versions.artifacts import read_trainer_state
 from alchemist_worker.versions.directory import VersionDirectory
 
 from tests.worker.continual.conftest import wait_until
 from tests.worker.continual.worker_process import WorkerProcess
-from tests.worker.distributed.group_processes import group_status, group_worker
+from tests.worker.distributed.group_processes import (
+    KEYS,
+    accept,
+    group_status,
+    group_worker,
+    held_by,
+    pending_entries,
+    serve,
+    start_all,
+    wait_members,
+    wait_record,
+    wait_serving,
+)
+from tests.worker.distributed.one_trainer_reference import check_against_one_trainer, trained, wait_trained
 
-KEYS = JobKeys("ns", "job")
 pytestmark = pytest.mark.slow
-PROMPTS = ["hello there", "def add(a, b):", "the quick brown fox", "once upon a time", "print(1)", "a b c d"]
-
-
-def serve(worker: WorkerProcess, model: str, n: int) -> str:
-    body = {"model": model, "prompt": PROMPTS[n % len(PROMPTS)] + f" {n}", "max_tokens": 4 + n % 3}
-    response = httpx.post(worker.base_url + "/v1/completions", json=body, timeout=30)
-    assert response.status_code == 200, response.text
-    return str(response.json()["id"])
-
-
-def accept(worker: WorkerProcess, response_id: str) -> None:
-    body = {"response_id": response_id, "label": "accept", "idempotency_key": f"fb-{response_id}"}
-    response = httpx.post(worker.base_url + "/v1/feedback", json=body, timeout=30)
-    assert response.status_code == 202, response.text
-
-
-def wait_record(store: JobStore, response_id: str) -> None:
-    wait_until(lambda: store.get_request(response_id) is not None, 10, "the request record")
-
-
-def wait_trained(directory: VersionDirectory, sent: set[str], timeout: float = 60) -> None:
-    wait_until(lambda: set(trained(directory)) == sent, timeout, f"{len(sent)} feedback ids trained")
-
-
-def wait_serving(workers: list[WorkerProcess], version: int) -> None:
-    wait_until(
-        lambda: all(w.status()["serving_version"] == version for w in workers), 30, f"serving {version}"
-    )
-
-
-def trained(directory: VersionDirectory) -> dict[str, int]:
-    """feedback id -> the version that trained it; fails on one trained twice or a broken chain."""
-    seen: dict[str, int] = {}
-    versions = directory.committed()
-    assert versions == list(range(1, len(versions) + 1)), f"versions are not one chain: {versions}"
-    for version in versions:
-        manifest = directory.manifest(version)
-        assert manifest.info.parent < version  # version - 1, or a rollback's target
-        for fb in manifest.feedback:
-            assert fb.feedback_id not in seen, (
-                f"{fb.feedback_id} trained in {seen[fb.feedback_id]} and {version}"
-            )
-            seen[fb.feedback_id] = version
-    return seen
-
-
-def check_against_one_trainer(
-    checkpoint: Path, env: dict[str, str], directory: VersionDirectory, store: JobStore
-) -> list[list[str]]:
-    """Each version == one plain trainer's step from its parent on all its samples (fp32 tolerance), where
-    every sample was exact (recomputed, or reusing a record made under the parent); the members of those."""
-    settings = TrainerSettings.from_env(env)
-    model = load_model(checkpoint, dtype=torch.float32, device=torch.device("cpu"))
-    weights = TrainableWeights(model, settings, base_model=str(checkpoint))
-    same_initial_adapters(weights)  # what every member starts version 0 from
-    trainer = ContinualTrainer(model, weights, ActivationStore(StoreConfig()), settings, "reference")
-    checked = []
-    for version in directory.committed():
-        info = directory.manifest(version).info
-        dp = info.training["data_parallel"]
-        assert len(set(dp["digests"].values())) == 1, f"members of version {version} differ: {dp['digests']}"
-        parent = info.parent
-        if parent == 0:
-            tensors, state = weights.initial, None
-        else:
-            tensors, state = weights.read(directory.path(parent)), read_trainer_state(directory.path(parent))
-        records = [
-            store.get_request(fb.feedback_id.removeprefix("fb-"))
-            for fb in directory.manifest(version).feedback
-        ]
-        if any(r is None or r.version != parent for r in records) and info.training["reused"]:
-            continue  # a record reused under newer weights gives an approximate gradient (DESIGN.md §3)
-        checked.append(dp["members"])
-        trainer.restore(parent, dict(tensors), state)
-        samples = []
-        for record in records:
-            assert record is not None
-            samples.append(
-                TrainingSample(
-                    feedback_id=f"fb-{record.request_id}",
-                    request_id=record.request_id,
-                    prompt_tokens=tuple(record.prompt_tokens),
-                    response_tokens=tuple(record.response_tokens),
-                    served_version=record.version,
-                    served_by="nobody",  # recomputed here: the exact path gives the reuse path's gradient
-                    corrected=False,
-                )
-            )
-        trainer._step(samples)
-        expected = weights.snapshot()
-        published = weights.read(directory.path(version))
-        names = sorted(expected)
-        reference = torch.cat([(expected[n] - tensors[n]).flatten() for n in names])
-        update = torch.cat([(published[n] - tensors[n]).flatten() for n in names])
-        error = float((update - reference).norm() / reference.norm())
-        assert reference.norm() > 0 and error < 1e-4, (
-            f"version {version}: update differs by {error:.2e} (relative)"
-        )
-    return checked
 
 
 def test_members_train_as_one_trainer_and_survive_kill_9(
@@ -168,11 +73,6 @@ def test_members_train_as_one_trainer_and_survive_kill_9(
     counter = itertools.count()
     sent: set[str] = set()
 
-    def members(world: int, among: list[WorkerProcess]) -> None:
-        wait_until(
-            lambda: all(group_status(w).get("world_size") == world for w in among), 60, f"{world} members"
-        )
-
     def feedback_on(servers: list[WorkerProcess], via: WorkerProcess) -> set[str]:
         served = [serve(w, checkpoint.name, next(counter)) for w in servers]
         for response_id in served:
@@ -183,7 +83,7 @@ def test_members_train_as_one_trainer_and_survive_kill_9(
 
     try:
         start_all(everyone)
-        members(3, everyone)
+        wait_members(3, everyone)
         leader = next(w for w in everyone if group_status(w).get("rank") == 0)
         victim = next(w for w in everyone if group_status(w).get("rank") == 1)
         survivors = [w for w in everyone if w is not victim]
@@ -202,10 +102,10 @@ def test_members_train_as_one_trainer_and_survive_kill_9(
         victim.kill()
         feedback_on(survivors, leader)
         wait_trained(directory, set(sent), timeout=90)  # its feedback too, recomputed by a survivor
-        members(2, survivors)
+        wait_members(2, survivors)
 
         victim.start()  # returns: loads the newest version, joins a generation of three again
-        members(3, everyone)
+        wait_members(3, everyone)
         assert victim.status()["head_version"] == store.latest_version()
         wait_serving(everyone, store.latest_version())
         feedback_on(everyone, leader)
@@ -217,7 +117,7 @@ def test_members_train_as_one_trainer_and_survive_kill_9(
         wait_until(lambda: set(directory.committed()) - before != set(), 60, "a commit")
         leader.kill()  # right after a commit: its round's feedback was acknowledged by that commit
         rest = [w for w in everyone if w is not leader]
-        members(2, rest)
+        wait_members(2, rest)
         feedback_on(rest, rest[0])
         wait_trained(directory, set(sent), timeout=90)
 
@@ -242,7 +142,7 @@ def test_members_train_as_one_trainer_and_survive_kill_9(
     assert set(trained(directory)) == sent  # each exactly once, in one chain of versions
     after = directory.manifest(rolled_back_from + 1).info
     assert after.parent == 1 and after.training["reused"] == 2, after.training  # records made under v1
-    assert redis_client.xpending(KEYS.feedback, FEEDBACK_GROUP)["pending"] == 0
+    assert pending_entries(redis_client) == 0
     first = directory.manifest(1).info.training
     assert first["reused"] == 6 and first["data_parallel"]["samples"] == {"r0": 2, "r1": 2, "r2": 2}, first
     assert handed > 0  # feedback read by another member was handed to the one that served it
@@ -250,24 +150,6 @@ def test_members_train_as_one_trainer_and_survive_kill_9(
     assert sum(r.get("other_replica", 0) for r in recomputed) >= len(victims), recomputed
     checked = check_against_one_trainer(checkpoint, everyone[0].env, directory, store)
     assert {len(m) for m in checked} == {2, 3}, checked  # versions of three and of two members
-
-
-def held_by(client: redis.Redis, worker: WorkerProcess) -> int:
-    """Feedback entries pending under the worker's consumer name."""
-    consumers = client.xinfo_consumers(KEYS.feedback, FEEDBACK_GROUP)
-    name = worker.env["ALCHEMIST_REPLICA"]
-    return sum(int(c["pending"]) for c in consumers if c["name"] in (name, name.encode()))
-
-
-def start_all(workers: list[WorkerProcess]) -> None:
-    """Starts the processes together (their model loads overlap), then waits for each."""
-    threads = [threading.Thread(target=w.start) for w in workers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for worker in workers:
-        assert worker.process is not None and worker.process.poll() is None
 
 
 GENERAL_TEXT = [
@@ -304,7 +186,7 @@ def test_the_evaluation_gate_judges_every_round(
     sent: set[str] = set()
     try:
         start_all(workers)
-        wait_until(lambda: all(group_status(w).get("world_size") == 2 for w in workers), 60, "2 members")
+        wait_members(2, workers)
         for round_ in range(3):
             served = [serve(w, checkpoint.name, 10 * round_ + n) for n, w in enumerate(workers + workers)]
             for response_id in served:

@@ -7,10 +7,13 @@ on its own prefill record. Feedback whose owner is gone (no live offer), or whos
 is trained here by recomputation; a dead member's pending entries come back through XAUTOCLAIM after the
 claim idle time, which live members keep from elapsing on what they hold (`touch_held`).
 
-Steps are not started here: the communication thread (rounds.py) takes a batch at each agreed round, and
-releases it after the leader's commit acknowledged it. The lease no longer means "the one trainer" but "the
-leader": rank 0 of each generation, host of the rendezvous store, and the only publisher. Rollbacks are
-honoured by the leader forming a new generation that restores the rolled-back version.
+Steps are not started here: the communication thread (rounds.py) takes a batch at each agreed round. As with
+one trainer, every `publish_every_steps` rounds become one version: the batches of the rounds in between stay
+held here (`uncommitted`), unacknowledged, until the leader's commit of the version that covers them
+acknowledged them; a new generation drops them (their feedback is read again and trained on the restored
+newest version). The lease no longer means "the one trainer" but "the leader": rank 0 of each generation,
+host of the rendezvous store, and the only publisher. Rollbacks are honoured by the leader forming a new
+generation that restores the rolled-back version.
 """
 
 from __future__ import annotations
@@ -40,12 +43,6 @@ class DataParallelControl(TrainingControl):
     ) -> None:
         super().__init__(**kwargs)
         data_parallel.check_claim_idle(self.consumer.settings.claim_idle_ms)
-        if self.settings.publish_every_steps != 1:
-            log.warning(
-                "ALCHEMIST_TRAINING_PUBLISH_EVERY_STEPS=%d is not used in data-parallel mode: each round is a "
-                "version (members restore the newest one whenever the group re-forms)",
-                self.settings.publish_every_steps,
-            )
         self.data_parallel = data_parallel
         self.replica = self.consumer.settings.consumer
         self.lock = threading.RLock()  # pending and the consumer, shared with the communication thread
@@ -109,14 +106,16 @@ class DataParallelControl(TrainingControl):
         self._drop_held()
 
     def _drop_held(self) -> None:
-        """Cancels the step and forgets every held entry unacknowledged: it stays pending in Redis (ours, or
-        claimed by whoever outlived us) and is read again after the restore."""
+        """Cancels the step and forgets every held entry unacknowledged, those of uncommitted rounds included:
+        each stays pending in Redis (ours, or claimed by whoever outlived us) and is read again after the
+        restore of the newest committed version, which none of them trained."""
         self.engine_side.call(self.trainer.cancel).result()
         with self.lock:
-            for pending in list(self.pending) + (self.in_step or []):
+            for pending in self._all_held():
                 self.consumer.release([pending.item])
             self.pending.clear()
             self.in_step = None
+            self.uncommitted.clear()
             self.consumer.reset_after_redis_loss()
 
     # Feedback.
@@ -177,14 +176,12 @@ class DataParallelControl(TrainingControl):
             self.in_step = None
             self._failed(batch, error)
 
-    def round_committed(
-        self, batch: list[Pending], result: StepResult | None, version: int, leader: bool
-    ) -> None:
-        """The leader's commit acknowledged the batch: forget it; count the local step."""
+    def round_applied(self, batch: list[Pending], result: StepResult | None) -> None:
+        """Every member stepped on the round: its batch waits, held, for the version that covers it."""
         with self.lock:
             self.in_step = None
-            for pending in batch:
-                self.consumer.release([pending.item])
+            if batch and result is not None:
+                self.uncommitted.append((batch, result))
         if result is not None and batch:
             self.metrics.step_finished(
                 tokens=result.tokens,
@@ -194,13 +191,20 @@ class DataParallelControl(TrainingControl):
                 outcomes=[(r.path, r.reason) for r in result.results],
                 staleness=[r.staleness for r in result.results if r.staleness is not None],
             )
+
+    def rounds_committed(self, version: int) -> None:
+        """The leader's commit of `version` acknowledged the uncommitted rounds' feedback: forget it."""
+        with self.lock:
+            for batch, _ in self.uncommitted:
+                self.consumer.release([p.item for p in batch])
+            self.uncommitted.clear()
         self.metrics.version.labels(role="training").set(version)
 
-    def version_published(self, draft: VersionDraft, version: int) -> None:
+    def version_published(self, draft: VersionDraft, version: int, rounds: int) -> None:
         """Leader, after the commit and its acknowledgement."""
         self.commit_health.record_success(version)
         self.metrics.versions_published.inc()
-        self.metrics.steps.inc()
+        self.metrics.steps.inc(rounds)
         self.publisher.prune(protect={version, self.engine.weight_version})
 
     def status(self) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""What a data-parallel round becomes: one version, written once by the leader, listing every member's feedback.
+"""What data-parallel rounds become: one version every `publish_every_steps` rounds, written once by the leader.
 
-Each member sends its `Contribution` (the feedback it trained, how each sample went, its loss and tokens, the
-digest of its weights after the step); the leader turns them into one `VersionDraft` and commits it under its
-fencing token (versions/publisher.py). The finalize step of that commit acknowledges every member's entries
-(XACK works on any consumer's pending entry), so acknowledgement still follows the commit, and a round that
-is not committed acknowledges nothing. Pure: no torch, no Redis.
+Each member sends its `Contribution` to every round (the feedback it trained, how each sample went, its loss
+and tokens, the digest of its weights after the step); every member keeps the round's contributions as an
+`AppliedRound` until a version covers it. On the N-th round the leader turns the rounds since the last version
+into one `VersionDraft` and commits it under its fencing token (versions/publisher.py). The finalize step of
+that commit acknowledges every member's entries of those rounds (XACK works on any consumer's pending entry),
+so acknowledgement still follows the commit, and rounds that are not committed acknowledge nothing. Pure: no
+torch, no Redis.
 """
 
 from __future__ import annotations
@@ -35,11 +37,19 @@ class Contribution:
 
 
 @dataclass(frozen=True)
-class RoundOutcome:
-    """What the leader tells every member after the commit."""
+class AppliedRound:
+    """A round every member stepped on, not yet in a version (the same on every member: all gathered it)."""
 
-    version: int | None  # None: not committed (the members regroup and restore the newest version)
-    error: str = ""
+    step: int  # the optimizer step it applied (optimizer steps so far)
+    contributions: list[Contribution]
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What the leader tells every member after each round."""
+
+    version: int | None = None  # the version this round completed; None: kept for a later version
+    error: str = ""  # why the round failed: the members regroup and restore the newest committed version
 
 
 @dataclass
@@ -79,24 +89,31 @@ def diverged(contributions: Sequence[Contribution]) -> str:
 
 
 def round_draft(
-    contributions: Sequence[Contribution],
+    rounds: Sequence[AppliedRound],
     *,
     version: int,
     parent: int,
     kind: ArtifactKind,
     write_files: Callable[[Path], None],
     training: dict[str, Any],
-    step: int,
     generation: int,
     expected_head: int,
     evaluation: EvaluationReading | None = None,
 ) -> VersionDraft:
-    """The version of a round. `parent`: what the members trained from (the head, or a rollback's target);
-    `expected_head`: the newest published version, which the commit checks is still the newest; `evaluation`:
-    the gate's reading of the candidate, when the job names an evaluation set."""
+    """The version of the rounds since the last one (oldest first; their feedback listed in that order).
+    `parent`: what the members trained from (the head, or a rollback's target); `expected_head`: the newest
+    published version, which the commit checks is still the newest; `evaluation`: the gate's reading of the
+    candidate, when the job names an evaluation set."""
+    if not rounds:
+        raise ValueError("a version needs at least one round")
+    contributions = [c for r in rounds for c in r.contributions]
     settled = [fb for c in contributions for fb in c.feedback]
     units = sum(c.units for c in contributions)
     outcomes = [o for c in contributions for o in c.outcomes]
+    members = [c.replica for c in rounds[-1].contributions]
+    samples = Counter({name: 0 for name in members})
+    for c in contributions:
+        samples[c.replica] += len(c.feedback)
     return VersionDraft(
         version=version,
         parent=parent,
@@ -107,15 +124,16 @@ def round_draft(
         samples=len(settled),
         training={
             **training,
-            "steps": [step],
+            "steps": [r.step for r in rounds],
             "reused": sum(path == "reused" for path, _ in outcomes),
             "recomputed": sum(path == "recomputed" for path, _ in outcomes),
             "recomputed_because": dict(Counter(reason for path, reason in outcomes if path == "recomputed")),
             "data_parallel": {
                 "generation": generation,
-                "members": [c.replica for c in contributions],
-                "samples": {c.replica: len(c.feedback) for c in contributions},
-                "digests": {c.replica: c.digest for c in contributions},
+                "members": members,
+                "samples": dict(samples),
+                "round_samples": [sum(len(c.feedback) for c in r.contributions) for r in rounds],
+                "digests": {c.replica: c.digest for c in rounds[-1].contributions},
             },
         },
         feedback_ranges=entry_ranges([e for s in settled for e in s.entry_ids]),

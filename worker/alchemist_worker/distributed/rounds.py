@@ -11,13 +11,17 @@ A round, on every member of a generation:
 2. the local gradient of this member's batch (maybe empty) in slices on the engine thread (EngineSide);
 3. all-reduce of the token-weighted gradients and the token counts, here, off the engine thread;
 4. the identical optimizer step on the engine thread (one call), and the weights' digest;
-5. all-gather of the contributions; the leader checks the digests, scores the candidate on the evaluation set
-   when the job names one (in engine slices; the gate's reading goes with the version, as with one trainer)
-   and commits one version with everyone's feedback, then broadcasts the outcome; every member marks the
-   version committed and drops its batch (the leader's commit acknowledged it).
+5. all-gather of the contributions; the leader checks the digests and, on every `publish_every_steps`-th round
+   of the generation, scores the candidate on the evaluation set when the job names one (in engine slices; the
+   gate's reading goes with the version, as with one trainer) and commits one version with everyone's feedback
+   of the rounds since the last one; then it broadcasts the outcome. A round not yet due is kept: every member
+   holds its feedback, unacknowledged, until the version that covers it is committed, then marks the version
+   committed and forgets the kept rounds' feedback (the leader's commit acknowledged it).
 Any collective error (a member died, stalled past the timeout, or left) ends the generation on this member:
-its step is cancelled, its feedback released unacknowledged (it trains again), and it waits for the next
-generation. The leader waits `member_ttl_s` after a failure, so that a dead member's offer has expired.
+its step is cancelled, the feedback of its kept rounds and of the round in progress released unacknowledged
+(it trains again, after the next generation restored the newest committed version, which holds none of it),
+and it waits for the next generation. The leader waits `member_ttl_s` after a failure, so that a dead member's
+offer has expired.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from alchemist_worker.continual.engine_side import StepDone
 from alchemist_worker.continual.trainer import StepResult
 from alchemist_worker.distributed.communicator import Communicator
 from alchemist_worker.distributed.round_commit import (
+    AppliedRound,
     Contribution,
     RoundOutcome,
     RoundStats,
@@ -76,6 +81,7 @@ class RoundLoop:
         self.comm = Communicator(settings.resolved_backend, settings.round_timeout_s)
         self.record: GroupRecord | None = None  # the generation this member trains in
         self.last_generation = 0
+        self.kept: list[AppliedRound] = []  # rounds applied since the last version (the same on every member)
         self.stats = RoundStats()
         self._offer = MemberOffer(replica=self.replica)
         self._offer_lock = threading.Lock()
@@ -127,6 +133,8 @@ class RoundLoop:
             "world_size": record.world_size if record else 0,
             "members": record.members if record else [],
             "waiting": record is None,
+            "uncommitted_rounds": len(self.kept),
+            "uncommitted_samples": sum(len(c.feedback) for r in self.kept for c in r.contributions),
             **self.stats.snapshot(),
         }
 
@@ -206,6 +214,7 @@ class RoundLoop:
 
     def _join(self, record: GroupRecord) -> None:
         self._set_offer(record.generation, waiting=False)
+        self.kept = []
         self.control.enter_generation(record)
         self.comm.join(record, self.replica)
         self.record = record
@@ -220,6 +229,7 @@ class RoundLoop:
         if record is not None:
             self.last_generation = max(self.last_generation, record.generation)
         self.record = None
+        self.kept = []  # their feedback goes back with the rest of what the control holds
         self.comm.leave()
         try:
             self.control.leave_generation()
@@ -297,7 +307,9 @@ class RoundLoop:
             self._engine(self.trainer.discard_gradient)
             return
         leader = self.comm.rank == 0
-        applied, snapshot, state = self._engine(lambda: self._apply(summed, total_units, leader))
+        # Only the leader's count decides (live settings reach members at slightly different times).
+        due = leader and len(self.kept) + 1 >= control.settings.publish_every_steps
+        applied, snapshot, state = self._engine(lambda: self._apply(summed, total_units, due))
         mine = Contribution(
             replica=self.replica,
             feedback=[
@@ -316,21 +328,32 @@ class RoundLoop:
         gathered_at = time.perf_counter()
         contributions: list[Contribution] = self.comm.all_gather_object(mine)
         comm_s += time.perf_counter() - gathered_at
+        applied_round = AppliedRound(applied.step, contributions)
         commit_s = 0.0
+        outcome: RoundOutcome | None = None
         if leader:
             commit_started = time.perf_counter()
-            outcome = self._commit(record, contributions, applied, snapshot, state)
+            why = diverged(contributions)
+            if why:
+                log.error("%s: not publishing", why)
+                outcome = RoundOutcome(error=why)
+            elif due:
+                outcome = self._commit(record, [*self.kept, applied_round], snapshot, state)
+            else:
+                outcome = RoundOutcome()
             commit_s = time.perf_counter() - commit_started
-        else:
-            outcome = None
         broadcast_at = time.perf_counter()
         outcome = self.comm.broadcast_object(outcome)
         comm_s += time.perf_counter() - broadcast_at
-        if outcome.version is None:
+        if outcome.error:
             raise Regroup(f"the round was not committed: {outcome.error}")
-        version = outcome.version
-        self._engine(lambda: self.trainer.committed(version))
-        control.round_committed(batch, result, version, leader)
+        self.kept.append(applied_round)
+        control.round_applied(batch, result)
+        if outcome.version is not None:
+            version = outcome.version
+            self._engine(lambda: self.trainer.committed(version))
+            control.rounds_committed(version)
+            self.kept = []
         total_s = time.perf_counter() - started
         stats = self.stats
         stats.rounds += 1
@@ -373,30 +396,22 @@ class RoundLoop:
             if done.step_id == step_id:
                 return done.result, done.error
 
-    def _apply(self, summed: torch.Tensor, total_units: int, leader: bool) -> tuple[AppliedStep, Any, Any]:
-        """Engine thread: the step; the leader also snapshots what it will write."""
+    def _apply(self, summed: torch.Tensor, total_units: int, snapshot: bool) -> tuple[AppliedStep, Any, Any]:
+        """Engine thread: the step; on a round that completes a version, the leader also snapshots what it will
+        write (before any later step can change it)."""
         applied = self.trainer.apply(summed, total_units, self.settings.verify_weights)
-        if not leader:
+        if not snapshot:
             return applied, None, None
         return applied, self.trainer.weights.snapshot(), self.trainer.state_dict()
 
     def _commit(
-        self,
-        record: GroupRecord,
-        contributions: list[Contribution],
-        applied: AppliedStep,
-        snapshot: Any,
-        state: dict[str, Any],
+        self, record: GroupRecord, rounds: list[AppliedRound], snapshot: Any, state: dict[str, Any]
     ) -> RoundOutcome:
-        """Leader: the round's version, under the lease's fencing token."""
+        """Leader: the version of the rounds since the last one, under the lease's fencing token."""
         control = self.control
-        why = diverged(contributions)
-        if why:
-            log.error("%s: not publishing", why)
-            return RoundOutcome(None, why)
         token = control.lease.token
         if token is None or token != record.leader_token:
-            return RoundOutcome(None, "the leader lost the trainer lease")
+            return RoundOutcome(error="the leader lost the trainer lease")
         parent = self.trainer.head_version  # the head, or a rollback's target
         # The gate judges every candidate, as with one trainer: the members wait in the outcome's broadcast
         # meanwhile, so the round timeout must cover the scoring (docs/data-parallel.md).
@@ -412,13 +427,12 @@ class RoundLoop:
             write_trainer_state(path, state)
 
         draft = round_draft(
-            contributions,
+            rounds,
             version=version,
             parent=parent,
             kind=control.weights.kind,
             write_files=write,
             training=control.settings.describe(),
-            step=applied.step,
             generation=record.generation,
             expected_head=head,
             evaluation=reading,
@@ -427,7 +441,7 @@ class RoundLoop:
             control.publisher.publish(draft, token)
         except CommitFailure as failure:
             control.metrics.commit_failures.labels(failure.kind).inc()
-            return RoundOutcome(None, str(failure))
+            return RoundOutcome(error=str(failure))
         for attempt in range(FINALIZE_ATTEMPTS):
             try:
                 control.publisher.finalize(draft)
@@ -436,10 +450,10 @@ class RoundLoop:
                 if attempt == FINALIZE_ATTEMPTS - 1:
                     # Published; the next leader's reconcile acknowledges it. The members regroup first.
                     return RoundOutcome(
-                        None, f"version {version} published, feedback not acknowledged: {failure}"
+                        error=f"version {version} published, feedback not acknowledged: {failure}"
                     )
                 time.sleep(0.2 * 2**attempt)
-        control.version_published(draft, version)
+        control.version_published(draft, version, rounds=len(rounds))
         control.judged(version, reading)
         return RoundOutcome(version)
 
