@@ -46,7 +46,7 @@ from alchemist_worker.engine.llm_engine import LLMEngine
 from alchemist_worker.engine.sampling_params import SamplingParams
 from alchemist_worker.engine.serving_engine import GenerationRequest, RequestOutput
 from alchemist_worker.engine.store_recording import StoreRecording
-from alchemist_worker.evaluation.eval_set import EncodedItem, encode_eval_set, load_eval_set
+from alchemist_worker.evaluation.eval_set import EncodedItem, encode_eval_set, load_eval_set, parse_eval_set
 from alchemist_worker.evaluation.gate import GateBounds
 from alchemist_worker.evaluation.scoring import item_nll
 from alchemist_worker.evaluation.settings import EvaluationSettings
@@ -60,6 +60,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "supervised": {},
     "supervised+guard": {"kl_weight": 0.5},
     "unlikelihood+guard": {"objective": "unlikelihood", "kl_weight": 0.5},
+    "supervised+rehearsal": {"rehearsal_samples": 8},
+    "supervised+guard+rehearsal": {"kl_weight": 0.5, "rehearsal_samples": 8},
 }
 BASE: dict[str, Any] = {
     "lora_rank": 16,
@@ -233,6 +235,16 @@ def run_config(
     questions = [item.messages[0].content for item in facts_set.references if item.messages]
     references = [item.reference for item in facts_set.references]
     recall = recall_items(facts, references, worker.runtime._encode_text)
+    wrong_set = parse_eval_set(
+        "\n".join(
+            json.dumps({"messages": [{"role": "user", "content": q}], "reference": a}) for q, a in ADVERSARIAL
+        ).encode(),
+        "adversarial",
+    )
+    wrong = encode_eval_set(
+        wrong_set, worker.runtime._encode_text, worker.engine.tokenizer.apply_chat_template, max_tokens=256
+    )
+    adopted_items = recall_items(wrong, [a for _, a in ADVERSARIAL], worker.runtime._encode_text)
     corrections_sent = [0] * len(facts)
     learned_after: list[int | None] = [None] * len(facts)  # corrections it took until the fact was right
     rows: list[dict[str, Any]] = []
@@ -281,6 +293,8 @@ def run_config(
                 given = counts if version == newest else None
                 rows.append(row(info, round_no, adversarial, given, correct, worker.engine.weight_version))
                 rows[-1]["facts_exact"] = sum(exact) / len(exact)
+                adopted = worker.greedy(version, adopted_items)
+                rows[-1]["adopted_wrong"] = sum(adopted) / len(adopted)
                 say(f"{name} round {round_no}: {fmt(rows[-1])}")
     finally:
         worker.stop()
@@ -309,6 +323,7 @@ def row(
         "round": round_no,
         "adversarial": adversarial,
         "version": info.version,
+        "parent": info.parent,
         "feedback": counts,  # the round's, on its last version
         "facts_accuracy": sum(correct) / len(correct),
         "facts_correct": correct,
@@ -330,19 +345,21 @@ def fmt(r: dict[str, Any]) -> str:
         f"v{r['version']} facts {r['facts_accuracy']:.0%} (whole answer {r['facts_exact']:.0%}), perplexity {r['perplexity']:.3f} "
         f"({r['perplexity_change']:+.2%} vs base), ref NLL {r['reference_nll']:.3f} "
         f"(base {r['base_reference_nll']:.3f}), exact match {r['exact_match']:.0%} "
-        f"(base {r['base_exact_match']:.0%}), gate {r['decision']}, serving v{r['serving_after']}"
+        f"(base {r['base_exact_match']:.0%}), wrong answers adopted {r['adopted_wrong']:.0%}, gate {r['decision']}, "
+        f"serving v{r['serving_after']}"
     )
 
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        "| configuration | round | version | feedback (corr/acc/rej/adv) | facts recalled (whole answer) | general perplexity "
-        "(vs base) | reference NLL (base) | exact match (base) | gate | serving after |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | round | version (parent) | feedback (corr/acc/rej/adv) | facts recalled (whole answer) | "
+        "general perplexity (vs base) | reference NLL (base) | exact match (base) | wrong answers adopted | gate | "
+        "serving after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         if "skipped" in result:
-            lines.append(f"| {result['name']} | skipped: {result['skipped']} | | | | | | | | |")
+            lines.append(f"| {result['name']} | skipped: {result['skipped']} | | | | | | | | | |")
             continue
         for r in result["rows"]:
             f = r["feedback"]
@@ -351,10 +368,10 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             )
             lines.append(
                 f"| {result['name']} | {r['round']}{' (adversarial)' if r['adversarial'] else ''} | "
-                f"v{r['version']} | {given} | "
+                f"v{r['version']} (v{r['parent']}) | {given} | "
                 f"{r['facts_accuracy']:.0%} ({r['facts_exact']:.0%}) | {r['perplexity']:.3f} ({r['perplexity_change']:+.2%}) | "
                 f"{r['reference_nll']:.3f} ({r['base_reference_nll']:.3f}) | "
-                f"{r['exact_match']:.0%} ({r['base_exact_match']:.0%}) | {r['decision']} | "
+                f"{r['exact_match']:.0%} ({r['base_exact_match']:.0%}) | {r['adopted_wrong']:.0%} | {r['decision']} | "
                 f"v{r['serving_after']} |"
             )
     lines.append("")

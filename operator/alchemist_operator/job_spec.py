@@ -73,6 +73,11 @@ class Objective(enum.StrEnum):
     DPO = "dpo"
 
 
+class OnHeld(enum.StrEnum):
+    REVERT = "revert"  # training continues from the held version's parent
+    CONTINUE = "continue"  # training continues from the held version
+
+
 class Optimizer(enum.StrEnum):
     ADAMW = "adamw"
     SGD = "sgd"
@@ -187,6 +192,11 @@ class FullSpec(SpecModel):
     train_embeddings: bool = False
 
 
+class RehearsalSpec(SpecModel):
+    samples: int = Field(default=0, ge=0)
+    capacity: int = Field(default=512, ge=1)
+
+
 class TrainingSpec(SpecModel):
     enabled: bool = True
     objective: Objective = Objective.SUPERVISED
@@ -194,6 +204,7 @@ class TrainingSpec(SpecModel):
     desirable_weight: float = Field(default=1.0, ge=0)
     undesirable_weight: float = Field(default=1.0, ge=0)
     kl_weight: float = Field(default=0.0, ge=0)
+    rehearsal: RehearsalSpec = Field(default_factory=RehearsalSpec)
     method: TrainingMethod = TrainingMethod.LORA
     mode: TrainingMode = TrainingMode.EXACT
     lora: LoraSpec = Field(default_factory=LoraSpec)
@@ -339,6 +350,7 @@ class EvaluationSpec(SpecModel):
     max_perplexity_increase: float = Field(default=0.02, ge=0, le=10)
     max_reference_nll_increase: float = Field(default=0.05, ge=0, le=10)
     max_exact_match_drop: float = Field(default=0.05, ge=0, le=1)
+    on_held: OnHeld = OnHeld.REVERT
 
     @model_validator(mode="after")
     def _one_source(self) -> EvaluationSpec:

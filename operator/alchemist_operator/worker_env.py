@@ -81,6 +81,8 @@ def worker_config(job: JobRef, spec: JobSpec) -> dict[str, str]:
         "ALCHEMIST_TRAINING_DESIRABLE_WEIGHT": repr(training.desirable_weight),
         "ALCHEMIST_TRAINING_UNDESIRABLE_WEIGHT": repr(training.undesirable_weight),
         "ALCHEMIST_TRAINING_KL_WEIGHT": repr(training.kl_weight),
+        "ALCHEMIST_TRAINING_REHEARSAL_SAMPLES": str(training.rehearsal.samples),
+        "ALCHEMIST_TRAINING_REHEARSAL_CAPACITY": str(training.rehearsal.capacity),
         "ALCHEMIST_TRAINING_METHOD": training.method.value,
         "ALCHEMIST_TRAINING_MODE": training.mode.value,
         "ALCHEMIST_TRAINING_LORA_RANK": str(training.lora.rank),

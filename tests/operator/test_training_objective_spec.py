@@ -27,6 +27,33 @@ def test_objective_knobs_reach_the_worker_environment() -> None:
     assert default.objective is Objective.SUPERVISED and default.kl_weight == 0.0
 
 
+def test_rehearsal_and_the_held_version_policy_reach_the_worker_environment() -> None:
+    manifest = children(
+        training={"rehearsal": {"samples": 4, "capacity": 64}},
+        evaluation={"path": "/sets/eval.jsonl", "onHeld": "continue"},
+    )
+    data = manifest["ConfigMap/chat-config"]["data"]
+    assert data["ALCHEMIST_TRAINING_REHEARSAL_SAMPLES"] == "4"
+    assert data["ALCHEMIST_TRAINING_REHEARSAL_CAPACITY"] == "64"
+    assert data["ALCHEMIST_EVALUATION_ON_HELD"] == "continue"
+    spec = parse_job_spec({"model": {"path": "/m"}, "evaluation": {"path": "/sets/eval.jsonl"}})
+    assert spec.training.rehearsal.samples == 0 and spec.training.rehearsal.capacity == 512
+    assert spec.evaluation is not None and spec.evaluation.on_held.value == "revert"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"training": {"rehearsal": {"samples": -1}}}, "spec.training.rehearsal.samples"),
+        ({"training": {"rehearsal": {"capacity": 0}}}, "spec.training.rehearsal.capacity"),
+        ({"evaluation": {"path": "/e.jsonl", "onHeld": "rewind"}}, "spec.evaluation.onHeld"),
+    ],
+)
+def test_bad_rehearsal_and_held_policy_name_their_field(spec: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidSpec, match=field.replace(".", r"\.")):
+        parse_job_spec({"model": {"path": "/m"}, **spec})
+
+
 @pytest.mark.parametrize(
     ("training", "field"),
     [

@@ -21,6 +21,7 @@ from alchemist_worker.engine.llm_engine import LLMEngine
 from alchemist_worker.engine.sampling_params import SamplingParams
 from alchemist_worker.engine.serving_engine import GenerationRequest, RequestOutput
 from alchemist_worker.engine.store_recording import StoreRecording
+from alchemist_worker.evaluation.settings import EvaluationSettings
 from alchemist_worker.model.config import ModelConfig
 from alchemist_worker.rollout.follower import FollowMode
 
@@ -45,6 +46,7 @@ class InProcessWorker:
         replica: str = "r0",
         follow: FollowMode = FollowMode.AUTO,
         claim_idle_ms: int = 60_000,
+        evaluation: EvaluationSettings | None = None,
         **training: object,
     ) -> None:
         config = EngineConfig(
@@ -75,6 +77,7 @@ class InProcessWorker:
                 follow=follow,
                 heartbeat_s=0.2,
                 feedback_claim_idle_ms=claim_idle_ms,
+                evaluation=evaluation or EvaluationSettings(),
             ),
             TrainerSettings(**settings),  # type: ignore[arg-type]
             model_path=checkpoint,

@@ -46,6 +46,8 @@ from alchemist_worker.continual.step_cursor import StepCancelled
 from alchemist_worker.continual.trainable_weights import TrainableWeights
 from alchemist_worker.continual.trainer import ContinualTrainer, StepResult
 from alchemist_worker.engine.serving_engine import WeightSwitch
+from alchemist_worker.evaluation.gate import is_held, newest_passed
+from alchemist_worker.evaluation.settings import OnHeld
 from alchemist_worker.feedback.consumer import FeedbackConsumer, FeedbackItem, SettledFeedback
 from alchemist_worker.feedback.samples import SampleResolver, Skip, SkipKind, TrainingSample
 from alchemist_worker.rollout.follower import RolloutFollower
@@ -274,6 +276,8 @@ class TrainingControl:
         if rollback is not None and rollback.applies_to(head):
             head = rollback.version
             self._honoured = (rollback.version, rollback.requested_at)
+        elif self._reverts_held():
+            head = newest_passed(head, self.store.get_version)  # a held head was being reverted at a crash
         self._restore(head)
         self.training = True
         log.info("training from version %d in %s (reconciled %s)", head, self.directory.root, report)
@@ -285,7 +289,8 @@ class TrainingControl:
         else:
             path = self.directory.require(version)  # a version held elsewhere is copied here first
             tensors, state = self.weights.read(path), read_trainer_state(path)
-        self.engine_side.call(lambda: self.trainer.restore(version, dict(tensors), state)).result()
+        passed = version == 0 or not is_held(self.store.get_version(version))
+        self.engine_side.call(lambda: self.trainer.restore(version, dict(tensors), state, passed)).result()
         self.metrics.version.labels(role="training").set(version)
 
     def _stop_training(self) -> None:
@@ -441,7 +446,8 @@ class TrainingControl:
                 info = self.publisher.publish(pending.draft, self._fence)
                 pending.published = True
                 version = pending.draft.version
-                self.engine_side.call(lambda: self.trainer.committed(version)).result()
+                passed = not is_held(info)
+                self.engine_side.call(lambda: self.trainer.committed(version, passed)).result()
                 self.metrics.versions_published.inc()
                 self.metrics.steps.inc(pending.steps)
                 self.metrics.version.labels(role="training").set(version)
@@ -464,7 +470,17 @@ class TrainingControl:
         self.consumer.release([p.item for batch, _ in self.uncommitted for p in batch])
         self.uncommitted.clear()
         self.committing = None
-        self.publisher.prune(protect={pending.draft.version, self.engine.weight_version})
+        parent = pending.draft.parent
+        self.publisher.prune(protect={pending.draft.version, parent, self.engine.weight_version})
+        reading = pending.draft.evaluation
+        if reading is not None and reading.held and self._reverts_held():
+            held = pending.draft.version
+            log.warning("version %d was held: training continues from its parent, version %d", held, parent)
+            self._restore(parent)
+
+    def _reverts_held(self) -> bool:
+        gate = self.trainer.evaluation
+        return gate is not None and gate.on_held is OnHeld.REVERT
 
     def _draft(self, pending: PendingCommit) -> VersionDraft:
         head = self.store.latest_version()
@@ -502,6 +518,7 @@ class TrainingControl:
                 "steps": [r.step for r in results],
                 "reused": sum(x.path == "reused" for r in results for x in r.results),
                 "recomputed": sum(x.path == "recomputed" for r in results for x in r.results),
+                "rehearsed": sum(r.extra.get("rehearsed", 0) for r in results),
             },
             feedback_ranges=entry_ranges([e for s in settled for e in s.entry_ids]),
             expected_head=head,

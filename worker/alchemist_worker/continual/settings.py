@@ -1,7 +1,7 @@
 """The continual trainer's settings: one validated dataclass, readable from ALCHEMIST_* environment variables.
 
 Training: objective (training/objectives.py: supervised, unlikelihood, kto or dpo, with their weights and the
-KL guard), LoRA or full fine-tuning, optimizer, learning rate and schedule, batch size in samples and in
+KL guard, rehearsal of earlier answers), LoRA or full fine-tuning, optimizer, learning rate and schedule, batch size in samples and in
 tokens, max staleness, step interval and how often a step becomes a version. Co-scheduling: how long one
 training slice may run, and the serving bounds (queue depth, p99 TTFT and inter-token latency) near which
 training yields. The operator sets these through the pod's
@@ -48,6 +48,12 @@ class TrainerSettings:
     desirable_weight: float = 1.0  # weight of accepted and corrected answers
     undesirable_weight: float = 1.0  # weight of rejected answers (unlikelihood, kto)
     kl_weight: float = 0.0  # forgetting guard: KL to the base model per response token; 0 turns it off
+    rehearsal_samples: int = (
+        0  # forgetting guard: earlier accepted answers added to each step; 0 turns it off
+    )
+    rehearsal_capacity: int = (
+        512  # answers the rehearsal buffer keeps (a uniform sample of all it was offered)
+    )
     method: Method = Method.LORA
     mode: Mode = Mode.EXACT
     lora_rank: int = 16
@@ -80,13 +86,20 @@ class TrainerSettings:
 
     def __post_init__(self) -> None:
         positive = ("lora_rank", "batch_samples", "batch_tokens", "micro_batch_tokens", "min_batch_samples")
-        for name in (*positive, "publish_every_steps", "keep_versions", "total_steps"):
+        for name in (*positive, "publish_every_steps", "keep_versions", "total_steps", "rehearsal_capacity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("learning_rate", "lora_alpha", "slice_ms", "idle_slice_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "step_interval_s", "max_wait_s")
+        nonneg = (
+            "weight_decay",
+            "max_grad_norm",
+            "warmup_steps",
+            "step_interval_s",
+            "max_wait_s",
+            "rehearsal_samples",
+        )
         for name in (*nonneg, "max_staleness", "max_queue_depth", "ttft_p99_bound_ms", "itl_p99_bound_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")

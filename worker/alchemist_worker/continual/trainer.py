@@ -25,6 +25,7 @@ import torch
 from alchemist_protocol.schemas import EvaluationScores
 
 from alchemist_worker.activations.store import ActivationStore
+from alchemist_worker.continual.rehearsal import RehearsalBuffer, RehearsalEntry
 from alchemist_worker.continual.settings import Mode, Optimizer, Schedule, TrainerSettings
 from alchemist_worker.continual.step_cursor import StepCursor, cursor_yield
 from alchemist_worker.continual.trainable_weights import TrainableWeights, WeightSet
@@ -37,6 +38,7 @@ from alchemist_worker.training.reference import with_reference
 from alchemist_worker.training.step import step_units
 
 LOGIT_ROWS = 8  # rows of the vocabulary projection per operator inside a training step
+REHEARSAL_PREFIX = "rehearsal:"  # sample ids of rehearsed answers within a step
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,10 @@ class ContinualTrainer:
         self._cursor: StepCursor[StepResult] | None = None
         self._started = 0.0
         self.evaluation: CandidateEvaluation | None = None  # the gate's set, when the job names one
+        self.rehearsal = RehearsalBuffer(settings.rehearsal_capacity)
+        # Desirable answers trained since the newest committed version: they enter the rehearsal buffer once
+        # that version is committed and passed (continual/rehearsal.py).
+        self.unadmitted: list[RehearsalEntry] = []
         self._slice_weights: WeightSet | None = None  # installed instead of the training set (base scoring)
 
     def apply_settings(self, settings: TrainerSettings) -> None:
@@ -246,9 +252,31 @@ class ContinualTrainer:
         return evaluation.score(self.model, self.device)
 
     def _step(self, samples: list[FeedbackSample]) -> StepResult:
-        reports, own_reasons, total = self._accumulate(samples)
+        rehearsed = self._rehearsed(self.rehearsal.draw(self.settings.rehearsal_samples, self.step_count))
+        reports, own_reasons, total = self._accumulate(samples + rehearsed)
         lr = self._optimizer_step()
-        return self._result(samples, reports, own_reasons, total, lr)
+        self.unadmitted += [
+            RehearsalEntry(s.feedback_id, s.prompt_tokens, s.response_tokens) for s in samples if s.desirable
+        ]
+        result = self._result(samples, reports, own_reasons, total, lr)
+        result.extra["rehearsed"] = len(rehearsed)
+        return result
+
+    @staticmethod
+    def _rehearsed(entries: list[RehearsalEntry]) -> list[FeedbackSample]:
+        """Rehearsal entries as samples of this step: recomputed (no replica holds their record), desirable."""
+        return [
+            FeedbackSample(
+                feedback_id=f"{REHEARSAL_PREFIX}{i}:{entry.feedback_id}",
+                request_id="",
+                prompt_tokens=entry.prompt_tokens,
+                response_tokens=entry.response_tokens,
+                served_version=-1,
+                served_by="",
+                corrected=False,
+            )
+            for i, entry in enumerate(entries)
+        ]
 
     def _accumulate(self, samples: list[FeedbackSample]) -> tuple[list[StepReport], dict[str, str], int]:
         """Leaves in `.grad` the gradient of the objective's mean loss over the samples.
@@ -355,7 +383,9 @@ class ContinualTrainer:
         out: list[TrainingSample] = []
         for sample in samples:
             record_id: str | None = sample.request_id
-            if sample.served_by != self.replica:
+            if sample.feedback_id.startswith(REHEARSAL_PREFIX):
+                record_id, reasons[sample.feedback_id] = None, "rehearsal"
+            elif sample.served_by != self.replica:
                 record_id, reasons[sample.feedback_id] = None, "other_replica"
             elif sample.served_version not in self.lineage:
                 record_id, reasons[sample.feedback_id] = None, "other_lineage"
@@ -401,6 +431,8 @@ class ContinualTrainer:
             "step_count": self.step_count,
             "head_version": self.head_version,
             "lineage": sorted(self.lineage),
+            "rehearsal": self.rehearsal.state(),
+            "unadmitted": RehearsalBuffer.entries_state(self.unadmitted),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -408,17 +440,33 @@ class ContinualTrainer:
         self.step_count = int(state["step_count"])
         self.head_version = int(state["head_version"])
         self.lineage = set(int(v) for v in state["lineage"])
+        self.rehearsal.load(state.get("rehearsal"))
+        self.unadmitted = RehearsalBuffer.entries_from_state(state.get("unadmitted", []))
 
-    def committed(self, version: int) -> None:
-        """The training weights are now those of `version` (just published from them)."""
+    def committed(self, version: int, passed: bool = True) -> None:
+        """The training weights are now those of `version` (just published from them); `passed`: the
+        evaluation gate let it through (or there is no gate), so its answers may be rehearsed."""
         self.head_version = version
         self.lineage.add(version)
+        self._admit(passed)
 
-    def restore(self, version: int, tensors: dict[str, torch.Tensor], state: dict[str, Any] | None) -> None:
+    def _admit(self, passed: bool) -> None:
+        if passed:
+            self.rehearsal.add(self.unadmitted)
+        self.unadmitted = []
+
+    def restore(
+        self,
+        version: int,
+        tensors: dict[str, torch.Tensor],
+        state: dict[str, Any] | None,
+        passed: bool = True,
+    ) -> None:
         """Continues from a committed version: its weights, and its optimizer state when it has one.
 
-        Used at start (resume from the newest version) and on rollback (continue from an older one: the
-        lineage becomes that version's, so records of the abandoned branch are no longer reused).
+        Used at start (resume from the newest version), on rollback (continue from an older one: the lineage
+        becomes that version's, so records of the abandoned branch are no longer reused) and when the gate held
+        the head (continue from its parent). `passed`: the version's own answers may be rehearsed.
         """
         if self._cursor is not None:
             raise RuntimeError("cannot restore while a step is in progress; cancel it first")
@@ -427,6 +475,9 @@ class ContinualTrainer:
             self.load_state_dict(state)
         else:
             self.optimizer.state.clear()
+            self.rehearsal.load(None)
+            self.unadmitted = []
+        self._admit(passed)
         self.head_version = version
         if state is None or int(state.get("head_version", -1)) != version:
             self.lineage = {version}

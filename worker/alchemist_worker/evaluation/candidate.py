@@ -18,7 +18,7 @@ from alchemist_worker.evaluation.eval_set import EncodedItem, encode_eval_set, l
 from alchemist_worker.evaluation.gate import GateBounds, judge, parent_scores
 from alchemist_worker.evaluation.gate_metrics import GateMetrics
 from alchemist_worker.evaluation.scoring import score_items
-from alchemist_worker.evaluation.settings import EvaluationSettings
+from alchemist_worker.evaluation.settings import EvaluationSettings, OnHeld
 
 
 class CandidateEvaluation:
@@ -28,6 +28,7 @@ class CandidateEvaluation:
         digest: str,
         bounds: GateBounds,
         metrics: GateMetrics | None = None,
+        on_held: OnHeld = OnHeld.REVERT,
     ) -> None:
         if not items:
             raise ValueError("an evaluation needs at least one item")
@@ -35,6 +36,7 @@ class CandidateEvaluation:
         self.digest = digest
         self.bounds = bounds
         self.metrics = metrics
+        self.on_held = on_held
         self.base: EvaluationScores | None = None  # version 0's scores, once computed
 
     @classmethod
@@ -51,7 +53,7 @@ class CandidateEvaluation:
             return None
         eval_set = load_eval_set(settings.path)
         items = encode_eval_set(eval_set, encode_text, encode_chat, min(settings.max_tokens, max_model_len))
-        return cls(items, eval_set.digest, settings.bounds, metrics)
+        return cls(items, eval_set.digest, settings.bounds, metrics, settings.on_held)
 
     def score(self, model: Any, device: torch.device) -> EvaluationScores:
         return score_items(model, device, self.items)

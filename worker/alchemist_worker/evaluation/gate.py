@@ -10,6 +10,7 @@ the reading says so; the base is always scored on the current set.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from alchemist_protocol.schemas import EvaluationReading, EvaluationScores, GateDecision, VersionInfo
@@ -94,3 +95,21 @@ def judge(
         decision=GateDecision.HELD if reasons else GateDecision.PASSED,
         reasons=reasons,
     )
+
+
+def is_held(info: VersionInfo | None) -> bool:
+    return info is not None and info.evaluation is not None and info.evaluation.held
+
+
+def newest_passed(version: int, info_of: Callable[[int], VersionInfo | None]) -> int:
+    """`version`, or its newest ancestor the gate did not hold (0, the base, at the latest): where training
+    continues when held versions are reverted."""
+    seen = set()
+    while version != 0 and version not in seen:
+        seen.add(version)
+        info = info_of(version)
+        if not is_held(info):
+            return version
+        assert info is not None
+        version = info.parent
+    return version

@@ -2,10 +2,17 @@
 
 The operator sets them from the job's `spec.evaluation` (a path in the image or a volume, or a ConfigMap it
 mounts); without ALCHEMIST_EVALUATION_SET there is no gate and versions carry no reading.
+
+`on_held` is what the trainer does after the gate held a version. `revert` (the default): training continues
+from the held version's parent, so the next candidate does not build on what the gate refused (a run of wrong
+corrections stays out of every later version; the held version's feedback is not trained again). `continue`:
+training goes on from the held version, as if it had passed; later versions are still judged against the base,
+so a drift is held, but a harm that stays within the bounds against the base is kept.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +26,13 @@ ENV = {
     "max_reference_nll_increase": "ALCHEMIST_EVALUATION_MAX_REFERENCE_NLL_INCREASE",
     "max_exact_match_drop": "ALCHEMIST_EVALUATION_MAX_EXACT_MATCH_DROP",
     "max_tokens": "ALCHEMIST_EVALUATION_MAX_TOKENS",
+    "on_held": "ALCHEMIST_EVALUATION_ON_HELD",
 }
+
+
+class OnHeld(enum.StrEnum):
+    REVERT = "revert"  # the next step trains from the held version's parent
+    CONTINUE = "continue"  # the next step trains from the held version
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,7 @@ class EvaluationSettings:
     path: Path | None = None
     bounds: GateBounds = field(default_factory=GateBounds)
     max_tokens: int = 512  # the longest sequence scored at once; longer text is scored in windows
+    on_held: OnHeld = OnHeld.REVERT
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2:
@@ -38,6 +52,7 @@ class EvaluationSettings:
         raw_path = env.get(ENV["path"], "").strip()
         bounds: dict[str, float] = {}
         max_tokens = 512
+        on_held = OnHeld.REVERT
         for name, var in ENV.items():
             raw = env.get(var, "").strip()
             if not raw or name == "path":
@@ -45,6 +60,8 @@ class EvaluationSettings:
             try:
                 if name == "max_tokens":
                     max_tokens = int(raw)
+                elif name == "on_held":
+                    on_held = OnHeld(raw.lower())
                 else:
                     bounds[name] = float(raw)
             except ValueError as exc:
@@ -53,4 +70,6 @@ class EvaluationSettings:
             gate = GateBounds(**bounds)
         except ValueError as exc:
             raise ValueError(f"ALCHEMIST_EVALUATION_*: {exc}") from None
-        return cls(path=Path(raw_path) if raw_path else None, bounds=gate, max_tokens=max_tokens)
+        return cls(
+            path=Path(raw_path) if raw_path else None, bounds=gate, max_tokens=max_tokens, on_held=on_held
+        )
