@@ -5,7 +5,8 @@
 1. Uses the Redis at ALCHEMIST_REDIS_URL (default redis://127.0.0.1:6379/0) when one answers, else starts a
    private one; the job gets a fresh name, so earlier runs do not interfere.
 2. Starts `alchemist-worker serve` as a child process: recording every prefill, LoRA training on feedback,
-   versions in .run/demo/<job>/versions.
+   versions in .run/demo/<job>/versions, each scored by the evaluation gate on the bundled general set
+   (evaluation/sets/general.jsonl) before it may be served.
 3. Plays the application (scenario.py): users ask questions through the OpenAI client, then accept, reject or
    correct the answers through POST /v1/feedback.
 4. Watches versions appear, and prints a summary: versions advancing, records reused, and the corrected answer's
@@ -31,6 +32,7 @@ from alchemist_protocol.local_redis import LocalRedis, free_port, is_reachable
 from alchemist_worker.demo.scenario import Scenario, run_scenario
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+GENERAL_SET = Path(__file__).resolve().parents[1] / "evaluation" / "sets" / "general.jsonl"
 
 
 def say(message: str) -> None:
@@ -93,6 +95,7 @@ def start_worker(
         "ALCHEMIST_TRAINING_MAX_WAIT_SECONDS": "1",
         "ALCHEMIST_TRAINING_KEEP_VERSIONS": "20",
         "ALCHEMIST_TRAINING_MAX_STALENESS": "4",
+        "ALCHEMIST_EVALUATION_SET": str(GENERAL_SET),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "alchemist_worker.cli", "serve"],
@@ -126,6 +129,17 @@ def start_worker(
         time.sleep(0.2)
 
 
+def gate_summary(reading: dict[str, Any] | None) -> str:
+    """`; gate passed (perplexity +0.4% vs base)`, or the reasons of a hold; empty without a gate."""
+    if not reading:
+        return ""
+    mine, base = reading["scores"].get("perplexity"), reading["base"].get("perplexity")
+    change = f" (perplexity {mine / base - 1:+.1%} vs base)" if mine and base else ""
+    if reading["decision"] == "passed":
+        return f"; gate passed{change}"
+    return f"; gate HELD{change}: {'; '.join(reading['reasons'])}"
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     say("")
     say("=" * 78)
@@ -137,6 +151,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         say(
             f"  v{v['version']:<3} parent v{v['parent']:<3} samples {v['samples']:<2} loss {v['loss']:.3f}  "
             f"records reused {training.get('reused', 0)}, recomputed {training.get('recomputed', 0)}"
+            f"{gate_summary(v.get('evaluation'))}"
         )
     say(f"samples trained: {summary['reused']} reused a prefill record, {summary['recomputed']} recomputed")
     for reason, count in sorted(summary["recompute_reasons"].items()):

@@ -6,7 +6,8 @@ cannot know is corrected. One feedback repeats an idempotency key (trained once)
 never existed (refused with a 404). One user answers late: the feedback on a first-round answer arrives in the
 last round, when its prefill record is several versions old, so the trainer recomputes it (hedging) instead of
 reusing a stale record. After each round the scenario waits until the worker has trained on everything
-and serves the resulting version, so the next round is served, and recorded, by the new weights.
+and serves the newest version the evaluation gate passed (when the worker has a gate), so the next round is
+served, and recorded, by the new weights.
 """
 
 from __future__ import annotations
@@ -86,11 +87,13 @@ def _status(http: httpx.Client) -> dict[str, Any]:
     return dict(http.get("/v1/versions").json())
 
 
-def _settled(status: dict[str, Any]) -> bool:
+def settled(status: dict[str, Any]) -> bool:
+    """Everything sent is trained on, and the worker serves the newest version the evaluation gate passed."""
     worker = status["worker"]
-    latest = max((v["version"] for v in status["data"]), default=0)
+    held = set(status.get("held", []))
+    servable = max((v["version"] for v in status["data"] if v["version"] not in held), default=0)
     busy = worker["feedback_lag"] or worker["pending"] or worker["in_step"] or worker["uncommitted_steps"]
-    return not busy and worker["serving_version"] == latest
+    return not busy and worker["serving_version"] == servable
 
 
 def _metrics(http: httpx.Client) -> dict[str, float]:
@@ -155,7 +158,7 @@ def run_scenario(base_url: str, scenario: Scenario, say: Callable[[str], None]) 
                 code = _feedback(http, {"response_id": "chatcmpl-made-up", "label": "accept"})
                 say(f"  feedback for an unknown response id: HTTP {code}")
             deadline = time.monotonic() + scenario.settle_timeout_s
-            while not _settled(status_ := _status(http)):
+            while not settled(status_ := _status(http)):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"training did not settle in {scenario.settle_timeout_s} s: {status_}")
                 time.sleep(0.5)
