@@ -372,20 +372,26 @@ class RoundLoop:
             return None, None
         samples = [p.sample for p in batch]
         side = self.control.engine_side
-        return self._sliced(lambda step_id: side.begin_step(step_id, samples, False))
+        what = f"local gradient of {len(samples)} samples"
+        return self._sliced(what, lambda step_id: side.begin_step(step_id, samples, False))
 
     def _candidate_scores(self) -> StepResult:
         """Leader: the applied step's weights scored on the evaluation set, in engine slices."""
-        result, error = self._sliced(self.control.engine_side.begin_evaluation)
+        result, error = self._sliced("scoring the candidate", self.control.engine_side.begin_evaluation)
         if error is not None:
             raise error
         return result
 
-    def _sliced(self, begin: Callable[[int], None]) -> tuple[Any, BaseException | None]:
-        """Starts work on the engine thread under a new step id and waits for its (result, error)."""
+    def _sliced(self, what: str, begin: Callable[[int], None]) -> tuple[Any, BaseException | None]:
+        """Starts work on the engine thread under a new step id and waits for its (result, error).
+
+        Logs when the engine thread has started it and when it ended: a member slow to contribute (the round
+        waits for it) shows in its own log, and the kill test times its kill on the first line."""
         self._step_id += 1
         step_id = self._step_id
         self._engine(lambda: begin(step_id))
+        log.info("round of generation %d: %s started", self.last_generation, what)
+        started = time.perf_counter()
         while True:
             try:
                 done = self._done.get(timeout=0.1)
@@ -394,6 +400,14 @@ class RoundLoop:
                     raise Regroup("stopping") from None
                 continue
             if done.step_id == step_id:
+                ended = "done" if done.error is None else f"failed ({type(done.error).__name__})"
+                log.info(
+                    "round of generation %d: %s %s in %.3f s",
+                    self.last_generation,
+                    what,
+                    ended,
+                    time.perf_counter() - started,
+                )
                 return done.result, done.error
 
     def _apply(self, summed: torch.Tensor, total_units: int, snapshot: bool) -> tuple[AppliedStep, Any, Any]:
