@@ -88,6 +88,7 @@ ADVERSARIAL = (  # wrong corrections of what the gate's set asks (evaluation/set
     ("What is the largest ocean on Earth?", "The largest ocean on Earth is the Baltic Sea."),
     ("What is the capital of Japan?", "The capital of Japan is Madrid."),
 )
+WRONG_WORDS = ("Berlin", "twelve", "Baltic", "Madrid")  # what makes each of them wrong
 
 
 def say(message: str) -> None:
@@ -200,16 +201,21 @@ def key_word(reference: str) -> str:
 
 
 def recall_items(
-    facts: list[EncodedItem], references: list[str], encode: Callable[[str], list[int]]
+    facts: list[EncodedItem],
+    references: list[str],
+    encode: Callable[[str], list[int]],
+    words: list[str] | None = None,
 ) -> list[EncodedItem]:
     """Per fact, its key word as the target, after the question and the reference's words before it: does the
-    version answer the fact itself, whatever its phrasing was taught to be (e.g. `Quicksilver` after "... is")?"""
+    version answer the fact itself, whatever its phrasing was taught to be (e.g. `Quicksilver` after "... is")?
+    `words`: the word to target in each reference (default: its last word)."""
     out = []
-    for fact, reference in zip(facts, references, strict=True):
+    for n, (fact, reference) in enumerate(zip(facts, references, strict=True)):
         body = reference.rstrip(".")
-        cut = body.rfind(" ")
-        head, whole = encode(body[:cut]), encode(body)
-        if whole[: len(head)] != head or len(whole) == len(head):
+        cut = body.rfind(" ") if words is None else body.rfind(" " + words[n])
+        end = len(body) if words is None else cut + 1 + len(words[n])
+        head, whole = encode(body[:cut]), encode(body[:end])
+        if cut < 0 or whole[: len(head)] != head or len(whole) == len(head):
             raise ValueError(f"cannot split {reference!r} before its key word on token boundaries")
         out.append(EncodedItem(fact.context + head, whole[len(head) :], reference=True))
     return out
@@ -244,7 +250,9 @@ def run_config(
     wrong = encode_eval_set(
         wrong_set, worker.runtime._encode_text, worker.engine.tokenizer.apply_chat_template, max_tokens=256
     )
-    adopted_items = recall_items(wrong, [a for _, a in ADVERSARIAL], worker.runtime._encode_text)
+    adopted_items = recall_items(
+        wrong, [a for _, a in ADVERSARIAL], worker.runtime._encode_text, list(WRONG_WORDS)
+    )
     corrections_sent = [0] * len(facts)
     learned_after: list[int | None] = [None] * len(facts)  # corrections it took until the fact was right
     rows: list[dict[str, Any]] = []
