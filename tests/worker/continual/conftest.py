@@ -11,6 +11,7 @@ import pytest
 from alchemist_protocol.feedback_client import FeedbackClient
 from alchemist_protocol.job_store import JobStore
 from alchemist_protocol.keys import JobKeys
+from alchemist_protocol.schemas import VersionInfo
 from alchemist_worker.api.request_records import RedisRequestRecords
 from alchemist_worker.continual.control import ControlTimings
 from alchemist_worker.continual.runtime import ContinualRuntime, RuntimeSettings
@@ -127,6 +128,15 @@ class InProcessWorker:
             raise result
         wait_until(lambda: self.store.get_request(request_id) is not None, 10, "the request record")
         return result
+
+    def accept_until(self, version: int, prompt: list[int]) -> VersionInfo:
+        """Serves `prompt`, accepts the answer and waits for `version` (the one that trains it)."""
+        out = self.generate(prompt)
+        self.feedback.accept(out.request_id)
+        self.wait_version(version)
+        info = self.store.get_version(version)
+        assert info is not None
+        return info
 
     def wait_version(self, version: int, timeout: float = 60.0) -> None:
         wait_until(lambda: self.store.latest_version() >= version, timeout, f"version {version}")

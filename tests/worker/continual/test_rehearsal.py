@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 from alchemist_worker.continual.rehearsal import RehearsalBuffer, RehearsalEntry
 from alchemist_worker.continual.settings import TrainerSettings
-from alchemist_worker.evaluation.gate import GateBounds
-from alchemist_worker.evaluation.settings import EvaluationSettings
 
 from tests.worker.continual.conftest import InProcessWorker, wait_until
-from tests.worker.evaluation.test_gate_runtime import EVAL_SET
+from tests.worker.evaluation.test_held_versions import HOLD_ALL, gate, hold_first_version
 
 PROMPT = [1, 5, 9, 13, 17]
 
@@ -63,12 +61,7 @@ def test_settings_validate_the_rehearsal() -> None:
 
 
 def accept_one(worker: InProcessWorker, version: int) -> dict[str, object]:
-    out = worker.generate(PROMPT)
-    worker.feedback.accept(out.request_id)
-    worker.wait_version(version)
-    info = worker.store.get_version(version)
-    assert info is not None
-    return info.training
+    return worker.accept_until(version, PROMPT).training
 
 
 def test_each_step_rehearses_answers_of_earlier_versions_and_a_restart_keeps_them(
@@ -90,17 +83,9 @@ def test_each_step_rehearses_answers_of_earlier_versions_and_a_restart_keeps_the
 def test_answers_of_a_held_version_are_never_rehearsed(
     make_worker: Callable[..., InProcessWorker], tmp_path: Path
 ) -> None:
-    path = tmp_path / "eval.jsonl"
-    path.write_text("\n".join(json.dumps(item) for item in EVAL_SET))
-    hold_all = EvaluationSettings(path, GateBounds(0.0, 0.0, 0.0))
-    worker = make_worker(rehearsal_samples=2, learning_rate=5e-2, evaluation=hold_all)
-    out = worker.generate(PROMPT)
-    worker.feedback.correct(out.request_id, "zq zq zq zq zq zq zq zq")
-    worker.wait_version(1)
-    info = worker.store.get_version(1)
-    assert info is not None and info.held
-    assert accept_one(worker, 2)["rehearsed"] == 0  # the buffer was empty: version 1's answer never entered
-    second = worker.store.get_version(2)
-    assert second is not None
+    worker = make_worker(rehearsal_samples=2, learning_rate=5e-2, evaluation=gate(tmp_path, HOLD_ALL))
+    hold_first_version(worker)
+    second = worker.accept_until(2, PROMPT)
+    assert second.training["rehearsed"] == 0  # the buffer was empty: version 1's answer never entered
     # Only version 2's own answer, and only if the gate passed it.
     assert len(worker.runtime.trainer.rehearsal) == (0 if second.held else 1)

@@ -39,12 +39,7 @@ def hold_first_version(worker: InProcessWorker) -> None:
 
 def train_next(worker: InProcessWorker, version: int) -> int:
     """Feedback for one more version; returns its parent."""
-    out = worker.generate(PROMPT)
-    worker.feedback.accept(out.request_id)
-    worker.wait_version(version)
-    info = worker.store.get_version(version)
-    assert info is not None
-    return info.parent
+    return worker.accept_until(version, PROMPT).parent
 
 
 def training_weights(worker: InProcessWorker) -> dict[str, torch.Tensor]:
