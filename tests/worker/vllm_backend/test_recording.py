@@ -2,7 +2,9 @@
 (all but the softmax log-sum-exp, which vLLM's records leave to the trainer).
 
 Each engine runs with a 32-token step budget, so the 75-token prompt arrives in three chunks, in steps that also
-decode the short request started before it; a third request is not recorded and shares those steps too.
+decode the short request started before it; a third request is not recorded and shares those steps too. The
+`compiled` cases run vLLM's compiled model (recording happens inside it, through the record op); the others
+run eagerly (quicker to start; the same op, called directly).
 """
 
 from __future__ import annotations
@@ -17,19 +19,27 @@ from alchemist_worker.model import load_model
 
 from tests.worker.vllm_backend.conftest import native_record, prompt_of, request, run_all, vllm_engine
 
-CASES = [(arch, policy) for arch in ("llama", "qwen3") for policy in RecordingPolicy] + [
-    ("qwen2", RecordingPolicy.FULL),
-    ("mistral", RecordingPolicy.SELECTIVE),
+CASES = [(arch, policy, False) for arch in ("llama", "qwen3") for policy in RecordingPolicy] + [
+    ("qwen2", RecordingPolicy.FULL, False),
+    ("mistral", RecordingPolicy.SELECTIVE, False),
+    # compiled: `full` hands over every field (k before QK norm too, for qwen3); kv the fewest
+    ("llama", RecordingPolicy.FULL, True),
+    ("qwen3", RecordingPolicy.FULL, True),
+    ("llama", RecordingPolicy.KV, True),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("arch", "policy"), CASES, ids=[f"{a}-{p.value}" for a, p in CASES])
+@pytest.mark.parametrize(
+    ("arch", "policy", "compiled"),
+    CASES,
+    ids=[f"{a}-{p.value}{'-compiled' if c else ''}" for a, p, c in CASES],
+)
 def test_records_equal_the_native_engines(
-    tiny_checkpoints: dict[str, Path], arch: str, policy: RecordingPolicy
+    tiny_checkpoints: dict[str, Path], arch: str, policy: RecordingPolicy, compiled: bool
 ) -> None:
     path = tiny_checkpoints[arch]
-    engine = vllm_engine(path, policy.value, max_num_batched_tokens=32, max_num_seqs=4)
+    engine = vllm_engine(path, policy.value, compile=compiled, max_num_batched_tokens=32, max_num_seqs=4)
     vocab = engine.model_config.vocab_size
     short, long, other = prompt_of(10, vocab, 1), prompt_of(75, vocab, 2), prompt_of(20, vocab, 3)
     steps = []

@@ -116,7 +116,12 @@ class VllmEngine:
         from vllm import EngineArgs, ModelRegistry
         from vllm.v1.engine.llm_engine import LLMEngine as VllmLLMEngine
 
-        from alchemist_worker.vllm_backend.model import ADAPTER_CONFIG_KEY, ARCHITECTURE, SHARE_WEIGHTS_KEY
+        from alchemist_worker.vllm_backend.model import (
+            ADAPTER_CONFIG_KEY,
+            ARCHITECTURE,
+            RECORD_KEY,
+            SHARE_WEIGHTS_KEY,
+        )
 
         if config.recording.enabled and recording is None:
             raise EngineConfigError(f"recording policy {config.recording.policy!r} needs an activation store")
@@ -135,6 +140,7 @@ class VllmEngine:
                 "architectures": [ARCHITECTURE],
                 ADAPTER_CONFIG_KEY: adapter,
                 SHARE_WEIGHTS_KEY: share_weights,
+                RECORD_KEY: recording is not None,
             }
         if config.cpu_threads and self.device.type == "cpu":
             os.environ.setdefault("OMP_NUM_THREADS", str(config.cpu_threads))
@@ -182,7 +188,6 @@ class VllmEngine:
         self.recording = recording
         self.policy = parse_policy(config.recording.policy) if recording is not None else None
         self.record_sampler = RecordSampler(config.recording)
-        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.weight_version = weight_version
         self._requests: dict[str, _Request] = {}
         self._by_internal: dict[str, _Request] = {}
@@ -330,7 +335,6 @@ class VllmEngine:
             prompts,
             layout_of=lambda: runner_layout(self._runner),
             on_complete=self._store_record,
-            copy_stream=self._copy_stream,
             record_dtype=self.recording.record_dtype,
         )
 

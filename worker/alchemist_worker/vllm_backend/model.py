@@ -4,9 +4,11 @@ vLLM loads it in place of its own class (registered under `ARCHITECTURE`, chosen
 stock classes stay untouched). It is stock vLLM's Llama wiring (`LlamaForCausalLM` with our decoder layer) plus
 two things:
 
-- a recorder: on a step that records a prefill, the runner calls `forward(..., recorder=r)` eagerly (never
-  through the compiled graph or a CUDA graph, see engine_hooks.py) and every layer hands `r` the same
-  `LayerActivations` the native model does, so records from either engine are interchangeable;
+- recording: when the engine records (`RECORD_KEY`), every layer calls the `alchemist::record` op at three
+  points (record_op.py), in compiled code as in eager; on a step that records a prefill, the op's body hands the
+  tensors to the step's recording, which copies what it keeps into the same `LayerActivations` the native model
+  gives its recorder, so records from either engine are interchangeable. Other steps pay the op's early return;
+  an engine that never records has no op in its graph at all;
 - served adapters: each LoRA-targeted projection gets fixed-address buffers (A stacked over the fused slices,
   B block-diagonal and pre-scaled) that a version switch overwrites in place, so compiled graphs and CUDA graphs
   keep reading the same memory and see the new values. With no adapter (version 0, or full fine-tuning) they do
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -38,17 +41,12 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
 from alchemist_worker.model.config import ModelConfig
-from alchemist_worker.model.layer_activations import LayerActivations
-from alchemist_worker.vllm_backend.step_recording import StepRecording
+from alchemist_worker.vllm_backend.record_op import ATTENTION, CONTEXT_KEY, MLP, PROJECTIONS, record
 
 ARCHITECTURE = "AlchemistForCausalLM"
 ADAPTER_CONFIG_KEY = "alchemist_adapter"  # hf_overrides key: {"rank": r, "target_modules": [...]}
 SHARE_WEIGHTS_KEY = "alchemist_share_weights"  # hf_overrides key: plain weights the trainer can view
-# What a recording layer hands over (nothing writes it later): the input's clone, vLLM's attention output, the
-# qkv and gate/up buffers once rotary has run, and the clones of q_lin, k_lin and o where the policy keeps them
-# (rotary, QK norm and the fused add-norm write the originals in place).
-HANDED_OVER = frozenset({"x", "k", "v", "attn", "gate", "up"})
-CLONED_IF_KEPT = frozenset({"q_lin", "k_lin", "o"})
+RECORD_KEY = "alchemist_record"  # hf_overrides key: the layers call the record op (the engine records)
 
 
 class ServedAdapter(nn.Module):
@@ -169,17 +167,17 @@ class AlchemistAttention(nn.Module):
         return norm(t.view(-1, heads, self.head_dim)).view(t.shape)
 
     def forward(
-        self, positions: Tensor, x: Tensor, recorder: StepRecording | None, layer: int
-    ) -> tuple[Tensor, dict[str, Tensor | None]]:
+        self, positions: Tensor, x: Tensor, record_token: Tensor | None, layer: int
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """o_proj's output, and views of k, v ([T, kv_heads, head_dim]) and the attention output ([T, heads,
+        head_dim]) for the layer to hand over (the softmax log-sum-exp is not returned by vLLM's attention; the
+        trainer computes it, see step_recording.py)."""
         qkv, _ = self.qkv_proj(x)
         if self.qkv_adapter is not None:
             qkv = qkv + self.qkv_adapter(x)
         q_lin, k_lin, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        wanted = recorder.fields if recorder is not None else ()
-        kept: dict[str, Tensor | None] = {  # rotary and the norms below write q_lin and k_lin in place
-            "q_lin": q_lin.clone() if "q_lin" in wanted else q_lin,
-            "k_lin": k_lin.clone() if "k_lin" in wanted else k_lin,
-        }
+        if record_token is not None:  # here: rotary (and QK norm) below write q_lin and k_lin in place
+            record(record_token, layer, PROJECTIONS, (q_lin, k_lin))
         q = self._norm_heads(q_lin, self.q_norm, self.num_heads)
         k = self._norm_heads(k_lin, self.k_norm, self.num_kv_heads)
         q, k = self.rotary_emb(positions, q, k)
@@ -187,16 +185,13 @@ class AlchemistAttention(nn.Module):
         o, _ = self.o_proj(out)
         if self.o_adapter is not None:
             o = o + self.o_adapter(out)
-        if recorder is not None:
-            tokens = x.shape[0]
-            kept.update(
-                k=k.view(tokens, self.num_kv_heads, self.head_dim),
-                v=v.view(tokens, self.num_kv_heads, self.head_dim),
-                attn=out.view(tokens, self.num_heads, self.head_dim),
-                lse=None,  # vLLM's attention does not return it: the trainer computes it (see step_recording.py)
-                o=o.clone() if "o" in wanted else o,  # the fused add-norm after attention overwrites it
-            )
-        return o, kept
+        tokens = x.shape[0]
+        heads = (
+            k.view(tokens, self.num_kv_heads, self.head_dim),
+            v.view(tokens, self.num_kv_heads, self.head_dim),
+            out.view(tokens, self.num_heads, self.head_dim),
+        )
+        return o, heads
 
 
 class AlchemistMLP(nn.Module):
@@ -237,41 +232,38 @@ class AlchemistDecoderLayer(nn.Module):
         )
         self.down_adapter = _adapter(config.intermediate_size, {"down_proj": config.hidden_size}, adapter)
         self.act_fn = SiluAndMul()
+        records = getattr(vllm_config.model_config.hf_config, RECORD_KEY, False)  # see record_op.py
+        self.record_token: Tensor | None
+        self.register_buffer("record_token", torch.zeros(1) if records else None, persistent=False)
 
     def forward(
-        self,
-        positions: Tensor,
-        hidden_states: Tensor,
-        residual: Tensor | None,
-        recorder: StepRecording | None = None,
+        self, positions: Tensor, hidden_states: Tensor, residual: Tensor | None
     ) -> tuple[Tensor, Tensor]:
+        token, layer = self.record_token, self.layer_idx
         if residual is None:
             residual = hidden_states
             xn = self.input_layernorm(hidden_states)
         else:
             xn, residual = self.input_layernorm(hidden_states, residual)
-        # residual is now the layer's input x; the fused add-norm below overwrites it in place
-        x = residual.clone() if recorder is not None else None
-        o, kept = self.self_attn(positions, xn, recorder, self.layer_idx)
+        o, (k, v, attn) = self.self_attn(positions, xn, token, layer)
+        # here residual is still the layer's input; the fused add-norm below overwrites it and o in place
+        if token is not None:
+            record(token, layer, ATTENTION, (residual, k, v, attn, o))
         hn, residual = self.post_attention_layernorm(o, residual)
         gate_up, _ = self.mlp.gate_up_proj(hn)
         if self.gate_up_adapter is not None:
             gate_up = gate_up + self.gate_up_adapter(hn)
+        if token is not None:
+            record(token, layer, MLP, gate_up.split(self.intermediate_size, dim=-1))
         h = self.act_fn(gate_up)
         out, _ = self.mlp.down_proj(h)
         if self.down_adapter is not None:
             out = out + self.down_adapter(h)
-        if recorder is not None:
-            assert x is not None
-            gate, up = gate_up.split(self.intermediate_size, dim=-1)
-            handed_over = HANDED_OVER | (CLONED_IF_KEPT & set(recorder.fields))
-            acts = LayerActivations(x=x, gate=gate, up=up, handed_over=handed_over, **kept)
-            recorder.record_layer(self.layer_idx, acts)
         return out, residual
 
 
 class AlchemistForCausalLM(LlamaForCausalLM):
-    """vLLM's Llama wiring around `AlchemistDecoderLayer`; `forward(recorder=...)` records a prefill eagerly."""
+    """vLLM's Llama wiring around `AlchemistDecoderLayer`; records a prefill when `step_recording` is set."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=AlchemistDecoderLayer)
@@ -288,8 +280,12 @@ class AlchemistForCausalLM(LlamaForCausalLM):
         step = self.step_recording
         if step is None:
             return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-        recorder = step.recorder(input_ids, positions)
-        # `forward` rather than `__call__`: the undecorated method, so the step runs eagerly and the hooks run
-        return self.model.forward(
-            input_ids, positions, intermediate_tensors, inputs_embeds, recorder=recorder
-        )
+        if input_ids is None:
+            raise RuntimeError("recording a prefill needs input_ids (not inputs_embeds)")
+        step.start(input_ids)
+        context = get_forward_context().additional_kwargs  # this forward's; the record op finds the step here
+        context[CONTEXT_KEY] = step
+        try:  # compiled (or not) as any other step: the record op's body runs inside
+            return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        finally:
+            del context[CONTEXT_KEY]

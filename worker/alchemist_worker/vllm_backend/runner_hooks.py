@@ -7,8 +7,9 @@ runner instance (nothing global is patched):
 
 - `execute_model`: asks the engine for the step's recording (None for the many steps that record nothing, which
   run exactly as stock), hands it to the model for the forward, and commits it after;
-- `_determine_batch_execution_and_padding`: forces eager mode for a recording step, so that no CUDA graph (where
-  Python hooks never run) and no compiled graph replays it. Steps that record nothing keep CUDA graphs.
+- `_determine_batch_execution_and_padding`: keeps a recording step out of CUDA graphs (`force_eager`: runtime
+  mode NONE): a replayed graph runs no Python, so the record op's body (record_op.py) would never run. The step
+  still runs vLLM's compiled code. Steps that record nothing keep CUDA graphs.
 
 The V2 model runner (vLLM's default on CUDA) is turned off with `VLLM_USE_V2_MODEL_RUNNER=0`: one code path,
 the one every test runs on CPU. `check_runner` fails loudly, naming the vLLM version, when an upgrade moved any

@@ -10,11 +10,18 @@ a `PrefillRecorder`, and on commit appends each chunk to its prompt. A prompt wh
 softmax log-sum-exp of `selective` and `full`: vLLM's attention does not return it, and computing it again in the
 step cost a second attention forward (about 10% of the step on CPU), so it is deferred to the trainer, which
 computes it for the few records that ever get feedback (training/replay.py).
+
+The layers hand their tensors over through the `alchemist::record` op (record_op.py), in three parts per layer,
+from inside vLLM's compiled code. Each part is copied at once, rows of each recorded prompt apart and only the
+fields the policy keeps (compiled code reuses intermediate buffers and writes some tensors in place, so a
+reference would not stay valid); with a layer complete, each prompt's `PrefillRecorder` gets its copies, which it
+keeps as they are (they are handed over, its own rows only, in the record's dtype). The copies run on the current
+stream on CUDA too: compiled code reuses buffers without the allocator, so a side stream could race with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +33,7 @@ from alchemist_worker.activations.recorder import PrefillRecorder
 from alchemist_worker.activations.records import SequenceRecord, concat_records
 from alchemist_worker.model.config import ModelConfig
 from alchemist_worker.model.layer_activations import LayerActivations
+from alchemist_worker.vllm_backend.record_op import PARTS
 
 
 @dataclass
@@ -73,7 +81,7 @@ def runner_layout(runner: Any) -> BatchLayout:
 
 
 class StepRecording:
-    """The recorder of one vLLM step (a `Recorder`, plus the log-sum-exp it computes for the model)."""
+    """The recording of one vLLM step: `start` when the forward begins, `take` from the record op, `finish` after."""
 
     def __init__(
         self,
@@ -82,7 +90,6 @@ class StepRecording:
         prompts: dict[str, PromptRecording],
         layout_of: Callable[[], BatchLayout],
         on_complete: Callable[[str, SequenceRecord], None],
-        copy_stream: torch.cuda.Stream | None = None,
         record_dtype: torch.dtype | None = None,
     ) -> None:
         self.policy = policy
@@ -91,16 +98,15 @@ class StepRecording:
         self.prompts = prompts  # internal request id -> its recording, for the requests of this step
         self.layout_of = layout_of  # read once the runner has prepared the step
         self.on_complete = on_complete  # (response id, record) of each prompt whose record is complete
-        self.copy_stream = copy_stream  # CUDA: record copies run beside the forward
+        self.fields = frozenset(f for f in policy.fields(config.qk_norm) if f != "lse")  # lse: deferred
         self.layout: BatchLayout | None = None
-        self._prefill: PrefillRecorder | None = None
-        self._segments: list[tuple[int, int, PromptRecording]] = []  # kept rows [start, end) and their prompt
+        self._segments: list[tuple[int, int, PromptRecording]] = []  # recorded rows [start, end), prompt
+        self._recorders: list[PrefillRecorder] = []  # one per segment
+        self._layer: list[dict[str, Tensor]] = []  # per segment: copies of the current layer's fields so far
 
-    def recorder(self, input_ids: Tensor, positions: Tensor) -> StepRecording:
-        """Called by the model at the start of the step's forward, when the layout is final."""
+    def start(self, input_ids: Tensor) -> None:
+        """Called by the model before the step's forward, when the runner has laid the batch out."""
         layout = self.layout = self.layout_of()
-        total = int(input_ids.shape[0])
-        cuts, keep, starts = [0], [], []
         for i, req_id in enumerate(layout.req_ids):
             prompt = self.prompts.get(req_id)
             begin, end = layout.query_start_loc[i], layout.query_start_loc[i + 1]
@@ -108,63 +114,61 @@ class StepRecording:
             if prompt is None or not prompt.wants(start):
                 continue
             rows = min(end - begin, prompt.prompt_len - start)
-            if begin > cuts[-1]:
-                cuts.append(begin)
-                keep.append(False)
-                starts.append(0)
-            cuts.append(begin + rows)
-            keep.append(True)
-            starts.append(start)
             self._segments.append((begin, begin + rows, prompt))
-        if cuts[-1] < total:
-            cuts.append(total)
-            keep.append(False)
-            starts.append(0)
+            self._recorders.append(
+                PrefillRecorder(
+                    self.policy,
+                    [0, rows],
+                    input_ids[begin : begin + rows],
+                    num_layers=self.config.num_layers,
+                    version=prompt.version,
+                    qk_norm=self.config.qk_norm,
+                    start_positions=[start],
+                    defer_lse=True,
+                    record_dtype=self.record_dtype,
+                )
+            )
+        self._layer = [{} for _ in self._segments]
         versions = {p.version for _, _, p in self._segments}
         if len(versions) > 1:
             raise RuntimeError(f"one step holds prompts of weight versions {sorted(versions)}")
-        self._prefill = PrefillRecorder(
-            self.policy,
-            cuts,
-            input_ids,
-            num_layers=self.config.num_layers,
-            version=versions.pop() if versions else 0,
-            qk_norm=self.config.qk_norm,
-            keep=keep,
-            start_positions=starts,
-            copy_stream=self.copy_stream,
-            defer_lse=True,
-            record_dtype=self.record_dtype,
-        )
-        return self
 
-    # Recorder -------------------------------------------------------------------------------------------
-
-    @property
-    def wants_lse(self) -> bool:
-        return False  # deferred to the trainer
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        """The `LayerActivations` fields this step keeps (the model copies only these where it must)."""
-        return tuple(f for f in self.policy.fields(self.config.qk_norm) if f != "lse")
-
-    def record_layer(self, layer: int, activations: LayerActivations) -> None:
-        if self._prefill is None:
-            raise RuntimeError("record_layer() before recorder(): the forward was not started by the model")
-        self._prefill.record_layer(layer, activations)
-
-    # After the forward ---------------------------------------------------------------------------------
+    def take(self, layer: int, part: int, tensors: Sequence[Tensor]) -> None:
+        """From the record op: copies the kept fields of `PARTS[part]` ([T, ...] over the flat batch)."""
+        with torch.inference_mode(False), torch.no_grad():
+            for name, tensor in zip(PARTS[part], tensors, strict=True):
+                if name not in self.fields:
+                    continue
+                dtype = self.record_dtype or tensor.dtype
+                for (begin, end, _), kept in zip(self._segments, self._layer, strict=True):
+                    kept[name] = tensor[begin:end].to(dtype, memory_format=torch.contiguous_format, copy=True)
+        if part != len(PARTS) - 1:
+            return
+        for recorder, kept in zip(self._recorders, self._layer, strict=True):
+            missing = self.fields - kept.keys()
+            if missing:
+                raise RuntimeError(f"layer {layer} handed over no {sorted(missing)}")
+            recorder.record_layer(layer, _activations(kept))
+            kept.clear()
 
     def finish(self) -> None:
         """After the forward: appends this step's chunks to their prompts and hands over completed records."""
-        if self._prefill is None:  # the step ran no forward (nothing scheduled)
-            return
-        kept = [r for r in self._prefill.records() if r is not None]
-        for (_, _, prompt), chunk in zip(self._segments, kept, strict=True):
+        for (_, _, prompt), recorder in zip(self._segments, self._recorders, strict=True):
+            (chunk,) = recorder.records()
+            assert chunk is not None
             prompt.chunks.append(chunk)
             if prompt.next_position >= prompt.prompt_len:
                 record = concat_records(prompt.chunks)
                 prompt.chunks = []
                 prompt.done = True
                 self.on_complete(prompt.response_id, record)
+
+
+def _activations(kept: dict[str, Tensor]) -> LayerActivations:
+    """Our copies as `LayerActivations`, all handed over (the recorder keeps them); fields not kept are empty."""
+    empty = torch.empty(0)
+    fields = {name: kept.get(name, empty) for name in ALL_FIELDS}
+    return LayerActivations(lse=None, handed_over=frozenset(kept), **fields)
+
+
+ALL_FIELDS = tuple(name for part in PARTS for name in part)
