@@ -3,6 +3,7 @@ tests do to them through their API (serve, give feedback) and what they read bac
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,17 @@ GROUP_ENV = {
     "GLOO_SOCKET_IFNAME": "lo",
 }
 
+# The training settings of the tests that compare versions with one trainer. A round starts once the oldest
+# sample waited 1.5 s (fewer than 8 wait): each batch of feedback a test gives is then one round. SGD: Adam
+# divides by the gradient's magnitude, so fp32 noise in gradients near zero becomes whole learning-rate steps;
+# SGD keeps the comparison with one trainer as tight as fp32 allows.
+ROUND_PER_BATCH_SGD = {
+    "ALCHEMIST_TRAINING_MIN_BATCH_SIZE": "8",
+    "ALCHEMIST_TRAINING_MAX_WAIT_SECONDS": "1.5",
+    "ALCHEMIST_TRAINING_OPTIMIZER": "sgd",
+    "ALCHEMIST_TRAINING_LEARNING_RATE": "0.05",
+}
+
 
 def group_worker(
     model: Path, redis_url: str, versions: Path, logs: Path, replica: str, **env: str
@@ -49,6 +61,11 @@ def group_worker(
 def group_status(worker: WorkerProcess) -> dict[str, Any]:
     status: dict[str, Any] = httpx.get(worker.base_url + "/v1/versions", timeout=10).json()["worker"]
     return dict(status.get("data_parallel") or {})
+
+
+def of_rank(workers: list[WorkerProcess], rank: int) -> WorkerProcess:
+    """The member of the current generation with this rank (0: the leader)."""
+    return next(w for w in workers if group_status(w).get("rank") == rank)
 
 
 def start_all(workers: list[WorkerProcess]) -> None:
@@ -83,6 +100,26 @@ def accept(worker: WorkerProcess, response_id: str) -> None:
 
 def wait_record(store: JobStore, response_id: str) -> None:
     wait_until(lambda: store.get_request(response_id) is not None, 10, "the request record")
+
+
+class FeedbackSender:
+    """Requests served by chosen members, each accepted through one member's API (routing to the member that
+    served it is the group's job); remembers every feedback id sent."""
+
+    def __init__(self, store: JobStore, model: str) -> None:
+        self.store = store
+        self.model = model
+        self.sent: set[str] = set()
+        self._counter = itertools.count()
+
+    def on(self, servers: list[WorkerProcess], via: WorkerProcess) -> set[str]:
+        served = [serve(w, self.model, next(self._counter)) for w in servers]
+        for response_id in served:
+            wait_record(self.store, response_id)
+            accept(via, response_id)
+        ids = {f"fb-{rid}" for rid in served}
+        self.sent.update(ids)
+        return ids
 
 
 def wait_serving(workers: list[WorkerProcess], version: int) -> None:

@@ -10,7 +10,6 @@ feedback on the requests it served, every sample must reuse its prefill record.
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -29,13 +28,15 @@ from alchemist_worker.model.checkpoint import load_model
 from alchemist_worker.versions.directory import VersionDirectory
 
 from tests.worker.continual.conftest import wait_until
-from tests.worker.continual.worker_process import WorkerProcess
 from tests.worker.distributed.group_processes import (
     KEYS,
+    ROUND_PER_BATCH_SGD,
+    FeedbackSender,
     accept,
     group_status,
     group_worker,
     held_by,
+    of_rank,
     pending_entries,
     serve,
     start_all,
@@ -57,35 +58,18 @@ def test_members_train_as_one_trainer_and_survive_kill_9(
     survivor takes the lease and leads on."""
     checkpoint = tiny_checkpoints["llama"]
     directory = VersionDirectory(tmp_path / "versions")
-    env = {
-        # A round starts once the oldest sample waited this long: each batch of feedback is then one round.
-        "ALCHEMIST_TRAINING_MIN_BATCH_SIZE": "8",
-        "ALCHEMIST_TRAINING_MAX_WAIT_SECONDS": "1.5",
-        # SGD: Adam divides by the gradient's magnitude, so fp32 noise in gradients near zero becomes whole
-        # learning-rate steps; SGD keeps the comparison with one trainer as tight as fp32 allows.
-        "ALCHEMIST_TRAINING_OPTIMIZER": "sgd",
-        "ALCHEMIST_TRAINING_LEARNING_RATE": "0.05",
-    }
     everyone = [
-        group_worker(checkpoint, redis_url, directory.root, tmp_path, f"r{n}", **env) for n in range(3)
+        group_worker(checkpoint, redis_url, directory.root, tmp_path, f"r{n}", **ROUND_PER_BATCH_SGD)
+        for n in range(3)
     ]
     store = JobStore(redis_client, KEYS)
-    counter = itertools.count()
-    sent: set[str] = set()
-
-    def feedback_on(servers: list[WorkerProcess], via: WorkerProcess) -> set[str]:
-        served = [serve(w, checkpoint.name, next(counter)) for w in servers]
-        for response_id in served:
-            wait_record(store, response_id)
-            accept(via, response_id)  # all through one replica's API: routing is the trainers' job
-        sent.update(f"fb-{rid}" for rid in served)
-        return {f"fb-{rid}" for rid in served}
+    sender = FeedbackSender(store, checkpoint.name)
+    feedback_on, sent = sender.on, sender.sent
 
     try:
         start_all(everyone)
         wait_members(3, everyone)
-        leader = next(w for w in everyone if group_status(w).get("rank") == 0)
-        victim = next(w for w in everyone if group_status(w).get("rank") == 1)
+        leader, victim = of_rank(everyone, 0), of_rank(everyone, 1)
         survivors = [w for w in everyone if w is not victim]
 
         feedback_on(everyone + everyone, leader)  # one round of three members, two samples each

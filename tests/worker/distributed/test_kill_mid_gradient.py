@@ -15,7 +15,6 @@ Every feedback id ends in exactly one version and nothing stays pending.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import signal
@@ -33,14 +32,14 @@ from tests.worker.continual.conftest import wait_until
 from tests.worker.continual.worker_process import WorkerProcess
 from tests.worker.distributed.group_processes import (
     KEYS,
-    accept,
+    ROUND_PER_BATCH_SGD,
+    FeedbackSender,
     group_status,
     group_worker,
+    of_rank,
     pending_entries,
-    serve,
     start_all,
     wait_members,
-    wait_record,
     wait_serving,
 )
 from tests.worker.distributed.one_trainer_reference import check_against_one_trainer, trained, wait_trained
@@ -116,10 +115,7 @@ def test_kill_9_and_a_stall_inside_the_local_gradient(
     checkpoint = tiny_checkpoints["llama"]
     directory = VersionDirectory(tmp_path / "versions")
     env = {
-        "ALCHEMIST_TRAINING_MIN_BATCH_SIZE": "8",
-        "ALCHEMIST_TRAINING_MAX_WAIT_SECONDS": "1.5",
-        "ALCHEMIST_TRAINING_OPTIMIZER": "sgd",
-        "ALCHEMIST_TRAINING_LEARNING_RATE": "0.05",
+        **ROUND_PER_BATCH_SGD,
         "ALCHEMIST_DP_ROUND_TIMEOUT_SECONDS": "6",
         "ALCHEMIST_FEEDBACK_CLAIM_IDLE_MS": "10000",
         # Training slices of about a millisecond: a gradient takes many engine iterations.
@@ -130,15 +126,8 @@ def test_kill_9_and_a_stall_inside_the_local_gradient(
         group_worker(checkpoint, redis_url, directory.root, tmp_path, f"k{n}", **env) for n in range(3)
     ]
     store = JobStore(redis_client, KEYS)
-    counter = itertools.count()
-    sent: set[str] = set()
-
-    def feedback_on(servers: list[WorkerProcess], via: WorkerProcess) -> None:
-        served = [serve(w, checkpoint.name, next(counter)) for w in servers]
-        for response_id in served:
-            wait_record(store, response_id)
-            accept(via, response_id)
-        sent.update(f"fb-{rid}" for rid in served)
+    sender = FeedbackSender(store, checkpoint.name)
+    feedback_on, sent = sender.on, sender.sent
 
     def frozen_inside_gradient(member: WorkerProcess, via: WorkerProcess) -> int:
         """Rounds of all three (the member serving meanwhile) until `member` is frozen inside its local
@@ -168,8 +157,7 @@ def test_kill_9_and_a_stall_inside_the_local_gradient(
     try:
         start_all(everyone)
         wait_members(3, everyone)
-        leader = next(w for w in everyone if group_status(w).get("rank") == 0)
-        victim = next(w for w in everyone if group_status(w).get("rank") == 1)
+        leader, victim = of_rank(everyone, 0), of_rank(everyone, 1)
         survivors = [w for w in everyone if w is not victim]
         feedback_on(everyone, leader)
         wait_trained(directory, set(sent))

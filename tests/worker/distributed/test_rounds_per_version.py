@@ -10,7 +10,6 @@ its parent's (the dropped round's step is in none of them).
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,14 @@ from tests.worker.continual.conftest import wait_until
 from tests.worker.continual.worker_process import WorkerProcess
 from tests.worker.distributed.group_processes import (
     KEYS,
-    accept,
+    ROUND_PER_BATCH_SGD,
+    FeedbackSender,
     group_status,
     group_worker,
+    of_rank,
     pending_entries,
-    serve,
     start_all,
     wait_members,
-    wait_record,
 )
 from tests.worker.distributed.one_trainer_reference import (
     check_against_one_trainer,
@@ -47,12 +46,8 @@ def test_every_second_round_is_a_version_and_a_regroup_drops_the_uncommitted_rou
     checkpoint = tiny_checkpoints["llama"]
     directory = VersionDirectory(tmp_path / "versions")
     env = {
+        **ROUND_PER_BATCH_SGD,
         "ALCHEMIST_TRAINING_PUBLISH_EVERY_STEPS": str(ROUNDS_PER_VERSION),
-        # A round starts once the oldest sample waited this long: each batch of feedback is then one round.
-        "ALCHEMIST_TRAINING_MIN_BATCH_SIZE": "8",
-        "ALCHEMIST_TRAINING_MAX_WAIT_SECONDS": "1.5",
-        "ALCHEMIST_TRAINING_OPTIMIZER": "sgd",  # see test_data_parallel.py: the comparison needs SGD
-        "ALCHEMIST_TRAINING_LEARNING_RATE": "0.05",
         # Nothing recorded, every sample recomputed: a version's second round is then exact too (a record
         # reused there would have been made under the weights before the version's first round).
         "ALCHEMIST_RECORD_POLICY": "off",
@@ -62,15 +57,8 @@ def test_every_second_round_is_a_version_and_a_regroup_drops_the_uncommitted_rou
     ]
     first_two, joining = workers[:2], workers[2]
     store = JobStore(redis_client, KEYS)
-    counter = itertools.count()
-    sent: set[str] = set()
-
-    def feedback_on(servers: list[WorkerProcess], via: WorkerProcess) -> None:
-        served = [serve(w, checkpoint.name, next(counter)) for w in servers]
-        for response_id in served:
-            wait_record(store, response_id)
-            accept(via, response_id)
-        sent.update(f"fb-{rid}" for rid in served)
+    sender = FeedbackSender(store, checkpoint.name)
+    feedback_on, sent = sender.on, sender.sent
 
     def settled(group: list[WorkerProcess]) -> dict[str, int]:
         """Waits until every feedback id sent is in a version or in a round kept for the next one; then
@@ -93,7 +81,7 @@ def test_every_second_round_is_a_version_and_a_regroup_drops_the_uncommitted_rou
     try:
         start_all(first_two)
         wait_members(2, first_two)
-        leader = next(w for w in first_two if group_status(w).get("rank") == 0)
+        leader = of_rank(first_two, 0)
 
         # Rounds of two members until a version of two rounds is out and the next round is kept (usually
         # three batches: a batch of feedback is one round).

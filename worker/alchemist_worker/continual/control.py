@@ -210,6 +210,11 @@ class TrainingControl:
             self._duty("rollback", self._check_rollback)
             self._duty("feedback", self._consume)
             self._duty("step_start", self._maybe_begin_step)
+        self._replica_duties()
+
+    def _replica_duties(self) -> None:
+        """What every replica does, training or not, alone or in a data-parallel group: follow the rollout
+        pointer, beat the heartbeat, take the live settings."""
         if self._is_due("follow", self.timings.follow_s):
             self._duty("follow", self._follow)
         if self._is_due("heartbeat", self.timings.heartbeat_s):
@@ -351,7 +356,7 @@ class TrainingControl:
         self.metrics.feedback.labels(label=item.feedback.label.value).inc()
         resolved = self.resolver.resolve(item)
         if not isinstance(resolved, Skip):
-            self.pending.append(Pending(item, resolved))
+            self._keep(item, resolved)
         elif resolved.kind is SkipKind.DEAD:
             # The response id in the line's context (JSON logs): the feedback names the response it judges.
             log.debug(
@@ -362,17 +367,26 @@ class TrainingControl:
             versions = {} if resolved.served_version is None else {item.feedback_id: resolved.served_version}
             self.consumer.finalize([item], versions)
 
+    def _keep(self, item: FeedbackItem, sample: TrainingSample) -> None:
+        """A trainable sample waits for a step (a data-parallel member may hand it to the one that served it)."""
+        self.pending.append(Pending(item, sample))
+
+    def _batch_due(self, now: float) -> bool:
+        """Whether the waiting samples (at least one) make a step now: `step_interval_s` after the last one,
+        once `min_batch_samples` wait or the oldest has waited `max_wait_s`."""
+        s = self.settings
+        if now - self._last_step < s.step_interval_s:
+            return False
+        return len(self.pending) >= s.min_batch_samples or now - self.pending[0].since >= s.max_wait_s
+
     def _maybe_begin_step(self) -> None:
         if self.in_step is not None or not self.pending or self.committing is not None:
             return
-        s = self.settings
         now = time.monotonic()
-        if now - self._last_step < s.step_interval_s:
-            return
-        if len(self.pending) < s.min_batch_samples and now - self.pending[0].since < s.max_wait_s:
+        if not self._batch_due(now):
             return
         batch = self._take_batch()
-        due = len(self.uncommitted) + 1 >= s.publish_every_steps
+        due = len(self.uncommitted) + 1 >= self.settings.publish_every_steps
         samples = [p.sample for p in batch]
         self.step_id += 1
         step_id = self.step_id
@@ -407,19 +421,22 @@ class TrainingControl:
                 if not isinstance(done.error, StepCancelled):
                     self._failed(batch, done.error)
                 continue
-            result = done.result
-            self.metrics.step_finished(
-                tokens=result.tokens,
-                loss=result.loss,
-                wall_s=result.wall_s,
-                busy_s=result.busy_s,
-                outcomes=[(r.path, r.reason) for r in result.results],
-                staleness=[r.staleness for r in result.results if r.staleness is not None],
-            )
-            self.uncommitted.append((batch, result))
+            self._step_finished(batch, done.result)
             if done.snapshot is not None and done.state is not None:
                 self.committing = PendingCommit(done.snapshot, done.state, steps=len(self.uncommitted))
                 self._attempt_commit()
+
+    def _step_finished(self, batch: list[Pending], result: StepResult) -> None:
+        """Counts a finished step; its samples stay held, unacknowledged, until the version that covers it."""
+        self.metrics.step_finished(
+            tokens=result.tokens,
+            loss=result.loss,
+            wall_s=result.wall_s,
+            busy_s=result.busy_s,
+            outcomes=[(r.path, r.reason) for r in result.results],
+            staleness=[r.staleness for r in result.results if r.staleness is not None],
+        )
+        self.uncommitted.append((batch, result))
 
     def _failed(self, batch: list[Pending], error: BaseException | None) -> None:
         for pending in reversed(batch):

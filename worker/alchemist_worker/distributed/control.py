@@ -31,7 +31,7 @@ from alchemist_worker.continual.trainer import StepResult
 from alchemist_worker.distributed.rounds import RoundLoop
 from alchemist_worker.distributed.settings import DataParallelSettings
 from alchemist_worker.feedback.consumer import FeedbackItem
-from alchemist_worker.feedback.samples import Skip, SkipKind
+from alchemist_worker.feedback.samples import TrainingSample
 from alchemist_worker.versions.publisher import VersionDraft
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,9 @@ class DataParallelControl(TrainingControl):
             self._duty("feedback", self._consume)
             if self._is_due("touch", self.consumer.settings.claim_idle_ms / 4000):
                 self._duty("touch", self._touch)
-        if self._is_due("follow", self.timings.follow_s):
-            self._duty("follow", self._follow)
-        if self._is_due("heartbeat", self.timings.heartbeat_s):
-            self._duty("heartbeat", self._heartbeat)
-        if self._is_due("settings", self.timings.settings_s):
-            # Members take new values at slightly different times; a round that straddles the change ends
-            # with differing digests, is not published, and the group restores the newest version.
-            self._duty("settings", self._apply_live_settings)
+        # Members take new live settings at slightly different times; a round that straddles the change ends
+        # with differing digests, is not published, and the group restores the newest version.
+        self._replica_duties()
 
     def _lease_tick(self) -> None:
         """The lease only elects the leader here; the communication thread acts on it."""
@@ -129,36 +124,19 @@ class DataParallelControl(TrainingControl):
         with self.lock:
             self.consumer.touch_held()
 
-    def _settle_or_keep(self, item: FeedbackItem) -> None:
-        self.metrics.feedback.labels(label=item.feedback.label.value).inc()
-        resolved = self.resolver.resolve(item)
-        if isinstance(resolved, Skip):
-            if resolved.kind is SkipKind.DEAD:
-                self.consumer.dead_letter(item, resolved.reason)
-            else:
-                versions = (
-                    {} if resolved.served_version is None else {item.feedback_id: resolved.served_version}
-                )
-                self.consumer.finalize([item], versions)
-            return
-        owner = resolved.served_by
+    def _keep(self, item: FeedbackItem, sample: TrainingSample) -> None:
+        owner = sample.served_by
         if owner != self.replica and owner in self.members:
             self.consumer.hand_off(item, owner)  # it trains where its prefill record is
             self.handed_off += 1
             return
-        self.pending.append(Pending(item, resolved))
+        super()._keep(item, sample)
 
     # Rounds (communication thread).
     def ready_count(self) -> int:
         """Samples this member would train now (0 until a batch is due: min samples, or the oldest's wait)."""
         with self.lock:
-            if not self.training or not self.pending:
-                return 0
-            s = self.settings
-            now = time.monotonic()
-            if now - self._last_step < s.step_interval_s:
-                return 0
-            if len(self.pending) < s.min_batch_samples and now - self.pending[0].since < s.max_wait_s:
+            if not self.training or not self.pending or not self._batch_due(time.monotonic()):
                 return 0
             return len(self.pending)
 
@@ -181,16 +159,7 @@ class DataParallelControl(TrainingControl):
         with self.lock:
             self.in_step = None
             if batch and result is not None:
-                self.uncommitted.append((batch, result))
-        if result is not None and batch:
-            self.metrics.step_finished(
-                tokens=result.tokens,
-                loss=result.loss,
-                wall_s=result.wall_s,
-                busy_s=result.busy_s,
-                outcomes=[(r.path, r.reason) for r in result.results],
-                staleness=[r.staleness for r in result.results if r.staleness is not None],
-            )
+                self._step_finished(batch, result)
 
     def rounds_committed(self, version: int) -> None:
         """The leader's commit of `version` acknowledged the uncommitted rounds' feedback: forget it."""
