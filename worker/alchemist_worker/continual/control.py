@@ -281,7 +281,7 @@ class TrainingControl:
         if rollback is not None and rollback.applies_to(head):
             head = rollback.version
             self._honoured = (rollback.version, rollback.requested_at)
-        elif self._reverts_held():
+        elif self.reverts_held():
             head = newest_passed(head, self.store.get_version)  # a held head was being reverted at a crash
         self._restore(head)
         self.training = True
@@ -490,14 +490,17 @@ class TrainingControl:
         parent = pending.draft.parent
         self.publisher.prune(protect={pending.draft.version, parent, self.engine.weight_version})
         reading = pending.draft.evaluation
-        if reading is not None and reading.held and self._reverts_held():
-            held = pending.draft.version
-            log.warning("version %d was held: training continues from its parent, version %d", held, parent)
-            self._restore(parent)
+        if reading is not None and reading.held and self.reverts_held():
+            self.revert_held(pending.draft.version, parent)
 
-    def _reverts_held(self) -> bool:
+    def reverts_held(self) -> bool:
+        """Whether training continues from a held version's parent (evaluation/settings.py: `on_held`)."""
         gate = self.trainer.evaluation
         return gate is not None and gate.on_held is OnHeld.REVERT
+
+    def revert_held(self, held: int, parent: int) -> None:
+        log.warning("version %d was held: training continues from its parent, version %d", held, parent)
+        self._restore(parent)
 
     def _draft(self, pending: PendingCommit) -> VersionDraft:
         head = self.store.latest_version()

@@ -146,9 +146,12 @@ class ContinualTrainer:
     def begin(self, samples: list[FeedbackSample], evaluate: bool = False) -> None:
         """`evaluate`: the step completes a version, so the candidate is scored on the evaluation set (in the
         same cursor, after the optimizer step) and its scores go into the result's `extra["evaluation"]`."""
-        if not samples:
+        if not self._can_step(samples):
             raise ValueError("a training step needs at least one sample")
         self._start(lambda: self._step_and_evaluate(samples, evaluate))
+
+    def _can_step(self, samples: list[FeedbackSample]) -> bool:
+        return bool(samples)
 
     def begin_evaluation(self) -> None:
         """Scores the training weights as they stand on the evaluation set, in slices, without a step: a

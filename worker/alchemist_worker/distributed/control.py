@@ -174,7 +174,7 @@ class DataParallelControl(TrainingControl):
         self.commit_health.record_success(version)
         self.metrics.versions_published.inc()
         self.metrics.steps.inc(rounds)
-        self.publisher.prune(protect={version, self.engine.weight_version})
+        self.publisher.prune(protect={version, draft.parent, self.engine.weight_version})
 
     def status(self) -> dict[str, Any]:
         status = super().status()

@@ -19,6 +19,7 @@ from typing import Any
 
 from alchemist_protocol.schemas import ArtifactKind, EvaluationReading
 
+from alchemist_worker.continual.rehearsal import RehearsalEntry
 from alchemist_worker.feedback.consumer import SettledFeedback
 from alchemist_worker.versions.publisher import VersionDraft, entry_ranges
 
@@ -34,6 +35,8 @@ class Contribution:
     loss_sum: float  # mean loss x units
     digest: str  # of the weights after the step; "" when not verified
     error: str = ""  # why its local step failed (it then contributed nothing)
+    answers: list[RehearsalEntry] = field(default_factory=list)  # its desirable answers, for the rehearsal
+    rehearsed: int = 0  # earlier answers it rehearsed in the round (the leader draws them)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class RoundOutcome:
 
     version: int | None = None  # the version this round completed; None: kept for a later version
     error: str = ""  # why the round failed: the members regroup and restore the newest committed version
+    held: bool = False  # the evaluation gate held the version
+    revert_to: int | None = None  # held, and training goes on from this version (its parent): all restore it
 
 
 @dataclass
@@ -127,6 +132,7 @@ def round_draft(
             "steps": [r.step for r in rounds],
             "reused": sum(path == "reused" for path, _ in outcomes),
             "recomputed": sum(path == "recomputed" for path, _ in outcomes),
+            "rehearsed": sum(c.rehearsed for c in contributions),
             "recomputed_because": dict(Counter(reason for path, reason in outcomes if path == "recomputed")),
             "data_parallel": {
                 "generation": generation,

@@ -37,6 +37,7 @@ import torch
 from alchemist_protocol.training_group import GroupRecord, MemberOffer, TrainingGroupStore
 
 from alchemist_worker.continual.engine_side import StepDone
+from alchemist_worker.continual.rehearsal import RehearsalBuffer, RehearsalEntry
 from alchemist_worker.continual.trainer import StepResult
 from alchemist_worker.distributed.communicator import Communicator
 from alchemist_worker.distributed.round_commit import (
@@ -49,6 +50,7 @@ from alchemist_worker.distributed.round_commit import (
 )
 from alchemist_worker.distributed.settings import DataParallelSettings
 from alchemist_worker.distributed.trainer import AppliedStep, DataParallelTrainer
+from alchemist_worker.evaluation.gate import newest_passed
 from alchemist_worker.feedback.consumer import SettledFeedback
 from alchemist_worker.versions.artifacts import write_trainer_state
 from alchemist_worker.versions.publisher import CommitFailure, RedisUnavailable
@@ -200,6 +202,8 @@ class RoundLoop:
         if rollback is not None and rollback.applies_to(restore):
             restore = rollback.version
             self._honoured = (rollback.version, rollback.requested_at)
+        elif control.reverts_held():
+            restore = newest_passed(restore, control.store.get_version)  # never build on a held head
         record = GroupRecord(
             generation=0,
             members=[self.replica, *sorted(alive - {self.replica})],
@@ -217,6 +221,7 @@ class RoundLoop:
         self.kept = []
         self.control.enter_generation(record)
         self.comm.join(record, self.replica)
+        self.trainer.leads = self.comm.rank == 0
         self.record = record
         self.last_generation = record.generation
         self.control.start_training()
@@ -318,12 +323,18 @@ class RoundLoop:
                 )
                 for p in batch
             ],
-            outcomes=[(r.path, r.reason) for r in result.results] if result is not None and batch else [],
-            tokens=result.tokens if result is not None and batch else 0,
-            response_tokens=result.response_tokens if result is not None and batch else 0,
-            units=units if batch else 0,
-            loss_sum=loss_sum if batch else 0.0,
+            outcomes=[(r.path, r.reason) for r in result.results] if result is not None else [],
+            tokens=result.tokens if result is not None else 0,
+            response_tokens=result.response_tokens if result is not None else 0,
+            units=units if result is not None else 0,
+            loss_sum=loss_sum if result is not None else 0.0,
             digest=applied.digest,
+            answers=[
+                RehearsalEntry(p.sample.feedback_id, p.sample.prompt_tokens, p.sample.response_tokens)
+                for p in batch
+                if p.sample.desirable
+            ],
+            rehearsed=int(result.extra.get("rehearsed", 0)) if result is not None else 0,
         )
         gathered_at = time.perf_counter()
         contributions: list[Contribution] = self.comm.all_gather_object(mine)
@@ -349,11 +360,15 @@ class RoundLoop:
             raise Regroup(f"the round was not committed: {outcome.error}")
         self.kept.append(applied_round)
         control.round_applied(batch, result)
+        answers = [a for c in contributions for a in c.answers]
+        self._engine(lambda: self.trainer.trained(answers))
         if outcome.version is not None:
-            version = outcome.version
-            self._engine(lambda: self.trainer.committed(version))
+            version, passed = outcome.version, not outcome.held
+            self._engine(lambda: self.trainer.committed(version, passed))
             control.rounds_committed(version)
             self.kept = []
+            if outcome.revert_to is not None:
+                control.revert_held(version, outcome.revert_to)
         total_s = time.perf_counter() - started
         stats = self.stats
         stats.rounds += 1
@@ -367,8 +382,9 @@ class RoundLoop:
         del stats.history[:-256]
 
     def _local_gradient(self, batch: list[Pending]) -> tuple[Any, BaseException | None]:
-        """(StepResult or None, error) of this member's batch; None, None for an empty batch."""
-        if not batch:
+        """(StepResult or None, error) of this member's batch (with the round's rehearsal on the leader); None,
+        None when it has nothing to train."""
+        if not batch and not self._engine(self.trainer.rehearses):
             return None, None
         samples = [p.sample for p in batch]
         side = self.control.engine_side
@@ -434,7 +450,14 @@ class RoundLoop:
             reading = control.gate_reading(self._candidate_scores(), parent)
         head = control.store.latest_version()
         version = head + 1
-        state = {**state, "head_version": version, "lineage": sorted({*state["lineage"], version})}
+        # The snapshot predates the gather: this round's answers join the kept rounds' (rehearsal.py).
+        answers = [a for c in rounds[-1].contributions for a in c.answers]
+        state = {
+            **state,
+            "head_version": version,
+            "lineage": sorted({*state["lineage"], version}),
+            "unadmitted": state["unadmitted"] + RehearsalBuffer.entries_state(answers),
+        }
 
         def write(path: Any) -> None:
             control.weights.write(path, snapshot, control.model_config)
@@ -469,7 +492,8 @@ class RoundLoop:
                 time.sleep(0.2 * 2**attempt)
         control.version_published(draft, version, rounds=len(rounds))
         control.judged(version, reading)
-        return RoundOutcome(version)
+        held = reading is not None and reading.held
+        return RoundOutcome(version, held=held, revert_to=parent if held and control.reverts_held() else None)
 
     def _engine(self, fn: Callable[[], T]) -> T:
         return self.control.engine_side.call(fn).result()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alchemist_worker.continual.rehearsal import RehearsalEntry
 from alchemist_worker.continual.trainable_weights import TrainableWeights
 from alchemist_worker.continual.trainer import ContinualTrainer, StepResult
 from alchemist_worker.feedback.samples import TrainingSample
@@ -52,14 +53,32 @@ class DataParallelTrainer(ContinualTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         same_initial_adapters(self.weights)
+        # The generation's leader adds the round's rehearsal draw to its local batch (every member holds the
+        # same buffer, so one draw per round, as one trainer draws once per step).
+        self.leads = False
+
+    def rehearses(self) -> bool:
+        """Whether this member's local gradient includes rehearsed answers this round."""
+        return self.leads and self.settings.rehearsal_samples > 0 and len(self.rehearsal) > 0
+
+    def _can_step(self, samples: list[TrainingSample]) -> bool:
+        return bool(samples) or self.rehearses()
 
     def _step(self, samples: list[TrainingSample]) -> StepResult:
         """The local gradient only: `.grad` holds the mean gradient over these samples' loss units (response
         tokens, or samples for the sequence-level objectives), whose count goes in `extra["units"]`."""
-        reports, own_reasons, total = self._accumulate(samples)
+        draw = self.rehearsal.draw(self.settings.rehearsal_samples, self.step_count) if self.leads else []
+        rehearsed = self._rehearsed(draw)
+        reports, own_reasons, total = self._accumulate(samples + rehearsed)
         result = self._result(samples, reports, own_reasons, total, lr=0.0)
         result.extra["units"] = total
+        result.extra["rehearsed"] = len(rehearsed)
         return result
+
+    def trained(self, answers: list[RehearsalEntry]) -> None:
+        """Engine thread: every member's desirable answers of a round, in rank order (the same on every
+        member), to be admitted to the rehearsal buffer with the version that covers them."""
+        self.unadmitted += answers
 
     def contribution(self, units: int) -> torch.Tensor:
         """[sum of unit-weighted gradients..., one flag per parameter that has a gradient], flat, fp32+.
