@@ -8,6 +8,12 @@ small batch. Medians over rounds are reported side by side. Between-run noise on
 the cost itself, so the recording work is also timed inside each recorded step (every `record_layer` copy and
 the store commit): its share of the same step is the direct measure of what recording adds to a prefill.
 
+Each recording engine's store has a byte budget (`--store-mib` per tier) and is filled before timing starts
+until it evicts, so the timed prefills run in the steady state of a serving process: each new record pushes
+an old one out, and its memory is memory the process has touched before. `--store-mib 0` gives the stores
+room for every record of the run instead (the state while a store fills up for the first time): then each
+record is fresh memory, and first-touching its pages is part of what the step costs.
+
     .venv/bin/python bench/recording_overhead.py --prompt 256 --rounds 7
 """
 
@@ -16,13 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from alchemist_worker.activations.policy import RecordingPolicy
-from alchemist_worker.activations.store import ActivationStore, StoreConfig
+from alchemist_worker.activations.store import ActivationStore, DropReason, StoreConfig
 from alchemist_worker.engine.config import EngineConfig, RecordingConfig
 from alchemist_worker.engine.llm_engine import LLMEngine
 from alchemist_worker.engine.sampling_params import SamplingParams
@@ -33,6 +41,8 @@ from alchemist_worker.model.checkpoint import load_model
 from alchemist_worker.model.layer_activations import LayerActivations, Recorder
 
 POLICIES = ("off", "kv", "selective", "full")
+UNBOUNDED_BYTES = 8 << 30  # room for every record of any run here
+MAX_FILL_PREFILLS = 64  # a fill that has not evicted by then gives up (the budget is too large for the run)
 
 
 class TimedRecorder:
@@ -73,10 +83,12 @@ class TimedRecording(StoreRecording):
         self.seconds[0] += time.perf_counter() - started
 
 
-def build(model_path: Path, model: torch.nn.Module, tokenizer: ServingTokenizer, policy: str) -> LLMEngine:
+def build(
+    model_path: Path, model: torch.nn.Module, tokenizer: ServingTokenizer, policy: str, store_bytes: int
+) -> LLMEngine:
     recording = None
     if policy != "off":
-        store = ActivationStore(StoreConfig(device_budget_bytes=8 << 30, host_budget_bytes=8 << 30))
+        store = ActivationStore(StoreConfig(device_budget_bytes=store_bytes, host_budget_bytes=store_bytes))
         recording = TimedRecording(store, RecordingPolicy(policy), model.config)
     config = EngineConfig(
         model=model_path, dtype="float32", device="cpu", max_model_len=2048, kv_cache_bytes=128 << 20,
@@ -92,15 +104,25 @@ def build(model_path: Path, model: torch.nn.Module, tokenizer: ServingTokenizer,
     )
 
 
-def time_round(
-    engine: LLMEngine, prompt: list[int], batch: list[list[int]], decode_steps: int
-) -> tuple[float, float]:
-    """(seconds of the prefill step, mean seconds of a decode step of `batch`); the engine ends idle."""
+@dataclass(frozen=True)
+class RoundTimes:
+    prefill_s: float  # wall seconds of the prefill step
+    prefill_cpu_s: float  # CPU seconds the engine's thread spent in it (waiting for a core not counted)
+    prefill_new_mib: float  # memory the process touched for the first time during it (minor page faults)
+    decode_s: float  # mean wall seconds of a decode step of the batch
+
+
+def time_round(engine: LLMEngine, prompt: list[int], batch: list[list[int]], decode_steps: int) -> RoundTimes:
+    """Times one recorded (unless off) prefill and a few decode steps of `batch`; the engine ends idle."""
     params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
     engine.add_request(GenerationRequest(f"p{time.monotonic_ns()}", prompt, params))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    cpu = time.thread_time()
     started = time.perf_counter()
     engine.step()
     prefill = time.perf_counter() - started
+    prefill_cpu = time.thread_time() - cpu
+    new_pages = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     while engine.has_unfinished():
         engine.step()
     for i, tokens in enumerate(batch):
@@ -112,7 +134,27 @@ def time_round(
     decode = (time.perf_counter() - started) / decode_steps
     while engine.has_unfinished():
         engine.step()
-    return prefill, decode
+    return RoundTimes(prefill, prefill_cpu, new_pages * resource.getpagesize() / 2**20, decode)
+
+
+def evictions(engine: LLMEngine) -> int:
+    recording = engine.recording
+    if not isinstance(recording, StoreRecording):
+        return 0
+    return recording.store.stats().dropped.get(DropReason.EVICTED.value, 0)
+
+
+def fill_store(engine: LLMEngine, rng: random.Random, prompt_tokens: int) -> int:
+    """Untimed recorded prefills until the engine's store has evicted a record; returns how many ran."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for count in range(1, MAX_FILL_PREFILLS + 1):
+        prompt = [rng.randrange(1000, 30000) for _ in range(prompt_tokens)]
+        engine.add_request(GenerationRequest(f"f{time.monotonic_ns()}", prompt, params))
+        while engine.has_unfinished():
+            engine.step()
+        if evictions(engine):
+            return count
+    raise SystemExit(f"the store never evicted in {MAX_FILL_PREFILLS} prefills: lower --store-mib")
 
 
 def main() -> int:
@@ -126,6 +168,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--store-mib", type=int, default=256,
+        help="each store tier's budget, filled before timing (0: room for every record, nothing evicted)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
@@ -135,11 +181,17 @@ def main() -> int:
         args.model = ensure_small_model()
     model = load_model(args.model, dtype=torch.float32)
     tokenizer = ServingTokenizer.from_pretrained(args.model, model.config.eos_token_ids)
-    engines = {policy: build(args.model, model, tokenizer, policy) for policy in POLICIES}
+    store_bytes = args.store_mib << 20 if args.store_mib else UNBOUNDED_BYTES
+    engines = {policy: build(args.model, model, tokenizer, policy, store_bytes) for policy in POLICIES}
     rng = random.Random(args.seed)
-    prefill: dict[str, list[float]] = {p: [] for p in POLICIES}
+    fill_rng = random.Random(args.seed + 1)  # the timed prompts do not depend on the fill
+    filled = {
+        p: fill_store(engines[p], fill_rng, args.prompt) if args.store_mib and p != "off" else 0
+        for p in POLICIES
+    }
+    evicted_before = {p: evictions(engines[p]) for p in POLICIES}
+    rounds: dict[str, list[RoundTimes]] = {p: [] for p in POLICIES}
     share: dict[str, list[float]] = {p: [] for p in POLICIES}
-    decode: dict[str, list[float]] = {p: [] for p in POLICIES}
     for round_index in range(args.rounds + 1):  # round 0 warms up and is discarded
         prompt = [rng.randrange(1000, 30000) for _ in range(args.prompt)]
         batch = [[rng.randrange(1000, 30000) for _ in range(16)] for _ in range(args.batch)]
@@ -147,31 +199,37 @@ def main() -> int:
         for policy in order:
             recording = engines[policy].recording
             before = recording.seconds[0] if isinstance(recording, TimedRecording) else 0.0
-            p, d = time_round(engines[policy], prompt, batch, args.decode_steps)
+            times = time_round(engines[policy], prompt, batch, args.decode_steps)
             spent = (recording.seconds[0] if isinstance(recording, TimedRecording) else 0.0) - before
             if round_index:
-                prefill[policy].append(p)
-                decode[policy].append(d)
-                share[policy].append(spent / p)
-    base_p, base_d = statistics.median(prefill["off"]), statistics.median(decode["off"])
+                rounds[policy].append(times)
+                share[policy].append(spent / times.prefill_s)
+
+    def median(policy: str, name: str) -> float:
+        return statistics.median(getattr(r, name) for r in rounds[policy])
+
     print(f"Command: `python bench/recording_overhead.py --prompt {args.prompt} --batch {args.batch} "
-          f"--decode-steps {args.decode_steps} --rounds {args.rounds} --cpu-threads {args.cpu_threads}`; "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")  # fmt: skip
+          f"--decode-steps {args.decode_steps} --rounds {args.rounds} --cpu-threads {args.cpu_threads} "
+          f"--store-mib {args.store_mib}`; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")  # fmt: skip
     print(
-        "| recording | prefill step, median (ms) | vs off | recording work inside the step, median | "
-        "decode step, median (ms) | vs off | MiB per prompt |"
+        "| recording | prefill step, median (ms) | vs off | prefill CPU time, median (ms) | vs off | "
+        "memory first touched in the prefill (MiB) | recording work inside the step, median | "
+        "decode step, median (ms) | vs off | MiB per record | fill prefills | evicted while timed |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = {name: median("off", name) for name in ("prefill_s", "prefill_cpu_s", "decode_s")}
     for policy in POLICIES:
-        p, d = statistics.median(prefill[policy]), statistics.median(decode[policy])
-        inside = statistics.median(share[policy])
+        p, c, d = (median(policy, name) for name in ("prefill_s", "prefill_cpu_s", "decode_s"))
         recording = engines[policy].recording
         size = 0.0
-        if isinstance(recording, StoreRecording) and recording.recorded:
-            size = (recording.store.device_bytes + recording.store.host_bytes) / recording.recorded / 2**20
+        if isinstance(recording, StoreRecording) and len(recording.store):
+            stored = recording.store.device_bytes + recording.store.host_bytes
+            size = stored / len(recording.store) / 2**20
         print(
-            f"| {policy} | {1000 * p:.0f} | {p / base_p - 1:+.1%} | {inside:.1%} | {1000 * d:.1f} "
-            f"| {d / base_d - 1:+.1%} | {size:.1f} |"
+            f"| {policy} | {1000 * p:.0f} | {p / base['prefill_s'] - 1:+.1%} | {1000 * c:.0f} "
+            f"| {c / base['prefill_cpu_s'] - 1:+.1%} | {median(policy, 'prefill_new_mib'):.1f} "
+            f"| {statistics.median(share[policy]):.1%} | {1000 * d:.1f} | {d / base['decode_s'] - 1:+.1%} "
+            f"| {size:.1f} | {filled[policy]} | {evictions(engines[policy]) - evicted_before[policy]} |"
         )
     return 0
 

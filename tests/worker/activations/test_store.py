@@ -113,3 +113,24 @@ def test_bad_config_is_rejected() -> None:
         StoreConfig(device_budget_bytes=-1)
     with pytest.raises(ValueError, match="ttl_s"):
         StoreConfig(ttl_s=0)
+
+
+def test_a_record_leaving_the_store_keeps_its_bytes_while_a_step_references_them() -> None:
+    store = ActivationStore(StoreConfig(device_budget_bytes=SIZE_10, host_budget_bytes=SIZE_10))
+    store.put("a", record(10))
+    store.put("b", record(10))
+    held_evicted = list(store.peek("a").layers)  # a step's fetched layers, then the record is evicted
+    held_popped = list(store.peek("b").layers)  # ... or consumed
+    want = [
+        [{n: t.clone() for n, t in layer.items()} for layer in held] for held in (held_evicted, held_popped)
+    ]
+    store.pop("b")
+    for i in range(8):  # churn records of the same size through the store's memory
+        store.put(f"c{i}", record(10))
+        for layer in store.peek(f"c{i}").layers:
+            for t in layer.values():
+                t.fill_(float(i))
+    assert store.lookup("a").reason is DropReason.EVICTED and "b" not in store
+    for held, expected in zip((held_evicted, held_popped), want, strict=True):
+        for layer, layer_want in zip(held, expected, strict=True):
+            assert all(torch.equal(layer[n], layer_want[n]) for n in layer)
