@@ -111,6 +111,25 @@ def test_rollback_continues_training_from_the_older_version(
     worker.wait_serving(3)  # the trainer published past the rollback: `latest` follows again
 
 
+def test_a_sample_of_an_abandoned_step_reuses_its_record_when_trained_again(
+    make_worker: Callable[..., InProcessWorker],
+) -> None:
+    """Records are dropped when a version covers their step, not after the step: a step that never commits
+    (here abandoned by a rollback; in data-parallel rounds, a round the group drops) leaves them for the
+    samples' next step."""
+    worker = make_worker(publish_every_steps=2)
+    control = worker.runtime.control
+    out = worker.generate(PROMPT)
+    worker.feedback.accept(out.request_id)
+    wait_until(lambda: control.status()["uncommitted_steps"] == 1, 30, "one step, not yet a version")
+    worker.store.request_rollback(0, reason="abandon the step")
+    wait_until(lambda: control._honoured is not None, 10, "the rollback honoured")
+    worker.accept_until(1, [2, 4, 6, 8, 10])  # the abandoned sample and this one make version 1
+    info = worker.store.get_version(1)
+    assert info is not None and info.samples == 2
+    assert (info.training["reused"], info.training["recomputed"]) == (2, 0), info.training
+
+
 def test_pointer_mode_serves_what_the_operator_says(make_worker: Callable[..., InProcessWorker]) -> None:
     worker = make_worker(follow=FollowMode.POINTER)
     worker.store.set_rollout(RolloutPointer(stable_version=0))

@@ -130,6 +130,9 @@ class ContinualTrainer:
         # Desirable answers trained since the newest committed version: they enter the rehearsal buffer once
         # that version is committed and passed (continual/rehearsal.py).
         self.unadmitted: list[RehearsalEntry] = []
+        # Records reused by steps since the newest committed version: dropped from the store once a version
+        # covers those steps, not before, so that samples of steps that never commit reuse them again.
+        self.used_records: set[str] = set()
         self._slice_weights: WeightSet | None = None  # installed instead of the training set (base scoring)
 
     def apply_settings(self, settings: TrainerSettings) -> None:
@@ -297,6 +300,7 @@ class ContinualTrainer:
             max_staleness=self.settings.max_staleness,
             objective=self.settings.objective,
             objective_config=self.settings.objective_config(),
+            consume_records=False,  # at the commit (`committed`)
         )
         groups = [
             self._hedge(group, own_reasons)
@@ -311,9 +315,12 @@ class ContinualTrainer:
                 self._scale_grads(params, previous / tokens)
             if needs_reference(config.objective, config.objective_config):
                 local = self._with_reference(local, log_softmax=config.objective_config.kl_weight > 0)
-            reports.append(
-                accumulate_gradients(self.model, self.store, local, version=self.head_version, config=config)
+            report = accumulate_gradients(
+                self.model, self.store, local, version=self.head_version, config=config
             )
+            reports.append(report)
+            reused = {o.sample_id for o in report.outcomes if o.decision is Decision.REUSED}
+            self.used_records.update(s.record_id for s in local if s.sample_id in reused and s.record_id)
             previous = tokens
             cursor_yield()
         self._scale_grads(params, previous / total)
@@ -452,6 +459,9 @@ class ContinualTrainer:
         self.head_version = version
         self.lineage.add(version)
         self._admit(passed)
+        for record_id in self.used_records:
+            self.store.pop(record_id)
+        self.used_records.clear()
 
     def _admit(self, passed: bool) -> None:
         if passed:
@@ -473,6 +483,7 @@ class ContinualTrainer:
         """
         if self._cursor is not None:
             raise RuntimeError("cannot restore while a step is in progress; cancel it first")
+        self.used_records.clear()  # steps no version covers: their records stay for the samples' next step
         self.weights.load_training(tensors)
         if state is not None:
             self.load_state_dict(state)
