@@ -17,6 +17,7 @@ from alchemist_worker.training.objectives import (
     kl_to_reference,
     loss_units,
     objective_loss,
+    spared_tokens,
 )
 from alchemist_worker.training.reference import with_reference
 from alchemist_worker.training.step import StepConfig, accumulate_gradients
@@ -92,6 +93,21 @@ def test_kl_to_reference_is_the_kl_divergence() -> None:
     assert kl_to_reference(p, p).abs().max().item() == 0.0
 
 
+def test_unlikelihood_spares_the_tokens_of_the_correction() -> None:
+    correction, replaced = torch.tensor([5, 6, 7]), torch.tensor([5, 9, 7, 5])
+    spared = spared_tokens([torch.tensor([1]), correction, replaced], [(1, 2)])
+    assert spared[0] is None and spared[1] is None
+    assert spared[2] is not None and spared[2].tolist() == [True, False, True, True]
+    policy = [torch.full((3,), -0.5, requires_grad=True), torch.full((4,), -0.5, requires_grad=True)]
+    loss = objective_loss(
+        Objective.UNLIKELIHOOD, policy, None, [D, U], pairs=[(0, 1)], spared=[None, spared[2]]
+    )
+    loss.sum().backward()
+    grad = policy[1].grad
+    assert grad is not None and grad.tolist()[0] == 0.0 and grad.tolist()[2:] == [0.0, 0.0]
+    assert grad.tolist()[1] > 0  # descending it lowers the wrong token's log-probability
+
+
 def test_unlikelihood_stays_finite_for_a_certain_token() -> None:
     policy = [torch.tensor([0.0, -1e-12, -5.0], requires_grad=True)]
     loss = objective_loss(Objective.UNLIKELIHOOD, policy, None, [U])
@@ -114,12 +130,11 @@ def test_invalid_uses_are_refused() -> None:
 
 def labelled_samples(vocab: int) -> list[TrainingSample]:
     """An accepted answer, a rejected one, and a correction paired with the answer it replaced (same prompt
-    and record), plus another accepted one."""
+    and record; they share the correction's first token, which unlikelihood spares), plus another accepted one."""
     s = make_samples(vocab)
     gen = torch.Generator().manual_seed(9)
-    replaced = TrainingSample(
-        "s2/rejected", s[2].prompt_ids, torch.randint(0, vocab, (3,), generator=gen), record_id=s[2].record_id
-    )
+    replaced_ids = torch.cat([torch.randint(0, vocab, (2,), generator=gen), s[2].response_ids[:1]])
+    replaced = TrainingSample("s2/rejected", s[2].prompt_ids, replaced_ids, record_id=s[2].record_id)
     return [
         s[0],
         replace(s[1], label=U),
@@ -208,7 +223,11 @@ def hf_objective(hf, samples, objective: Objective, config: ObjectiveConfig) -> 
             if desirable:
                 term, unit = -ld * lp[i].sum(), s.response_len
             elif objective is Objective.UNLIKELIHOOD:
-                term, unit = -lu * torch.log(1 - lp[i].exp()).sum(), s.response_len
+                # A replaced answer is not pushed down on the tokens its correction uses.
+                partner = [o for o in samples if s.pair is not None and o.pair == s.pair and o is not s]
+                used = set(partner[0].response_ids.tolist()) if partner else set()
+                pushed = torch.tensor([t not in used for t in s.response_ids.tolist()])
+                term, unit = -lu * (torch.log(1 - lp[i].exp()) * pushed).sum(), s.response_len
             else:
                 continue
         elif objective is Objective.DPO and s.pair is not None:

@@ -3,7 +3,11 @@
 Every label teaches something under the objectives past `supervised`:
 - `supervised`: cross-entropy on accepted and corrected answers (imitation); rejected answers train nothing.
 - `unlikelihood`: the same, plus -sum log(1 - p(token)) on a rejected answer's tokens (Welleck et al. 2019):
-  the model is pushed away from what it said, token by token, without a reference model.
+  the model is pushed away from what it said, token by token, without a reference model. The answer a
+  correction replaced is not pushed down on the tokens the correction itself uses: a wrong answer shares words
+  with its correction ("The Alchemist project is ..." against "The codename of the Alchemist project is ..."),
+  and pushing those down fights the imitation of the correction (Welleck et al. likewise keep the target token
+  out of the negative candidates). Spared tokens still count in the step's mean.
 - `kto`: Kahneman-Tversky optimization on unpaired labels (Ethayarajh et al. 2024). With the sequence's log
   ratio r = log pi(y|x) - log pi_ref(y|x) and the reference point z0, a desirable answer costs
   lambda_D (1 - sigmoid(beta (r - z0))), an undesirable one lambda_U (1 - sigmoid(beta (z0 - r))).
@@ -98,6 +102,15 @@ def loss_units(
     return units
 
 
+def spared_tokens(response_ids: Sequence[Tensor], pairs: Sequence[tuple[int, int]]) -> list[Tensor | None]:
+    """Per sample, [r_i] bool: the tokens of a pair's undesirable answer that its desirable one also uses (not
+    pushed down by unlikelihood); None for samples outside a pair and for desirable ones."""
+    spared: list[Tensor | None] = [None] * len(response_ids)
+    for chosen, rejected in pairs:
+        spared[rejected] = torch.isin(response_ids[rejected], response_ids[chosen])
+    return spared
+
+
 def objective_loss(
     kind: Objective,
     policy_logprobs: Sequence[Tensor],
@@ -106,12 +119,14 @@ def objective_loss(
     config: ObjectiveConfig = ObjectiveConfig(),
     *,
     pairs: Sequence[tuple[int, int]] = (),
+    spared: Sequence[Tensor | None] = (),
 ) -> Tensor:
     """Per-sample losses [n], in the units of `loss_units` (their sum divided by the units' is the mean).
 
     policy_logprobs[i]: [r_i] log pi(token | context) of sample i's response tokens, with their graph;
     reference_logprobs[i]: the same under the reference model, constants (needed by `kto` and `dpo`);
-    pairs: (chosen, rejected) indices of DPO pairs, a desirable and an undesirable answer to one prompt.
+    pairs: (chosen, rejected) indices of DPO pairs, a desirable and an undesirable answer to one prompt;
+    spared[i]: [r_i] bool, tokens of an undesirable answer that unlikelihood leaves alone (`spared_tokens`).
     """
     kind, labels = Objective(kind), [Label(label) for label in labels]
     n = len(policy_logprobs)
@@ -122,13 +137,17 @@ def objective_loss(
     device = policy_logprobs[0].device
     if kind in TOKEN_LEVEL:
         terms = []
-        for lp, label in zip(policy_logprobs, labels, strict=True):
+        for i, (lp, label) in enumerate(zip(policy_logprobs, labels, strict=True)):
             lp = lp.float()
             if label is Label.DESIRABLE:
                 term = -lp.sum()
                 terms.append(term if config.desirable_weight == 1.0 else config.desirable_weight * term)
             elif kind is Objective.UNLIKELIHOOD:
-                terms.append(-config.undesirable_weight * _log1mexp(lp.clamp(max=_MAX_LOGPROB)).sum())
+                unlikely = _log1mexp(lp.clamp(max=_MAX_LOGPROB))
+                keep = spared[i] if i < len(spared) else None
+                if keep is not None:
+                    unlikely = torch.where(keep.to(unlikely.device), torch.zeros_like(unlikely), unlikely)
+                terms.append(-config.undesirable_weight * unlikely.sum())
             else:
                 terms.append(lp.sum() * 0.0)  # keeps the graph whole; trains nothing
         return torch.stack(terms)

@@ -35,6 +35,7 @@ from alchemist_worker.training.objectives import (
     loss_units,
     needs_reference,
     objective_loss,
+    spared_tokens,
 )
 from alchemist_worker.training.recompute import forward_hidden
 from alchemist_worker.training.reuse import reuse_forward, reuse_prompt_backward
@@ -199,6 +200,7 @@ def sample_losses(
     else:
         token_lp = -F.cross_entropy(logits, labels, reduction="none")  # [R]
     reference = [s.reference_logprobs for s in samples] if needs_reference(kind, objective_config) else None
+    spared = spared_tokens([s.response_ids for s in samples], pairs) if kind is Objective.UNLIKELIHOOD else []
     losses = objective_loss(
         kind,
         token_lp.split(lengths),
@@ -206,6 +208,7 @@ def sample_losses(
         [s.label for s in samples],
         objective_config,
         pairs=pairs,
+        spared=spared,
     )
     if objective_config.kl_weight > 0:
         units = loss_units(kind, lengths, [s.label for s in samples], pairs)
