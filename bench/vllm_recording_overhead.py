@@ -9,10 +9,13 @@ rounds; in each round, for every configuration in a rotating order, one of them 
 - `kv`, `selective`, `full`: the recording engine records the prompt inside its compiled code (the record op
   copies what the policy keeps, see docs/vllm-engine.md). The recording's own work (the op's copies, the
   records' assembly, the commit to the store) is also timed inside the step.
-Medians over rounds. A decode step after each prefill is timed too: decodes never record (the recording engine
-still calls the op).
+Medians over rounds; the ratios are medians of each round's ratio (the configurations of one round run one after
+the other, so a slow spell of a machine shared with other work weighs on both sides of most ratios); and the
+fastest round of each configuration, which on a shared machine is nearest to the step's own cost. A decode step after each
+prefill is timed too: decodes never record (the recording engine still calls the op). Last, --decode-rounds steps
+of each engine's decoding batch alone, interleaved: what the op costs a decode step.
 
-    .venv/bin/python bench/vllm_recording_overhead.py --prompt 256 --rounds 7
+    .venv/bin/python bench/vllm_recording_overhead.py --prompt 256 --rounds 9
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def main() -> int:
     )
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--decode-rounds", type=int, default=40)
     parser.add_argument("--eager", action="store_true", help="run every step eagerly (no compilation)")
     args = parser.parse_args()
     if args.model is None:
@@ -123,24 +127,70 @@ def main() -> int:
                 decodes[name].append(decode)
             if recorded:
                 assert store.store.pop(rid) is not None, f"{rid} was not recorded"
-    base, plain_step = statistics.median(times["off"]), statistics.median(times["plain"])
+
+    def ratio(name: str, base: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[name], times[base], strict=True)) - 1
+
     print(
         f"vLLM engine, {'eager' if args.eager else 'compiled'}; prompt {args.prompt} tokens joining 4 decoding "
-        f"requests; medians over {args.rounds} rounds; {torch.get_num_threads()} torch threads; "
+        f"requests; {args.rounds} rounds; {torch.get_num_threads()} torch threads; "
         f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
     )
     print(
-        "| config | prefill step (ms) | vs off | vs plain | recording's work in the step (ms) | its share "
-        "| decode step (ms) |"
+        "| config | prefill step, median (ms) | vs off | vs plain | fastest (ms) "
+        "| recording's work in the step, median (ms) | decode step, median (ms) | vs plain | fastest (ms) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in CONFIGS:
-        step, hook = statistics.median(times[name]), statistics.median(hooks[name])
-        print(
-            f"| {name} | {1000 * step:.1f} | {step / base - 1:+.1%} | {step / plain_step - 1:+.1%} "
-            f"| {1000 * hook:.1f} | {hook / step:.1%} | {1000 * statistics.median(decodes[name]):.1f} |"
+        decode_vs_plain = statistics.median(
+            a / b for a, b in zip(decodes[name], decodes["plain"], strict=True)
         )
+        print(
+            f"| {name} | {1000 * statistics.median(times[name]):.1f} | {ratio(name, 'off'):+.1%} "
+            f"| {ratio(name, 'plain'):+.1%} | {1000 * min(times[name]):.1f} "
+            f"| {1000 * statistics.median(hooks[name]):.1f} | {1000 * statistics.median(decodes[name]):.1f} "
+            f"| {decode_vs_plain - 1:+.1%} | {1000 * min(decodes[name]):.1f} |"
+        )
+    alone: dict[str, list[float]] = {"plain": [], "recording engine": []}
+    for round_no in range(args.decode_rounds):  # the decoding batches alone: nothing is recorded
+        pair = [("plain", plain), ("recording engine", engine)]
+        for name, serving in pair[round_no % 2 :] + pair[: round_no % 2]:
+            started = time.perf_counter()
+            serving.step()
+            alone[name].append(time.perf_counter() - started)
+    ratio_alone = statistics.median(
+        a / b for a, b in zip(alone["recording engine"], alone["plain"], strict=True)
+    )
+    print(
+        f"\ndecode steps of the 4-request batch alone, {args.decode_rounds} rounds: "
+        + ", ".join(
+            f"{name} median {1000 * statistics.median(v):.1f} ms (fastest {1000 * min(v):.1f})"
+            for name, v in alone.items()
+        )
+        + f"; recording engine vs plain {ratio_alone - 1:+.1%}"
+    )
+    calls = 3 * engine.model_config.num_layers
+    seconds = op_call_seconds(engine.model_config.hidden_size)
+    print(
+        f"\nrecord op with nothing to record: {1e6 * seconds:.2f} us a call (fastest of 5 x 10000 calls, outside "
+        f"a forward); {calls} calls a step: {1000 * calls * seconds:.2f} ms"
+    )
     return 0
+
+
+def op_call_seconds(width: int) -> float:
+    """Seconds of one call of the record op that finds nothing to record (what an unrecorded step pays)."""
+    import alchemist_worker.vllm_backend.record_op  # noqa: F401  (registers the op)
+
+    op = torch.ops.alchemist.record.default
+    token, tensors = torch.zeros(1), [torch.zeros(8, width) for _ in range(5)]
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(10000):
+            op(token, 0, 1, tensors)
+        best = min(best, (time.perf_counter() - started) / 10000)
+    return best
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """On a CUDA device, with compilation and CUDA graphs on: recording still sees every recorded prefill.
 
-vLLM may replay a step as a CUDA graph, where no Python runs; a step that records is forced eager (see
-runner_hooks.py). The prompt of 33 tokens under a 32-token step budget ends with a one-token chunk mixed with
+vLLM may replay a step as a CUDA graph, where no Python runs (the record op's body included); a step that
+records runs its compiled code outside CUDA graphs (see runner_hooks.py). The prompt of 33 tokens under a 32-token step budget ends with a one-token chunk mixed with
 decodes: the shape vLLM would run as a full decode graph. Run by scripts/gpu-check; skipped without CUDA.
 """
 
