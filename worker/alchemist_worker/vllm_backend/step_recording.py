@@ -4,8 +4,8 @@ vLLM flattens the tokens of every scheduled request into one batch: request i ow
 `query_start_loc[i]:query_start_loc[i+1]`, starting at position `num_computed_tokens[i]`. A prompt may arrive
 in chunks over several steps (chunked prefill), share a step with other prompts and with decodes, and be
 prefilled again after preemption (then over its output tokens too). `PromptRecording` follows one recorded
-prompt across steps; `StepRecording` is the recorder of one step: it lays the prompt chunks of that step out for
-a `PrefillRecorder`, and on commit appends each chunk to its prompt. A prompt whose chunks cover it from position
+prompt across steps; `StepRecording` is the recording of one step: it finds the rows of each prompt chunk of
+that step, gives each chunk a `PrefillRecorder`, and after the forward appends each chunk to its prompt. A prompt whose chunks cover it from position
 0 goes into the activation store under its response id, the same record the native engine makes except for the
 softmax log-sum-exp of `selective` and `full`: vLLM's attention does not return it, and computing it again in the
 step cost a second attention forward (about 10% of the step on CPU), so it is deferred to the trainer, which
