@@ -83,3 +83,11 @@ def test_records_equal_the_native_engines(
                 torch.testing.assert_close(
                     a[name], b[name], rtol=1e-4, atol=1e-4, msg=f"{rid} layer {layer} {name}"
                 )
+
+
+def test_only_a_recording_engine_has_the_record_op_in_its_layers(tiny_checkpoints: dict[str, Path]) -> None:
+    """An engine that never records runs vLLM's forward with no record op (nothing to pay in any step)."""
+    path = tiny_checkpoints["llama"]
+    for policy, has_op in (("off", False), ("kv", True)):
+        layers = vllm_engine(path, policy).served_model.model.layers
+        assert all((layer.record_token is not None) is has_op for layer in layers), policy
