@@ -454,6 +454,11 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only these configurations in the written results, keeping the others (one re-run)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -463,7 +468,17 @@ def main() -> None:
         args.model = ensure_small_model()
     torch.manual_seed(0)
     say(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    results = []
+    path = DOCS / "results" / "learning-efficacy.json"
+    kept = json.loads(path.read_text()) if args.update and path.exists() else []
+    results: list[dict[str, Any]] = []
+
+    def write() -> list[dict[str, Any]]:
+        fresh = {r["name"]: r for r in results}
+        merged = [fresh.pop(r["name"], r) for r in kept] + list(fresh.values())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(merged, indent=1) + "\n")
+        return merged
+
     with LocalRedis() as redis:
         for name in args.configs.split(","):
             try:
@@ -474,16 +489,15 @@ def main() -> None:
                 say(f"{name}: failed: {type(exc).__name__}: {exc}")
                 results.append({"name": name, "skipped": f"failed: {type(exc).__name__}: {exc}"})
             if not args.no_write:  # after each configuration: a long run stopped early keeps what it measured
-                (DOCS / "results").mkdir(parents=True, exist_ok=True)
-                (DOCS / "results" / "learning-efficacy.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = table(results, args)
-    say(text)
+                write()
+    say(table(results, args))
     say(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if not args.no_write:
-        (DOCS / "results").mkdir(parents=True, exist_ok=True)
-        (DOCS / "results" / "learning-efficacy.json").write_text(json.dumps(results, indent=1) + "\n")
-        plot(results, DOCS / "learning-efficacy.png")
-        say(f"wrote {DOCS / 'results' / 'learning-efficacy.json'} and {DOCS / 'learning-efficacy.png'}")
+        merged = write()
+        plot(merged, DOCS / "learning-efficacy.png")
+        say(f"wrote {path} and {DOCS / 'learning-efficacy.png'}")
+        if args.update:
+            say(table(merged, args))
 
 
 if __name__ == "__main__":
