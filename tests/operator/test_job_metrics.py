@@ -56,7 +56,8 @@ async def test_rollback_is_counted_and_versions_exported(
         await eventually(lambda: job_status(kube).get("replicaVersions") == dict.fromkeys(REPLICAS, 0))
         await eventually(lambda: value(metrics, "alchemist_job_rollout_phase", phase="Idle") == 1)
         assert value(metrics, "alchemist_job_stable_version") == 0
-        assert value(metrics, "alchemist_job_ready_replicas") == 3
+        # readyReplicas may reach the job's status in a later status write than the rollout phase: wait for it too.
+        await eventually(lambda: value(metrics, "alchemist_job_ready_replicas") == 3, what="ready replicas")
         assert value(metrics, "alchemist_job_redis_reachable") == 1
 
         await start_canary_of(kube, store, 1)
