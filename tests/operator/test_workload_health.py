@@ -157,7 +157,10 @@ async def test_the_operator_reports_unbound_claims_unschedulable_pods_and_model_
             in (condition(kube, "VolumesBound") or ("", "", ""))[2]
         )
         assert (condition(kube, "Ready") or ("", "", ""))[1] == "VolumeNotBound"
-        assert (condition(kube, "ModelAvailable") or ("", "", ""))[:2] == ("False", "Fetching")
+        # The claim was posted before the pod: a status pass may have seen the one and not yet the other.
+        await eventually(
+            lambda: (condition(kube, "ModelAvailable") or ("", "", ""))[:2] == ("False", "Fetching")
+        )
         posted = await eventually(lambda: warning(kube, "VolumeNotBound"))
         assert "missing-class" in posted["message"]
 
