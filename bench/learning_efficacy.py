@@ -61,6 +61,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "supervised": {},
     "supervised+guard": {"kl_weight": 0.5},
     "unlikelihood+guard": {"objective": "unlikelihood", "kl_weight": 0.5},
+    "kto+guard": {"objective": "kto", "kl_weight": 0.5},
     "supervised+rehearsal": {"rehearsal_samples": 8},
     "supervised+guard+rehearsal": {"kl_weight": 0.5, "rehearsal_samples": 8},
     "supervised+guard+rehearsal (continue)": {
