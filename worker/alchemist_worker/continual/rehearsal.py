@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from alchemist_worker.feedback.samples import TrainingSample
+
 _SEED = 0x5EED
 
 
@@ -33,6 +35,11 @@ class RehearsalEntry:
     feedback_id: str
     prompt_tokens: tuple[int, ...]
     response_tokens: tuple[int, ...]
+
+
+def answers_of(samples: Iterable[TrainingSample]) -> list[RehearsalEntry]:
+    """The desirable answers among trained samples: what may enter the buffer once their version passes."""
+    return [RehearsalEntry(s.feedback_id, s.prompt_tokens, s.response_tokens) for s in samples if s.desirable]
 
 
 class RehearsalBuffer:

@@ -1,8 +1,8 @@
 """The continual trainer's settings: one validated dataclass, readable from ALCHEMIST_* environment variables.
 
 Training: objective (training/objectives.py: supervised, unlikelihood, kto or dpo, with their weights and the
-KL guard, rehearsal of earlier answers), LoRA or full fine-tuning, optimizer, learning rate and schedule, batch size in samples and in
-tokens, max staleness, step interval and how often a step becomes a version. Co-scheduling: how long one
+KL guard), rehearsal of earlier answers, LoRA or full fine-tuning, optimizer, learning rate and schedule, batch
+size in samples and in tokens, max staleness, step interval and how often a step becomes a version. Co-scheduling: how long one
 training slice may run, and the serving bounds (queue depth, p99 TTFT and inter-token latency) near which
 training yields. The operator sets these through the pod's
 environment (see `ENV`); the CLI takes the same names as flags.
@@ -48,12 +48,10 @@ class TrainerSettings:
     desirable_weight: float = 1.0  # weight of accepted and corrected answers
     undesirable_weight: float = 1.0  # weight of rejected answers (unlikelihood, kto)
     kl_weight: float = 0.0  # forgetting guard: KL to the base model per response token; 0 turns it off
-    rehearsal_samples: int = (
-        0  # forgetting guard: earlier accepted answers added to each step; 0 turns it off
-    )
-    rehearsal_capacity: int = (
-        512  # answers the rehearsal buffer keeps (a uniform sample of all it was offered)
-    )
+    # Forgetting guard: earlier accepted answers added to each step (0 turns it off), from a buffer that keeps
+    # `rehearsal_capacity` of them (a uniform sample of all it was offered).
+    rehearsal_samples: int = 0
+    rehearsal_capacity: int = 512
     method: Method = Method.LORA
     mode: Mode = Mode.EXACT
     lora_rank: int = 16

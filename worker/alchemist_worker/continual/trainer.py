@@ -25,7 +25,7 @@ import torch
 from alchemist_protocol.schemas import EvaluationScores
 
 from alchemist_worker.activations.store import ActivationStore
-from alchemist_worker.continual.rehearsal import RehearsalBuffer, RehearsalEntry
+from alchemist_worker.continual.rehearsal import RehearsalBuffer, RehearsalEntry, answers_of
 from alchemist_worker.continual.settings import Mode, Optimizer, Schedule, TrainerSettings
 from alchemist_worker.continual.step_cursor import StepCursor, cursor_yield
 from alchemist_worker.continual.trainable_weights import TrainableWeights, WeightSet
@@ -258,19 +258,18 @@ class ContinualTrainer:
         return evaluation.score(self.model, self.device)
 
     def _step(self, samples: list[FeedbackSample]) -> StepResult:
-        rehearsed = self._rehearsed(self.rehearsal.draw(self.settings.rehearsal_samples, self.step_count))
+        rehearsed = self._rehearsed()
         reports, own_reasons, total = self._accumulate(samples + rehearsed)
         lr = self._optimizer_step()
-        self.unadmitted += [
-            RehearsalEntry(s.feedback_id, s.prompt_tokens, s.response_tokens) for s in samples if s.desirable
-        ]
+        self.unadmitted += answers_of(samples)
         result = self._result(samples, reports, own_reasons, total, lr)
         result.extra["rehearsed"] = len(rehearsed)
         return result
 
-    @staticmethod
-    def _rehearsed(entries: list[RehearsalEntry]) -> list[FeedbackSample]:
-        """Rehearsal entries as samples of this step: recomputed (no replica holds their record), desirable."""
+    def _rehearsed(self) -> list[FeedbackSample]:
+        """This step's draw from the rehearsal buffer as samples: recomputed (no replica holds their record),
+        desirable."""
+        entries = self.rehearsal.draw(self.settings.rehearsal_samples, self.step_count)
         return [
             FeedbackSample(
                 feedback_id=f"{REHEARSAL_PREFIX}{i}:{entry.feedback_id}",

@@ -37,7 +37,7 @@ import torch
 from alchemist_protocol.training_group import GroupRecord, MemberOffer, TrainingGroupStore
 
 from alchemist_worker.continual.engine_side import StepDone
-from alchemist_worker.continual.rehearsal import RehearsalBuffer, RehearsalEntry
+from alchemist_worker.continual.rehearsal import RehearsalBuffer, answers_of
 from alchemist_worker.continual.trainer import StepResult
 from alchemist_worker.distributed.communicator import Communicator
 from alchemist_worker.distributed.round_commit import (
@@ -329,11 +329,7 @@ class RoundLoop:
             units=units if result is not None else 0,
             loss_sum=loss_sum if result is not None else 0.0,
             digest=applied.digest,
-            answers=[
-                RehearsalEntry(p.sample.feedback_id, p.sample.prompt_tokens, p.sample.response_tokens)
-                for p in batch
-                if p.sample.desirable
-            ],
+            answers=answers_of(p.sample for p in batch),
             rehearsed=int(result.extra.get("rehearsed", 0)) if result is not None else 0,
         )
         gathered_at = time.perf_counter()

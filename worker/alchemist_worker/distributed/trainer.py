@@ -61,14 +61,16 @@ class DataParallelTrainer(ContinualTrainer):
         """Whether this member's local gradient includes rehearsed answers this round."""
         return self.leads and self.settings.rehearsal_samples > 0 and len(self.rehearsal) > 0
 
+    def _rehearsed(self) -> list[TrainingSample]:
+        return super()._rehearsed() if self.leads else []
+
     def _can_step(self, samples: list[TrainingSample]) -> bool:
         return bool(samples) or self.rehearses()
 
     def _step(self, samples: list[TrainingSample]) -> StepResult:
         """The local gradient only: `.grad` holds the mean gradient over these samples' loss units (response
         tokens, or samples for the sequence-level objectives), whose count goes in `extra["units"]`."""
-        draw = self.rehearsal.draw(self.settings.rehearsal_samples, self.step_count) if self.leads else []
-        rehearsed = self._rehearsed(draw)
+        rehearsed = self._rehearsed()
         reports, own_reasons, total = self._accumulate(samples + rehearsed)
         result = self._result(samples, reports, own_reasons, total, lr=0.0)
         result.extra["units"] = total
