@@ -14,7 +14,8 @@ latency is measured without a recorder and with each policy's recorder.
 
 Memory: on CUDA, the allocator's peak during the step. On a CPU there is no allocator peak: it is the peak of
 tensors autograd saved for backward (unique storages, weights excluded), plus for reuse the store's device-tier
-peak and the prompt K/V leaves with their gradients. Checkpointed layers hide their saved tensors from hooks,
+peak, which counts the records and the response's own activations (kept from the step's forward for its
+backward; with offload both stream layer by layer). Checkpointed layers hide their saved tensors from hooks,
 so (b) is estimated as what the hooks see, plus the layer inputs it keeps, plus one layer's share of (a).
 """
 

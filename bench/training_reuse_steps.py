@@ -140,24 +140,13 @@ class Runner:
         ids = [s.record_id for s in samples if s.record_id is not None]
         assert isinstance(self.model, Transformer)
         model = self.model
-        kept = suffix_kept_bytes(model, samples)
 
         def step() -> float:
             store.reset_peak()
             reuse_backward(model, samples, LayerStreamer(store, ids, offload=True), scale=1 / total)
-            return float(store.device_peak_bytes + kept)
+            return float(store.device_peak_bytes)  # records and the response's kept activations together
 
         return self.timed(step)
-
-
-def suffix_kept_bytes(model: Transformer, samples: list[TrainingSample]) -> int:
-    """What the reuse path's suffix forward keeps outside autograd (every layer's activations of the response
-    rows, until that layer's backward), counted whole for the step's peak: an over-estimate, never under."""
-    c = model.config
-    per_token = 2 * c.hidden_size + 2 * c.q_size + 3 * c.kv_size + 2 * c.intermediate_size  # model dtype
-    rows = sum(s.response_len for s in samples)
-    size = model.embed_tokens.weight.element_size()
-    return rows * c.num_layers * (per_token * size + 4 * c.num_heads)  # + lse in fp32
 
 
 def hf_runner(hf: torch.nn.Module, samples: list[TrainingSample], *, batched: bool) -> Callable[[], float]:

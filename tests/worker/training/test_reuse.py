@@ -75,9 +75,34 @@ def test_offload_moves_every_layer_back_to_the_host(tmp_path: Path) -> None:
     )
     assert relative_error(ours, ref) <= 1e-5
     assert store.device_bytes == 0 and store.host_bytes == total_bytes
-    # records started on the host (device budget 0): the device never held more than two layers at once
+    # Records started on the host (device budget 0). The device never held more than two layers of them and
+    # two layers of the response's own activations (every field backward reads, lse in fp32) at once.
     per_layer = total_bytes // model.config.num_layers
-    assert store.device_peak_bytes == 2 * per_layer
+    c = model.config
+    response_rows = sum(s.response_len for s in samples)
+    # x and o, q_lin and attn, k and v, gate and up
+    widths = 2 * c.hidden_size + 2 * c.q_size + 2 * c.kv_size + 2 * c.intermediate_size
+    response_per_layer = response_rows * (widths * 4 + c.num_heads * 4)
+    assert store.device_peak_bytes == 2 * per_layer + 2 * response_per_layer
+
+
+def test_response_activations_stay_on_the_device_without_offload(tmp_path: Path) -> None:
+    """Without offload every layer's response activations are held until that layer's backward."""
+    model, params = trainable_model(build_checkpoint(tmp_path / "deep", "llama", num_layers=4), "lora")
+    samples = make_samples(model.config.vocab_size)
+    records = record_prompts(model, samples, RecordingPolicy.FULL)
+    offloaded, held = (
+        reuse_and_recompute(model, params, samples, records, offload=offload, device_budget=0)[4]
+        for offload in (True, False)
+    )
+    layers = model.config.num_layers
+    assert layers > 2
+    record_layer = offloaded.host_bytes // layers
+    # after the step only records are counted: back on the host, or left on the device without offload
+    assert offloaded.device_bytes == 0 and held.device_bytes == layers * record_layer
+    # without offload: every record layer (brought to the device, kept there) and every response layer
+    response_layer = (offloaded.device_peak_bytes - 2 * record_layer) // 2
+    assert held.device_peak_bytes == layers * (record_layer + response_layer)
 
 
 def test_batch_gradient_is_the_sum_of_per_sample_gradients(tiny_checkpoints: dict[str, Path]) -> None:
@@ -151,3 +176,35 @@ def test_records_that_deferred_the_lse_give_the_exact_gradient(
     loss, ref_loss, ours, ref = reuse_and_recompute(model, params, samples, records)[:4]
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert relative_error(ours, ref) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", list(RecordingPolicy))
+def test_reuse_on_cuda_streams_records_and_response_activations(
+    tmp_path: Path, policy: RecordingPolicy
+) -> None:
+    """On CUDA, records (from the host tier) and the response's own activations go to the host and back
+    through side-stream copies ordered by events; the gradient still equals the recompute gradient."""
+    model, params = trainable_model(build_checkpoint(tmp_path / "deep", "llama", num_layers=4), "lora")
+    samples = make_samples(model.config.vocab_size)
+    records = record_prompts(model, samples, policy)
+    model.to("cuda")
+    total = sum(s.response_len for s in samples)
+    zero_grads(params)
+    recompute_backward(model, samples, scale=1 / total)
+    ref = grads(params)
+    store = ActivationStore(StoreConfig(device_budget_bytes=0, host_budget_bytes=1 << 30, device="cuda"))
+    for s, r in zip(samples, records, strict=True):
+        store.put(s.record_id, r)
+    zero_grads(params)
+    streamer = LayerStreamer(store, [s.record_id for s in samples], offload=True)
+    reuse_backward(model, samples, streamer, scale=1 / total)
+    torch.cuda.synchronize()
+    assert relative_error(grads(params), ref) <= 1e-4
+    assert store.device_bytes == 0
+    assert all(
+        t.device.type == "cpu"
+        for s in samples
+        for layer in store.peek(s.record_id).layers
+        for t in layer.values()
+    )

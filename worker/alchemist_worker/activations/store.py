@@ -219,6 +219,11 @@ class ActivationStore:
         self._tiers[record_id][layer] = tier
         self._add_bytes(tier, record.layer_nbytes(layer))  # a copy may be smaller than a view it replaced
 
+    def hold_working_bytes(self, delta: int) -> None:
+        """Counts bytes a training step holds on the device outside records (its own response activations,
+        kept from its forward for its backward) in the device tier and its peak, for as long as it holds them."""
+        self._add_bytes(Tier.DEVICE, delta)
+
     def expire(self) -> int:
         """Drops every record older than the TTL; returns how many."""
         if self.config.ttl_s is None:

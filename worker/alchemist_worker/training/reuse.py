@@ -103,26 +103,78 @@ class PrefixedAttention:
 
 
 class KeptActivations:
-    """A recorder for the step's own suffix forward: keeps references to each layer's activations."""
+    """A recorder for the step's own suffix forward: keeps each layer's activations (references to what the
+    forward computed anyway) until that layer's backward.
+
+    With offload, a layer goes to the host as soon as the forward has moved past it and comes back, prefetched,
+    in backward order, as the prompt's records do: the device holds about two layers of them instead of all.
+    What is on the device is counted in the store's device tier (`ActivationStore.hold_working_bytes`), so its
+    peak is the step's, records and these together (on a CPU-only machine the tiers share memory and the count
+    says what a GPU would hold)."""
 
     wants_lse = True
 
-    def __init__(self, num_layers: int) -> None:
-        self.layers: list[LayerActivations | None] = [None] * num_layers
+    def __init__(self, num_layers: int, streamer: LayerStreamer, *, qk_norm: bool) -> None:
+        self.fields = [f for f in KEY_FIELDS + QUERY_FIELDS if qk_norm or f != "k_lin"]  # what backward reads
+        self.store, self.copies = streamer.store, streamer.copies
+        self.offload = streamer.offload_after_use
+        self.layers: list[LayerTensors | None] = [None] * num_layers
+        self._on_device = [False] * num_layers
+        self._ready: dict[int, torch.cuda.Event | None] = {}
 
     def record_layer(self, layer: int, activations: LayerActivations) -> None:
-        self.layers[layer] = activations
+        tensors = {name: getattr(activations, name) for name in self.fields}
+        self.layers[layer] = {name: t for name, t in tensors.items() if t is not None}
+        self._count(layer, on_device=True)
+        if self.offload and layer > 0:  # the layer below is read by nothing until its backward
+            self._to_host(layer - 1)
 
-    def pop(self, layer: int) -> LayerActivations:
-        acts = self.layers[layer]
-        if acts is None:
+    def prefetch(self, layer: int) -> None:
+        """Starts bringing `layer` back to the device (no-op if out of range, there, or under way)."""
+        tensors = self.layers[layer] if 0 <= layer < len(self.layers) else None
+        if tensors is None or self._on_device[layer] or layer in self._ready:
+            return
+        self.layers[layer], self._ready[layer] = self.copies.to_device(tensors)
+        self._count(layer, on_device=True)
+
+    def fetch(self, layer: int) -> LayerTensors:
+        """Layer `layer`, on the device and safe to read."""
+        self.prefetch(layer)
+        tensors = self.layers[layer]
+        if tensors is None:
             raise RuntimeError(f"layer {layer} kept no activations")
+        self.copies.wait(self._ready.pop(layer, None), tensors)
+        return tensors
+
+    def release(self, layer: int) -> None:
+        """Forgets layer `layer` (its backward has what it needs)."""
+        self._count(layer, on_device=False)
         self.layers[layer] = None
-        return acts
+
+    def close(self) -> None:
+        """Forgets every layer still held (the step ended, or failed)."""
+        for layer in range(len(self.layers)):
+            self.release(layer)
+
+    def _to_host(self, layer: int) -> None:
+        tensors = self.layers[layer]
+        if tensors is not None and self._on_device[layer]:
+            self.layers[layer] = self.copies.to_host(tensors)
+            self._count(layer, on_device=False)
+
+    def _count(self, layer: int, *, on_device: bool) -> None:
+        if self._on_device[layer] == on_device:
+            return
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage() for t in (self.layers[layer] or {}).values()
+        }
+        nbytes = sum(s.nbytes() for s in storages.values())
+        self._on_device[layer] = on_device
+        self.store.hold_working_bytes(nbytes if on_device else -nbytes)
 
 
-def _suffix_field(acts: LayerActivations, name: str) -> Tensor:
-    value = getattr(acts, name)
+def _suffix_field(acts: LayerTensors, name: str) -> Tensor:
+    value = acts.get(name)
     if value is None:
         raise RuntimeError(f"the suffix forward kept no {name}")
     return value
@@ -150,13 +202,17 @@ def reuse_forward(
     batch = suffix_batch(samples, device)
     layout = SequenceLayout([s.prefix_len for s in samples], [s.response_len for s in samples])
     backend = PrefixedAttention(streamer, layout, sliding_window=config.sliding_window)
-    kept = KeptActivations(config.num_layers)
+    kept = KeptActivations(config.num_layers, streamer, qk_norm=config.qk_norm)
     streamer.prefetch(0)
-    with torch.no_grad():
-        x = model.embed_tokens(batch.input_ids)
-        cos, sin = model.rope(batch.positions, x.dtype)
-        for block in model.layers:
-            x = block(x, cos, sin, backend, kept)
+    try:
+        with torch.no_grad():
+            x = model.embed_tokens(batch.input_ids)
+            cos, sin = model.rope(batch.positions, x.dtype)
+            for block in model.layers:
+                x = block(x, cos, sin, backend, kept)
+    except BaseException:
+        kept.close()
+        raise
     top = x.requires_grad_()
     with torch.enable_grad():
         hidden = model.norm(top)
@@ -168,6 +224,15 @@ def reuse_prompt_backward(
 ) -> None:
     """Step 3, once the loss's backward has reached `suffix.hidden`: the layers' backward over prompt and
     response rows, accumulated into `.grad`."""
+    try:
+        _replay_layers(model, samples, streamer, suffix)
+    finally:
+        suffix.kept.close()
+
+
+def _replay_layers(
+    model: Transformer, samples: list[TrainingSample], streamer: LayerStreamer, suffix: SuffixForward
+) -> None:
     config = model.config
     layout = suffix.layout
     device = suffix.top.device
@@ -180,7 +245,8 @@ def reuse_prompt_backward(
     for layer in reversed(range(config.num_layers)):
         records = streamer.fetch(layer)
         streamer.prefetch(layer - 1)
-        acts = suffix.kept.pop(layer)
+        acts = suffix.kept.fetch(layer)
+        suffix.kept.prefetch(layer - 1)
         prompt_fields = records[0].keys()
         keys = {
             name: layout.join(records, name, _suffix_field(acts, name))
@@ -195,6 +261,8 @@ def reuse_prompt_backward(
             elif name in prompt_fields:
                 queries[name] = layout.join(records, name, _suffix_field(acts, name))
         streamer.done_with(layer)  # what the replay reads was copied out of the records
+        del acts  # and out of the suffix's activations (at the top layer, autograd saves them)
+        suffix.kept.release(layer)
         rows = (
             LayerRows(cos, sin, layout.offsets, suffix_rows, layout.suffix_offsets)
             if top_layer
@@ -236,9 +304,15 @@ def reuse_backward(
         return 0.0
     suffix = reuse_forward(model, samples, streamer)
     labels = torch.cat([s.response_ids for s in samples]).to(suffix.hidden.device)
-    with torch.enable_grad():
-        loss_sum = response_loss_sum(model, suffix.hidden, labels) if loss is None else loss(suffix.hidden)
-        (loss_sum * scale).backward()
+    try:
+        with torch.enable_grad():
+            loss_sum = (
+                response_loss_sum(model, suffix.hidden, labels) if loss is None else loss(suffix.hidden)
+            )
+            (loss_sum * scale).backward()
+    except BaseException:
+        suffix.kept.close()
+        raise
     suffix.hidden = suffix.hidden.detach()
     reuse_prompt_backward(model, samples, streamer, suffix)
     return float(loss_sum.detach())

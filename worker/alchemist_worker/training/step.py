@@ -38,7 +38,7 @@ from alchemist_worker.training.objectives import (
     spared_tokens,
 )
 from alchemist_worker.training.recompute import forward_hidden
-from alchemist_worker.training.reuse import reuse_forward, reuse_prompt_backward
+from alchemist_worker.training.reuse import SuffixForward, reuse_forward, reuse_prompt_backward
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ def accumulate_gradients(
         raise ValueError(f"objective {objective.value} trains none of these samples")
     record_ids = [s.record_id for s in reused if s.record_id is not None]
     store.acquire(record_ids)
+    suffix: SuffixForward | None = None
     try:
         streamer = LayerStreamer(store, record_ids, offload=config.offload)
         # Both paths' response rows, then one loss over all of them (a pair may take one path on each side).
@@ -154,6 +155,8 @@ def accumulate_gradients(
             reuse_prompt_backward(model, reused, streamer, suffix)
         streamer.synchronize()
     finally:
+        if suffix is not None:
+            suffix.kept.close()  # a step that failed before its backward
         store.release(record_ids)
     if config.consume_records:
         for rid in record_ids:
