@@ -36,50 +36,85 @@ from alchemist_worker.model.layers import LoRALinear, unapply_rope
 from alchemist_worker.model.transformer import Block
 
 
-class _GivenLinear(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T whose value is known (or not needed): only its backward runs."""
+class _GivenLinears(torch.autograd.Function):
+    """y_i = x W_i^T + b_i + s (x A_i^T) B_i^T for linear layers sharing the input x (q/k/v, gate/up), whose
+    values are known (or not needed): only their backward runs.
+
+    The adapters of the group are handled together: x A^T and the gradient of A take one matmul each over x for
+    all of them, and their share of dx one more, instead of one per layer (rank-r matmuls cost what they read of x,
+    not their FLOPs). Arguments after x and the group size: outputs, weights, biases, A, B,
+    n of each (an output None is a placeholder: nobody reads its value, only its gradient flows)."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        output: Tensor | None,
-        weight: Tensor,
-        bias: Tensor | None,
-        lora_a: Tensor | None,
-        lora_b: Tensor | None,
-        scaling: float,
-    ) -> Tensor:
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.scaling = scaling
-        ctx.has_bias = bias is not None
-        if output is None:  # a placeholder: nobody reads the value, only the gradient flows
-            return x.new_zeros(1, 1).expand(x.shape[0], weight.shape[0])
-        return output.view_as(output)
+    def forward(ctx: Any, x: Tensor, n: int, scaling: float, *tensors: Tensor | None) -> tuple[Tensor, ...]:
+        outputs, weights, biases, lora_a, lora_b = (tensors[i * n : (i + 1) * n] for i in range(5))
+        ctx.n, ctx.scaling = n, scaling
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x, *weights, *lora_a, *lora_b)
+        placeholder = x.new_zeros(1, 1)
+        values = []
+        for out, weight in zip(outputs, weights, strict=True):
+            assert weight is not None
+            values.append(
+                out.view_as(out) if out is not None else placeholder.expand(x.shape[0], weight.shape[0])
+            )
+        return tuple(values)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, lora_a, lora_b = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        dx = grad @ weight if needs[0] else None  # [T, in]
-        dweight = grad.t() @ x if needs[2] else None
-        dbias = grad.sum(0) if ctx.has_bias and needs[3] else None
-        da = db = None
-        if lora_a is not None and lora_b is not None:
-            grad_r = grad @ lora_b  # [T, r]
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        n, scaling = ctx.n, ctx.scaling
+        x, *saved = ctx.saved_tensors
+        weights, lora_a, lora_b = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        needs = ctx.needs_input_grad  # x, n, scaling, then outputs, weights, biases, A, B
+        needs_w, needs_b = needs[3 + n : 3 + 2 * n], needs[3 + 2 * n : 3 + 3 * n]
+        needs_a, needs_lb = needs[3 + 3 * n : 3 + 4 * n], needs[3 + 4 * n : 3 + 5 * n]
+        dx: Tensor | None = None
+        dweights: list[Tensor | None] = [None] * n
+        dbiases: list[Tensor | None] = [None] * n
+        for i, (grad, weight) in enumerate(zip(grads, weights, strict=True)):
+            if needs[0]:
+                dx = grad @ weight if dx is None else torch.addmm(dx, grad, weight)
+            if needs_w[i]:
+                dweights[i] = grad.t() @ x
+            if ctx.has_bias[i] and needs_b[i]:
+                dbiases[i] = grad.sum(0)
+        da: list[Tensor | None] = [None] * n
+        db: list[Tensor | None] = [None] * n
+        adapted = [i for i in range(n) if lora_a[i] is not None and lora_b[i] is not None]
+        if adapted:
+            a_cat = torch.cat([lora_a[i] for i in adapted])  # [k r, in]
+            grad_r = torch.cat([grads[i] @ lora_b[i] for i in adapted], dim=1)  # [T, k r]
             if dx is not None:
-                dx = torch.addmm(dx, grad_r, lora_a, alpha=ctx.scaling)
-            if needs[4]:
-                da = ctx.scaling * (grad_r.t() @ x)
-            if needs[5]:
-                db = ctx.scaling * (grad.t() @ (x @ lora_a.t()))
-        return dx, None, dweight, dbias, da, db, None
+                dx = torch.addmm(dx, grad_r, a_cat, alpha=scaling)
+            if any(needs_a[i] for i in adapted):
+                da_cat = scaling * (grad_r.t() @ x)
+                for i, part in zip(adapted, da_cat.split([lora_a[i].shape[0] for i in adapted]), strict=True):
+                    da[i] = part if needs_a[i] else None
+            if any(needs_lb[i] for i in adapted):
+                xa = (x @ a_cat.t()).split([lora_a[i].shape[0] for i in adapted], dim=1)  # x A_i^T
+                for i, part in zip(adapted, xa, strict=True):
+                    db[i] = scaling * (grads[i].t() @ part) if needs_lb[i] else None
+        return (dx, None, None, *([None] * n), *dweights, *dbiases, *da, *db)
+
+
+def given_linears(layers: list[LoRALinear], x: Tensor, outputs: list[Tensor | None]) -> list[Tensor]:
+    """`[layer(x) for layer in layers]` with known outputs (or placeholders where None), differentiable."""
+    scalings = {layer.scaling for layer in layers if layer.has_adapter}
+    if len(scalings) > 1:  # adapters of one configuration share it; others go one by one
+        return [given_linears([layer], x, [out])[0] for layer, out in zip(layers, outputs, strict=True)]
+    tensors = [
+        *outputs,
+        *(layer.weight for layer in layers),
+        *(layer.bias for layer in layers),
+        *(layer.lora_A for layer in layers),
+        *(layer.lora_B for layer in layers),
+    ]
+    return list(_GivenLinears.apply(x, len(layers), scalings.pop() if scalings else 1.0, *tensors))
 
 
 def given_linear(layer: LoRALinear, x: Tensor, output: Tensor | None) -> Tensor:
     """`layer(x)` with a known output (or a placeholder when output is None), differentiable."""
-    out = _GivenLinear.apply(x, output, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
-    return out
+    return given_linears([layer], x, [output])[0]
 
 
 class _GivenRope(torch.autograd.Function):
@@ -156,13 +191,24 @@ def replay_layer_backward(
     with torch.enable_grad():
         x = keys["x"].detach().requires_grad_(need_grad_input)
         xn = block.input_layernorm(x)
-        v = given_linear(attn.v_proj, xn, keys["v"].flatten(1)).view_as(keys["v"])
-        if attn.k_norm is None:  # K is the rotated projection: neither the matmul nor RoPE runs again
-            k = _GivenRope.apply(
-                given_linear(attn.k_proj, xn, None).view_as(keys["k"]), keys["k"], rows.cos, rows.sin
-            )
+        # Projections of xn whose outputs are known go through one backward together: V, K (without QK norm
+        # K is the rotated projection, so its output is not needed: neither the matmul nor RoPE runs again),
+        # and Q where every row queries.
+        given = [attn.v_proj]
+        outputs: list[Tensor | None] = [keys["v"].flatten(1)]
+        if attn.k_norm is None or "k_lin" in keys:
+            given.append(attn.k_proj)
+            outputs.append(keys.get("k_lin") if attn.k_norm is not None else None)
+        q_given = "q_lin" in queries and rows.query_rows is None
+        if q_given:
+            given.append(attn.q_proj)
+            outputs.append(queries["q_lin"])
+        projected = given_linears(given, xn, outputs)
+        v = projected[0].view_as(keys["v"])
+        k_lin = projected[1] if len(given) > 1 and given[1] is attn.k_proj else attn.k_proj(xn)
+        if attn.k_norm is None:
+            k = _GivenRope.apply(k_lin.view_as(keys["k"]), keys["k"], rows.cos, rows.sin)
         else:  # QK norm: rebuild the norm (and RoPE) from the projection's output, recorded or recomputed
-            k_lin = given_linear(attn.k_proj, xn, keys["k_lin"]) if "k_lin" in keys else attn.k_proj(xn)
             k = attn.shape_k(k_lin, rows.cos, rows.sin)
         if rows.query_rows is None:
             x_q, xn_q, cos_q, sin_q, cu_q = x, xn, rows.cos, rows.sin, rows.cu_seqlens
@@ -171,7 +217,12 @@ def replay_layer_backward(
             cos_q, sin_q = rows.cos[rows.query_rows], rows.sin[rows.query_rows]
             assert rows.cu_seqlens_q is not None
             cu_q = rows.cu_seqlens_q
-        q_lin = given_linear(attn.q_proj, xn_q, queries["q_lin"]) if "q_lin" in queries else attn.q_proj(xn_q)
+        if q_given:
+            q_lin = projected[-1]
+        elif "q_lin" in queries:
+            q_lin = given_linear(attn.q_proj, xn_q, queries["q_lin"])
+        else:
+            q_lin = attn.q_proj(xn_q)
         q = attn.shape_q(q_lin, cos_q, sin_q)
         if "attn" in queries:
             lse = queries.get("lse")
@@ -187,8 +238,10 @@ def replay_layer_backward(
         o = given_linear(attn.o_proj, out, queries["o"]) if "o" in queries else attn.o_proj(out)
         h = x_q + o
         hn = block.post_attention_layernorm(h)
-        gate = given_linear(mlp.gate_proj, hn, queries["gate"]) if "gate" in queries else mlp.gate_proj(hn)
-        up = given_linear(mlp.up_proj, hn, queries["up"]) if "up" in queries else mlp.up_proj(hn)
+        if "gate" in queries and "up" in queries:
+            gate, up = given_linears([mlp.gate_proj, mlp.up_proj], hn, [queries["gate"], queries["up"]])
+        else:
+            gate, up = mlp.gate_proj(hn), mlp.up_proj(hn)
         down = given_linear(mlp.down_proj, F.silu(gate) * up, None)  # value unused
         live = [r for r in (h, down) if r.requires_grad]
         if live:  # nothing requires grad in a frozen layer whose input gradient is not wanted
