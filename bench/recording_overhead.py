@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from alchemist_worker.activations.policy import RecordingPolicy
-from alchemist_worker.activations.store import ActivationStore, DropReason, StoreConfig
+from alchemist_worker.activations.store import ActivationStore, StoreConfig
 from alchemist_worker.engine.config import EngineConfig, RecordingConfig
 from alchemist_worker.engine.llm_engine import LLMEngine
 from alchemist_worker.engine.sampling_params import SamplingParams
@@ -40,9 +40,10 @@ from alchemist_worker.engine.store_recording import StoreRecording
 from alchemist_worker.model.checkpoint import load_model
 from alchemist_worker.model.layer_activations import LayerActivations, Recorder
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: `bench` importable
+from bench.store_steady_state import UNBOUNDED_BYTES, evictions, fill_store, measure_step
+
 POLICIES = ("off", "kv", "selective", "full")
-UNBOUNDED_BYTES = 8 << 30  # room for every record of any run here
-MAX_FILL_PREFILLS = 64  # a fill that has not evicted by then gives up (the budget is too large for the run)
 
 
 class TimedRecorder:
@@ -116,13 +117,7 @@ def time_round(engine: LLMEngine, prompt: list[int], batch: list[list[int]], dec
     """Times one recorded (unless off) prefill and a few decode steps of `batch`; the engine ends idle."""
     params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
     engine.add_request(GenerationRequest(f"p{time.monotonic_ns()}", prompt, params))
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    cpu = time.thread_time()
-    started = time.perf_counter()
-    engine.step()
-    prefill = time.perf_counter() - started
-    prefill_cpu = time.thread_time() - cpu
-    new_pages = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    prefill = measure_step(engine.step)
     while engine.has_unfinished():
         engine.step()
     for i, tokens in enumerate(batch):
@@ -134,27 +129,12 @@ def time_round(engine: LLMEngine, prompt: list[int], batch: list[list[int]], dec
     decode = (time.perf_counter() - started) / decode_steps
     while engine.has_unfinished():
         engine.step()
-    return RoundTimes(prefill, prefill_cpu, new_pages * resource.getpagesize() / 2**20, decode)
+    return RoundTimes(prefill.wall_s, prefill.cpu_s, prefill.new_mib, decode)
 
 
-def evictions(engine: LLMEngine) -> int:
+def store_of(engine: LLMEngine) -> ActivationStore | None:
     recording = engine.recording
-    if not isinstance(recording, StoreRecording):
-        return 0
-    return recording.store.stats().dropped.get(DropReason.EVICTED.value, 0)
-
-
-def fill_store(engine: LLMEngine, rng: random.Random, prompt_tokens: int) -> int:
-    """Untimed recorded prefills until the engine's store has evicted a record; returns how many ran."""
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    for count in range(1, MAX_FILL_PREFILLS + 1):
-        prompt = [rng.randrange(1000, 30000) for _ in range(prompt_tokens)]
-        engine.add_request(GenerationRequest(f"f{time.monotonic_ns()}", prompt, params))
-        while engine.has_unfinished():
-            engine.step()
-        if evictions(engine):
-            return count
-    raise SystemExit(f"the store never evicted in {MAX_FILL_PREFILLS} prefills: lower --store-mib")
+    return recording.store if isinstance(recording, StoreRecording) else None
 
 
 def main() -> int:
@@ -186,10 +166,12 @@ def main() -> int:
     rng = random.Random(args.seed)
     fill_rng = random.Random(args.seed + 1)  # the timed prompts do not depend on the fill
     filled = {
-        p: fill_store(engines[p], fill_rng, args.prompt) if args.store_mib and p != "off" else 0
+        p: fill_store(engines[p], store, fill_rng, args.prompt)
+        if args.store_mib and (store := store_of(engines[p])) is not None
+        else 0
         for p in POLICIES
     }
-    evicted_before = {p: evictions(engines[p]) for p in POLICIES}
+    evicted_before = {p: evictions(store_of(engines[p])) for p in POLICIES}
     rounds: dict[str, list[RoundTimes]] = {p: [] for p in POLICIES}
     share: dict[str, list[float]] = {p: [] for p in POLICIES}
     for round_index in range(args.rounds + 1):  # round 0 warms up and is discarded
@@ -229,7 +211,7 @@ def main() -> int:
             f"| {policy} | {1000 * p:.0f} | {p / base['prefill_s'] - 1:+.1%} | {1000 * c:.0f} "
             f"| {c / base['prefill_cpu_s'] - 1:+.1%} | {median(policy, 'prefill_new_mib'):.1f} "
             f"| {statistics.median(share[policy]):.1%} | {1000 * d:.1f} | {d / base['decode_s'] - 1:+.1%} "
-            f"| {size:.1f} | {filled[policy]} | {evictions(engines[policy]) - evicted_before[policy]} |"
+            f"| {size:.1f} | {filled[policy]} | {evictions(store_of(engines[policy])) - evicted_before[policy]} |"
         )
     return 0
 
