@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -56,7 +57,8 @@ from alchemist_worker.rollout.follower import FollowMode
 SETS = Path(__file__).resolve().parents[1] / "worker" / "alchemist_worker" / "evaluation" / "sets"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 # Training settings of each configuration, on top of BASE; names the build lacks make a configuration skip.
-# `on_held` is the gate's policy after a held version (evaluation/settings.py), `revert` unless named.
+# `on_held` is the gate's policy after a held version (evaluation/settings.py), `revert` unless named; `rounds`
+# replaces --rounds for the configuration (ordinary rounds before the adversarial one).
 CONFIGS: dict[str, dict[str, Any]] = {
     "supervised": {},
     "supervised+guard": {"kl_weight": 0.5},
@@ -69,6 +71,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "rehearsal_samples": 8,
         "on_held": "continue",
     },
+    # The sweep of issue 13: supervised+guard+rehearsal (or kto+guard) with what the name says changed.
+    "supervised+guard(kl 2)+rehearsal": {"kl_weight": 2.0, "rehearsal_samples": 8},
+    "supervised+guard+rehearsal (lr 5e-4)": {"kl_weight": 0.5, "rehearsal_samples": 8, "learning_rate": 5e-4},
+    "supervised+guard+rehearsal (8 rounds)": {"kl_weight": 0.5, "rehearsal_samples": 8, "rounds": 8},
+    "supervised+guard+rehearsal (lr 5e-4) (8 rounds)": {
+        "kl_weight": 0.5,
+        "rehearsal_samples": 8,
+        "learning_rate": 5e-4,
+        "rounds": 8,
+    },
+    "kto+guard (beta 1)": {"objective": "kto", "kl_weight": 0.5, "beta": 1.0},
 }
 # The gate's bounds. Ordinary versions of an earlier run moved the eight reference answers' NLL by up to +6.9%
 # against their parent (and one answer in eight flips exact match): the bounds sit above that noise.
@@ -242,13 +255,14 @@ def run_config(
 ) -> dict[str, Any]:
     overrides = dict(overrides)
     on_held = OnHeld(overrides.pop("on_held", OnHeld.REVERT))
+    rounds = int(overrides.pop("rounds", args.rounds))
     known = {f.name for f in dataclasses.fields(TrainerSettings)}
     missing = sorted(set(overrides) - known)
     if missing:
         say(f"{name}: skipped, this build's TrainerSettings has no {', '.join(missing)}")
         return {"name": name, "skipped": f"settings not in this build: {', '.join(missing)}"}
     training = TrainerSettings(**{**BASE, **overrides})
-    job = name.replace("+", "-").replace(" (", "-").rstrip(")")
+    job = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")  # e.g. supervised-guard-rehearsal-lr-5e-4
     worker = Worker(args.model, redis.url, job, training, BOUNDS, on_held)
     facts_set = load_eval_set(SETS / "facts.jsonl")
     facts = encode_eval_set(
@@ -275,8 +289,8 @@ def run_config(
     worker.start()
     started = time.monotonic()
     try:
-        for round_no in range(1, args.rounds + 2):
-            adversarial = round_no == args.rounds + 1
+        for round_no in range(1, rounds + 2):
+            adversarial = round_no == rounds + 1
             counts = {"corrections": 0, "accepted": 0, "rejected": 0, "adversarial": 0}
             first_new = worker.store.latest_version() + 1
             if adversarial:
@@ -324,7 +338,7 @@ def run_config(
         worker.stop()
     return {
         "name": name,
-        "settings": {**overrides, "on_held": on_held.value},
+        "settings": {**overrides, "on_held": on_held.value, "rounds": rounds},
         "rows": rows,
         "learned_after_corrections": learned_after,
         "seconds": round(time.monotonic() - started, 1),
@@ -414,17 +428,22 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (facts_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for result in results:
+    figure, (facts_ax, ppl_ax) = plt.subplots(1, 2, figsize=(12, 5))
+    for n, result in enumerate(results):
         if "skipped" in result:
             continue
         rows = result["rows"]
         versions = [r["version"] for r in rows]
+        style = "-" if n < 10 else "--"  # the colour cycle has ten colours
         (line,) = facts_ax.plot(
-            versions, [r["facts_accuracy"] for r in rows], marker="o", label=result["name"]
+            versions, [r["facts_accuracy"] for r in rows], marker="o", linestyle=style, label=result["name"]
         )
         ppl_ax.plot(
-            versions, [100 * r["perplexity_change"] for r in rows], marker="o", color=line.get_color()
+            versions,
+            [100 * r["perplexity_change"] for r in rows],
+            marker="o",
+            linestyle=style,
+            color=line.get_color(),
         )
         held = [r for r in rows if r["decision"] == "held"]
         ppl_ax.scatter(
@@ -436,7 +455,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     )
     ppl_ax.axhline(2.0, color="grey", linestyle="--", linewidth=1)
     ppl_ax.set(xlabel="version", ylabel="perplexity change vs base (%)", title="General held-out text")
-    facts_ax.legend(fontsize=8)
+    facts_ax.legend(fontsize=7)
     ppl_ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
