@@ -208,3 +208,20 @@ def test_reuse_on_cuda_streams_records_and_response_activations(
         for layer in store.peek(s.record_id).layers
         for t in layer.values()
     )
+
+
+def test_a_failed_step_leaves_nothing_counted_on_the_device(tiny_checkpoint: Path) -> None:
+    """A loss that raises after the suffix forward: the response activations it kept are no longer counted."""
+    model, _ = trainable_model(tiny_checkpoint, "lora")
+    samples = make_samples(model.config.vocab_size)
+    store = ActivationStore(StoreConfig(device_budget_bytes=0, host_budget_bytes=1 << 30))
+    for s, r in zip(samples, record_prompts(model, samples, RecordingPolicy.FULL), strict=True):
+        store.put(s.record_id, r)
+
+    def failing_loss(hidden: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("loss failed")
+
+    streamer = LayerStreamer(store, [s.record_id for s in samples], offload=True)
+    with pytest.raises(RuntimeError, match="loss failed"):
+        reuse_backward(model, samples, streamer, scale=1.0, loss=failing_loss)
+    assert store.device_peak_bytes > 0 and store.device_bytes == 0

@@ -159,8 +159,8 @@ class KeptActivations:
     def _to_host(self, layer: int) -> None:
         tensors = self.layers[layer]
         if tensors is not None and self._on_device[layer]:
+            self._count(layer, on_device=False)  # the device bytes counted in, not the (compact) host copies'
             self.layers[layer] = self.copies.to_host(tensors)
-            self._count(layer, on_device=False)
 
     def _count(self, layer: int, *, on_device: bool) -> None:
         if self._on_device[layer] == on_device:
