@@ -6,8 +6,8 @@ two things:
 
 - recording: when the engine records (`RECORD_KEY`), every layer calls the `alchemist::record` op at three
   points (record_op.py), in compiled code as in eager; on a step that records a prefill, the op's body hands the
-  tensors to the step's recording, which copies what it keeps into the same `LayerActivations` the native model
-  gives its recorder, so records from either engine are interchangeable. Other steps pay the op's early return;
+  tensors to the step's recording, which copies what it keeps into the same record fields the native engine's
+  recorder keeps, so records from either engine are interchangeable. Other steps pay the op's early return;
   an engine that never records has no op in its graph at all;
 - served adapters: each LoRA-targeted projection gets fixed-address buffers (A stacked over the fused slices,
   B block-diagonal and pre-scaled) that a version switch overwrites in place, so compiled graphs and CUDA graphs

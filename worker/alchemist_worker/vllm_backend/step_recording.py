@@ -14,9 +14,9 @@ computes it for the few records that ever get feedback (training/replay.py).
 The layers hand their tensors over through the `alchemist::record` op (record_op.py), in three parts per layer,
 from inside vLLM's compiled code. Each part is copied at once, rows of each recorded prompt apart and only the
 fields the policy keeps (compiled code reuses intermediate buffers and writes some tensors in place, so a
-reference would not stay valid); with a layer complete, each prompt's `PrefillRecorder` gets its copies, which it
-keeps as they are (they are handed over, its own rows only, in the record's dtype). The copies run on the current
-stream on CUDA too: compiled code reuses buffers without the allocator, so a side stream could race with it.
+reference would not stay valid). The copies are the record's tensors as they are (each prompt chunk's own rows, in
+the record's dtype), so the chunk's record is built from them directly. The copies run on the current stream on
+CUDA too: compiled code reuses buffers without the allocator, so a side stream could race with it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ import torch
 from torch import Tensor
 
 from alchemist_worker.activations.policy import RecordingPolicy
-from alchemist_worker.activations.recorder import PrefillRecorder
-from alchemist_worker.activations.records import SequenceRecord, concat_records
+from alchemist_worker.activations.records import LayerTensors, SequenceRecord, concat_records
 from alchemist_worker.model.config import ModelConfig
-from alchemist_worker.model.layer_activations import LayerActivations
 from alchemist_worker.vllm_backend.record_op import PARTS
 
 
@@ -100,9 +98,11 @@ class StepRecording:
         self.on_complete = on_complete  # (response id, record) of each prompt whose record is complete
         self.fields = frozenset(f for f in policy.fields(config.qk_norm) if f != "lse")  # lse: deferred
         self.layout: BatchLayout | None = None
-        self._segments: list[tuple[int, int, PromptRecording]] = []  # recorded rows [start, end), prompt
-        self._recorders: list[PrefillRecorder] = []  # one per segment
-        self._layer: list[dict[str, Tensor]] = []  # per segment: copies of the current layer's fields so far
+        self._segments: list[
+            tuple[int, int, int, PromptRecording]
+        ] = []  # recorded rows [begin, end), position
+        self._token_ids: list[Tensor] = []  # per segment: its tokens (int64, on the CPU)
+        self._layers: list[list[LayerTensors]] = []  # per segment: the copies of every layer so far
 
     def start(self, input_ids: Tensor) -> None:
         """Called by the model before the step's forward, when the runner has laid the batch out."""
@@ -114,61 +114,58 @@ class StepRecording:
             if prompt is None or not prompt.wants(start):
                 continue
             rows = min(end - begin, prompt.prompt_len - start)
-            self._segments.append((begin, begin + rows, prompt))
-            self._recorders.append(
-                PrefillRecorder(
-                    self.policy,
-                    [0, rows],
-                    input_ids[begin : begin + rows],
-                    num_layers=self.config.num_layers,
-                    version=prompt.version,
-                    qk_norm=self.config.qk_norm,
-                    start_positions=[start],
-                    defer_lse=True,
-                    record_dtype=self.record_dtype,
-                )
-            )
-        self._layer = [{} for _ in self._segments]
-        versions = {p.version for _, _, p in self._segments}
+            self._segments.append((begin, begin + rows, start, prompt))
+            with torch.inference_mode(False):  # the runner reuses its input buffer; training reads the copy
+                self._token_ids.append(input_ids[begin : begin + rows].to("cpu", torch.int64, copy=True))
+            self._layers.append([])
+        versions = {p.version for *_, p in self._segments}
         if len(versions) > 1:
             raise RuntimeError(f"one step holds prompts of weight versions {sorted(versions)}")
 
     def take(self, layer: int, part: int, tensors: Sequence[Tensor]) -> None:
         """From the record op: copies the kept fields of `PARTS[part]` ([T, ...] over the flat batch)."""
+        if part == 0:
+            for layers in self._layers:
+                if len(layers) != layer:
+                    raise RuntimeError(f"layer {layer} handed over after {len(layers)} complete layers")
+                layers.append({})
         with torch.inference_mode(False), torch.no_grad():
             for name, tensor in zip(PARTS[part], tensors, strict=True):
                 if name not in self.fields:
                     continue
                 dtype = self.record_dtype or tensor.dtype
-                for (begin, end, _), kept in zip(self._segments, self._layer, strict=True):
-                    kept[name] = tensor[begin:end].to(dtype, memory_format=torch.contiguous_format, copy=True)
+                for (begin, end, *_), layers in zip(self._segments, self._layers, strict=True):
+                    layers[layer][name] = tensor[begin:end].to(
+                        dtype, memory_format=torch.contiguous_format, copy=True
+                    )
         if part != len(PARTS) - 1:
             return
-        for recorder, kept in zip(self._recorders, self._layer, strict=True):
-            missing = self.fields - kept.keys()
+        for layers in self._layers:
+            missing = self.fields - layers[layer].keys()
             if missing:
                 raise RuntimeError(f"layer {layer} handed over no {sorted(missing)}")
-            recorder.record_layer(layer, _activations(kept))
-            kept.clear()
 
     def finish(self) -> None:
         """After the forward: appends this step's chunks to their prompts and hands over completed records."""
-        for (_, _, prompt), recorder in zip(self._segments, self._recorders, strict=True):
-            (chunk,) = recorder.records()
-            assert chunk is not None
-            prompt.chunks.append(chunk)
+        for (_, _, start, prompt), token_ids, layers in zip(
+            self._segments, self._token_ids, self._layers, strict=True
+        ):
+            if len(layers) != self.config.num_layers:
+                raise RuntimeError(
+                    f"{len(layers)} of {self.config.num_layers} layers were recorded; did the forward run?"
+                )
+            prompt.chunks.append(
+                SequenceRecord(
+                    policy=self.policy,
+                    version=prompt.version,
+                    token_ids=token_ids,
+                    layers=layers,
+                    start_position=start,
+                    qk_norm=self.config.qk_norm,
+                )
+            )
             if prompt.next_position >= prompt.prompt_len:
                 record = concat_records(prompt.chunks)
                 prompt.chunks = []
                 prompt.done = True
                 self.on_complete(prompt.response_id, record)
-
-
-def _activations(kept: dict[str, Tensor]) -> LayerActivations:
-    """Our copies as `LayerActivations`, all handed over (the recorder keeps them); fields not kept are empty."""
-    empty = torch.empty(0)
-    fields = {name: kept.get(name, empty) for name in ALL_FIELDS}
-    return LayerActivations(lse=None, handed_over=frozenset(kept), **fields)
-
-
-ALL_FIELDS = tuple(name for part in PARTS for name in part)
