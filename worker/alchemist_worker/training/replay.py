@@ -196,16 +196,17 @@ def replay_layer_backward(
         # and Q where every row queries.
         given = [attn.v_proj]
         outputs: list[Tensor | None] = [keys["v"].flatten(1)]
-        if attn.k_norm is None or "k_lin" in keys:
+        k_given = attn.k_norm is None or "k_lin" in keys
+        if k_given:
             given.append(attn.k_proj)
-            outputs.append(keys.get("k_lin") if attn.k_norm is not None else None)
+            outputs.append(keys["k_lin"] if attn.k_norm is not None else None)
         q_given = "q_lin" in queries and rows.query_rows is None
         if q_given:
             given.append(attn.q_proj)
             outputs.append(queries["q_lin"])
         projected = given_linears(given, xn, outputs)
         v = projected[0].view_as(keys["v"])
-        k_lin = projected[1] if len(given) > 1 and given[1] is attn.k_proj else attn.k_proj(xn)
+        k_lin = projected[1] if k_given else attn.k_proj(xn)
         if attn.k_norm is None:
             k = _GivenRope.apply(k_lin.view_as(keys["k"]), keys["k"], rows.cos, rows.sin)
         else:  # QK norm: rebuild the norm (and RoPE) from the projection's output, recorded or recomputed

@@ -223,16 +223,8 @@ def reuse_prompt_backward(
     model: Transformer, samples: list[TrainingSample], streamer: LayerStreamer, suffix: SuffixForward
 ) -> None:
     """Step 3, once the loss's backward has reached `suffix.hidden`: the layers' backward over prompt and
-    response rows, accumulated into `.grad`."""
-    try:
-        _replay_layers(model, samples, streamer, suffix)
-    finally:
-        suffix.kept.close()
-
-
-def _replay_layers(
-    model: Transformer, samples: list[TrainingSample], streamer: LayerStreamer, suffix: SuffixForward
-) -> None:
+    response rows, accumulated into `.grad`. The caller closes `suffix.kept` once the step ends or fails (a
+    frozen bottom layer ends the replay early, with lower layers still held)."""
     config = model.config
     layout = suffix.layout
     device = suffix.top.device
@@ -310,9 +302,8 @@ def reuse_backward(
                 response_loss_sum(model, suffix.hidden, labels) if loss is None else loss(suffix.hidden)
             )
             (loss_sum * scale).backward()
-    except BaseException:
+        suffix.hidden = suffix.hidden.detach()
+        reuse_prompt_backward(model, samples, streamer, suffix)
+    finally:
         suffix.kept.close()
-        raise
-    suffix.hidden = suffix.hidden.detach()
-    reuse_prompt_backward(model, samples, streamer, suffix)
     return float(loss_sum.detach())

@@ -156,7 +156,7 @@ def accumulate_gradients(
         streamer.synchronize()
     finally:
         if suffix is not None:
-            suffix.kept.close()  # a step that failed before its backward
+            suffix.kept.close()  # the response activations still held: a frozen layer or a failure
         store.release(record_ids)
     if config.consume_records:
         for rid in record_ids:
