@@ -57,31 +57,52 @@ from alchemist_worker.rollout.follower import FollowMode
 SETS = Path(__file__).resolve().parents[1] / "worker" / "alchemist_worker" / "evaluation" / "sets"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 # Training settings of each configuration, on top of BASE; names the build lacks make a configuration skip.
-# `on_held` is the gate's policy after a held version (evaluation/settings.py), `revert` unless named; `rounds`
-# replaces --rounds for the configuration (ordinary rounds before the adversarial one).
+# `on_held` is the gate's policy after a held version (evaluation/settings.py), `revert` unless named;
+# `held_backoff` its learning-rate backoff after holds in a row (the settings' default, 0.5, unless named; the
+# configurations measured before the backoff existed name 1, which is how they ran); `rounds` replaces --rounds
+# for the configuration (ordinary rounds before the adversarial one).
+BEFORE_BACKOFF = {"held_backoff": 1.0}
 CONFIGS: dict[str, dict[str, Any]] = {
-    "supervised": {},
-    "supervised+guard": {"kl_weight": 0.5},
-    "unlikelihood+guard": {"objective": "unlikelihood", "kl_weight": 0.5},
-    "kto+guard": {"objective": "kto", "kl_weight": 0.5},
-    "supervised+rehearsal": {"rehearsal_samples": 8},
-    "supervised+guard+rehearsal": {"kl_weight": 0.5, "rehearsal_samples": 8},
+    "supervised": {**BEFORE_BACKOFF},
+    "supervised+guard": {**BEFORE_BACKOFF, "kl_weight": 0.5},
+    "unlikelihood+guard": {**BEFORE_BACKOFF, "objective": "unlikelihood", "kl_weight": 0.5},
+    "kto+guard": {**BEFORE_BACKOFF, "objective": "kto", "kl_weight": 0.5},
+    "supervised+rehearsal": {**BEFORE_BACKOFF, "rehearsal_samples": 8},
+    "supervised+guard+rehearsal": {**BEFORE_BACKOFF, "kl_weight": 0.5, "rehearsal_samples": 8},
     "supervised+guard+rehearsal (continue)": {
+        **BEFORE_BACKOFF,
         "kl_weight": 0.5,
         "rehearsal_samples": 8,
         "on_held": "continue",
     },
     # The sweep of issue 13: supervised+guard+rehearsal (or kto+guard) with what the name says changed.
-    "supervised+guard(kl 2)+rehearsal": {"kl_weight": 2.0, "rehearsal_samples": 8},
-    "supervised+guard+rehearsal (lr 5e-4)": {"kl_weight": 0.5, "rehearsal_samples": 8, "learning_rate": 5e-4},
-    "supervised+guard+rehearsal (8 rounds)": {"kl_weight": 0.5, "rehearsal_samples": 8, "rounds": 8},
+    "supervised+guard(kl 2)+rehearsal": {**BEFORE_BACKOFF, "kl_weight": 2.0, "rehearsal_samples": 8},
+    "supervised+guard+rehearsal (lr 5e-4)": {
+        **BEFORE_BACKOFF,
+        "kl_weight": 0.5,
+        "rehearsal_samples": 8,
+        "learning_rate": 5e-4,
+    },
+    "supervised+guard+rehearsal (8 rounds)": {
+        **BEFORE_BACKOFF,
+        "kl_weight": 0.5,
+        "rehearsal_samples": 8,
+        "rounds": 8,
+    },
     "supervised+guard+rehearsal (lr 5e-4) (8 rounds)": {
+        **BEFORE_BACKOFF,
         "kl_weight": 0.5,
         "rehearsal_samples": 8,
         "learning_rate": 5e-4,
         "rounds": 8,
     },
-    "kto+guard (beta 1)": {"objective": "kto", "kl_weight": 0.5, "beta": 1.0},
+    "kto+guard (beta 1)": {**BEFORE_BACKOFF, "objective": "kto", "kl_weight": 0.5, "beta": 1.0},
+    # After the sweep: each hold in a row from one version halves the retrain's learning rate (the default).
+    "supervised+guard+rehearsal (8 rounds) (backoff)": {
+        "kl_weight": 0.5,
+        "rehearsal_samples": 8,
+        "rounds": 8,
+    },
 }
 # The gate's bounds. Ordinary versions of an earlier run moved the eight reference answers' NLL by up to +6.9%
 # against their parent (and one answer in eight flips exact match): the bounds sit above that noise.
@@ -129,6 +150,7 @@ class Worker:
         training: TrainerSettings,
         gate: GateBounds,
         on_held: OnHeld = OnHeld.REVERT,
+        held_backoff: float = EvaluationSettings.held_backoff,
     ) -> None:
         config = EngineConfig(
             model=model, dtype="float32", device="cpu", max_model_len=1024, kv_cache_bytes=256 << 20,
@@ -138,7 +160,9 @@ class Worker:
         self.engine = LLMEngine.from_config(config, recording=recording)
         self.loop = EngineLoop(self.engine)
         self.versions = Path(tempfile.mkdtemp(prefix="learning-efficacy-"))
-        evaluation = EvaluationSettings(SETS / "general.jsonl", gate, max_tokens=256, on_held=on_held)
+        evaluation = EvaluationSettings(
+            SETS / "general.jsonl", gate, max_tokens=256, on_held=on_held, held_backoff=held_backoff
+        )
         self.runtime = ContinualRuntime(
             self.loop, self.engine,
             RuntimeSettings(redis_url, "bench", job, "bench-0", self.versions, follow=FollowMode.LATEST,
@@ -255,6 +279,7 @@ def run_config(
 ) -> dict[str, Any]:
     overrides = dict(overrides)
     on_held = OnHeld(overrides.pop("on_held", OnHeld.REVERT))
+    held_backoff = float(overrides.pop("held_backoff", EvaluationSettings.held_backoff))
     rounds = int(overrides.pop("rounds", args.rounds))
     known = {f.name for f in dataclasses.fields(TrainerSettings)}
     missing = sorted(set(overrides) - known)
@@ -263,7 +288,7 @@ def run_config(
         return {"name": name, "skipped": f"settings not in this build: {', '.join(missing)}"}
     training = TrainerSettings(**{**BASE, **overrides})
     job = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")  # e.g. supervised-guard-rehearsal-lr-5e-4
-    worker = Worker(args.model, redis.url, job, training, BOUNDS, on_held)
+    worker = Worker(args.model, redis.url, job, training, BOUNDS, on_held, held_backoff)
     facts_set = load_eval_set(SETS / "facts.jsonl")
     facts = encode_eval_set(
         facts_set, worker.runtime._encode_text, worker.engine.tokenizer.apply_chat_template, max_tokens=256
@@ -338,7 +363,7 @@ def run_config(
         worker.stop()
     return {
         "name": name,
-        "settings": {**overrides, "on_held": on_held.value, "rounds": rounds},
+        "settings": {**overrides, "on_held": on_held.value, "held_backoff": held_backoff, "rounds": rounds},
         "rows": rows,
         "learned_after_corrections": learned_after,
         "seconds": round(time.monotonic() - started, 1),
@@ -375,6 +400,7 @@ def row(
         "decision": reading.decision.value,
         "reasons": reading.reasons,
         "serving_after": serving,
+        "learning_rates": info.training.get("learning_rates"),  # of its steps (missing before the backoff)
     }
 
 
@@ -384,7 +410,7 @@ def fmt(r: dict[str, Any]) -> str:
         f"({r['perplexity_change']:+.2%} vs base), ref NLL {r['reference_nll']:.3f} "
         f"(base {r['base_reference_nll']:.3f}), exact match {r['exact_match']:.0%} "
         f"(base {r['base_exact_match']:.0%}), wrong answers adopted {r['adopted_wrong']:.0%}, gate {r['decision']}, "
-        f"serving v{r['serving_after']}"
+        f"serving v{r['serving_after']}, learning rates {r['learning_rates']}"
     )
 
 
@@ -399,14 +425,17 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         if "skipped" in result:
             lines.append(f"| {result['name']} | skipped: {result['skipped']} | | | | | | | | | |")
             continue
+        lr = result["settings"].get("learning_rate", BASE["learning_rate"])
         for r in result["rows"]:
             f = r["feedback"]
+            rates = r.get("learning_rates") or [lr]
+            backed_off = f"; lr x{min(rates) / lr:.3g}" if min(rates) < lr * 0.999 else ""
             given = (
                 "" if f is None else f"{f['corrections']}/{f['accepted']}/{f['rejected']}/{f['adversarial']}"
             )
             lines.append(
                 f"| {result['name']} | {r['round']}{' (adversarial)' if r['adversarial'] else ''} | "
-                f"v{r['version']} (v{r['parent']}) | {given} | "
+                f"v{r['version']} (v{r['parent']}{backed_off}) | {given} | "
                 f"{r['facts_accuracy']:.0%} ({r['facts_exact']:.0%}) | {r['perplexity']:.3f} ({r['perplexity_change']:+.2%}) | "
                 f"{r['reference_nll']:.3f} ({r['base_reference_nll']:.3f}) | "
                 f"{r['exact_match']:.0%} ({r['base_exact_match']:.0%}) | {r['adopted_wrong']:.0%} | {r['decision']} | "

@@ -34,6 +34,7 @@ def evaluation_config(spec: JobSpec) -> dict[str, str]:
         "ALCHEMIST_EVALUATION_MAX_REFERENCE_NLL_INCREASE": repr(evaluation.max_reference_nll_increase),
         "ALCHEMIST_EVALUATION_MAX_EXACT_MATCH_DROP": repr(evaluation.max_exact_match_drop),
         "ALCHEMIST_EVALUATION_ON_HELD": evaluation.on_held.value,
+        "ALCHEMIST_EVALUATION_HELD_BACKOFF": repr(evaluation.held_backoff),
     }
 
 

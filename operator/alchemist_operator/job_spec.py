@@ -351,6 +351,8 @@ class EvaluationSpec(SpecModel):
     max_reference_nll_increase: float = Field(default=0.05, ge=0, le=10)
     max_exact_match_drop: float = Field(default=0.05, ge=0, le=1)
     on_held: OnHeld = OnHeld.REVERT
+    # Under revert, the learning rate is multiplied by this once per candidate held in a row from one version.
+    held_backoff: float = Field(default=0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> EvaluationSpec:

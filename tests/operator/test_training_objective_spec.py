@@ -30,15 +30,17 @@ def test_objective_knobs_reach_the_worker_environment() -> None:
 def test_rehearsal_and_the_held_version_policy_reach_the_worker_environment() -> None:
     manifest = children(
         training={"rehearsal": {"samples": 4, "capacity": 64}},
-        evaluation={"path": "/sets/eval.jsonl", "onHeld": "continue"},
+        evaluation={"path": "/sets/eval.jsonl", "onHeld": "continue", "heldBackoff": 0.25},
     )
     data = manifest["ConfigMap/chat-config"]["data"]
     assert data["ALCHEMIST_TRAINING_REHEARSAL_SAMPLES"] == "4"
     assert data["ALCHEMIST_TRAINING_REHEARSAL_CAPACITY"] == "64"
     assert data["ALCHEMIST_EVALUATION_ON_HELD"] == "continue"
+    assert data["ALCHEMIST_EVALUATION_HELD_BACKOFF"] == "0.25"
     spec = parse_job_spec({"model": {"path": "/m"}, "evaluation": {"path": "/sets/eval.jsonl"}})
     assert spec.training.rehearsal.samples == 0 and spec.training.rehearsal.capacity == 512
     assert spec.evaluation is not None and spec.evaluation.on_held.value == "revert"
+    assert spec.evaluation.held_backoff == 0.5
 
 
 @pytest.mark.parametrize(
@@ -47,6 +49,8 @@ def test_rehearsal_and_the_held_version_policy_reach_the_worker_environment() ->
         ({"training": {"rehearsal": {"samples": -1}}}, "spec.training.rehearsal.samples"),
         ({"training": {"rehearsal": {"capacity": 0}}}, "spec.training.rehearsal.capacity"),
         ({"evaluation": {"path": "/e.jsonl", "onHeld": "rewind"}}, "spec.evaluation.onHeld"),
+        ({"evaluation": {"path": "/e.jsonl", "heldBackoff": 0}}, "spec.evaluation.heldBackoff"),
+        ({"evaluation": {"path": "/e.jsonl", "heldBackoff": 1.5}}, "spec.evaluation.heldBackoff"),
     ],
 )
 def test_bad_rehearsal_and_held_policy_name_their_field(spec: dict[str, object], field: str) -> None:

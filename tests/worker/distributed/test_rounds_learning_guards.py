@@ -2,7 +2,7 @@
 
 The leader draws each round's rehearsal from the buffer every member holds identically; the buffer a version
 carries is exactly the desirable answers of the versions it descends from that the gate passed; after a held
-version every member continues from its parent.
+version every member continues from its parent, at the learning rate the holds in a row from it give.
 """
 
 from __future__ import annotations
@@ -108,3 +108,16 @@ def test_after_a_held_round_every_member_continues_from_its_parent(
     decisions = [directory.manifest(v).info.evaluation for v in directory.committed()]
     assert all(reading is not None for reading in decisions)
     assert any(reading.decision is GateDecision.HELD for reading in decisions if reading is not None)
+    # Each candidate held in a row from one parent halves the next one's learning rate (the default backoff);
+    # every member derived it from the published versions (their weights' digests agreed, or no version).
+    holds: dict[int, int] = {}
+    rates = []
+    for version in directory.committed():
+        info = directory.manifest(version).info
+        expected = 0.5 * 0.5 ** holds.get(info.parent, 0)
+        assert info.training["learning_rates"] == [pytest.approx(expected)] * len(info.training["steps"]), (
+            version
+        )
+        rates.append(expected)
+        holds[info.parent] = holds.get(info.parent, 0) + 1 if info.held else 0
+    assert min(rates) < 0.5, "a version was trained after a hold"

@@ -10,7 +10,7 @@ from alchemist_protocol.schemas import (
     GateDecision,
     VersionInfo,
 )
-from alchemist_worker.evaluation.gate import GateBounds, judge, parent_scores
+from alchemist_worker.evaluation.gate import GateBounds, consecutive_holds, judge, parent_scores
 
 BOUNDS = GateBounds(max_perplexity_increase=0.02, max_reference_nll_increase=0.05, max_exact_match_drop=0.1)
 BASE = EvaluationScores(
@@ -95,3 +95,32 @@ def test_a_reading_round_trips_through_version_metadata() -> None:
 def test_negative_bounds_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match=name):
         GateBounds(**{name: -0.1})
+
+
+def test_consecutive_holds_count_the_head_s_children_back_to_the_last_one_passed() -> None:
+    def version(number: int, parent: int, held: bool) -> VersionInfo:
+        ppl = 11.0 if held else 10.0  # 10% above the base holds
+        reading = judge(
+            scores(ppl=ppl), base=BASE, parent=parent, parent_scores=None, digest="d", bounds=BOUNDS
+        )
+        return VersionInfo(version=number, parent=parent, kind=ArtifactKind.LORA, path="", evaluation=reading)
+
+    # v1 passed; v2, v3 held (from v1); v4 passed (from v1); v5 held (from v4); v6 held (from v1: a rollback
+    # to v1 abandoned v4); v7 held (from v4, before the rollback was honoured).
+    lineage = [
+        version(1, 0, False),
+        version(2, 1, True),
+        version(3, 1, True),
+        version(4, 1, False),
+        version(5, 4, True),
+        version(6, 1, True),
+        version(7, 4, True),
+    ]
+    infos = {v.version: v for v in lineage}
+    assert consecutive_holds(1, 3, infos.get) == 2
+    assert consecutive_holds(1, 7, infos.get) == 1  # v6 only: v4 passed before it
+    assert consecutive_holds(4, 7, infos.get) == 2
+    assert consecutive_holds(7, 7, infos.get) == 0
+    assert consecutive_holds(0, 7, infos.get) == 0  # v1 passed
+    del infos[6]  # metadata pruned: skipped
+    assert consecutive_holds(1, 7, infos.get) == 0

@@ -46,7 +46,7 @@ from alchemist_worker.continual.step_cursor import StepCancelled
 from alchemist_worker.continual.trainable_weights import TrainableWeights
 from alchemist_worker.continual.trainer import ContinualTrainer, StepResult
 from alchemist_worker.engine.serving_engine import WeightSwitch
-from alchemist_worker.evaluation.gate import is_held, newest_passed
+from alchemist_worker.evaluation.gate import consecutive_holds, is_held, newest_passed
 from alchemist_worker.evaluation.settings import OnHeld
 from alchemist_worker.feedback.consumer import FeedbackConsumer, FeedbackItem, SettledFeedback
 from alchemist_worker.feedback.samples import SampleResolver, Skip, SkipKind, TrainingSample
@@ -295,7 +295,10 @@ class TrainingControl:
             path = self.directory.require(version)  # a version held elsewhere is copied here first
             tensors, state = self.weights.read(path), read_trainer_state(path)
         passed = version == 0 or not is_held(self.store.get_version(version))
-        self.engine_side.call(lambda: self.trainer.restore(version, dict(tensors), state, passed)).result()
+        scale = self.lr_scale(version)
+        self.engine_side.call(
+            lambda: self.trainer.restore(version, dict(tensors), state, passed, scale)
+        ).result()
         self.metrics.version.labels(role="training").set(version)
 
     def _stop_training(self) -> None:
@@ -502,6 +505,20 @@ class TrainingControl:
         log.warning("version %d was held: training continues from its parent, version %d", held, parent)
         self._restore(parent)
 
+    def lr_scale(self, version: int) -> float:
+        """The learning-rate multiplier for steps trained from `version`, from the gate's holds of its children
+        as Redis lists them (evaluation/settings.py: `held_backoff`)."""
+        gate = self.trainer.evaluation
+        if gate is None:
+            return 1.0
+        holds = consecutive_holds(version, self.store.latest_version(), self.store.get_version)
+        scale = gate.lr_scale(holds)
+        if holds:
+            log.info(
+                "%d candidates trained from version %d were held: learning rate x%.3g", holds, version, scale
+            )
+        return scale
+
     def _draft(self, pending: PendingCommit) -> VersionDraft:
         head = self.store.latest_version()
         version = head + 1
@@ -536,6 +553,7 @@ class TrainingControl:
             training={
                 **self.settings.describe(),
                 "steps": [r.step for r in results],
+                "learning_rates": [r.lr for r in results],
                 "reused": sum(x.path == "reused" for r in results for x in r.results),
                 "recomputed": sum(x.path == "recomputed" for r in results for x in r.results),
                 "rehearsed": sum(r.extra.get("rehearsed", 0) for r in results),

@@ -126,6 +126,8 @@ class ContinualTrainer:
         self._cursor: StepCursor[StepResult] | None = None
         self._started = 0.0
         self.evaluation: CandidateEvaluation | None = None  # the gate's set, when the job names one
+        # The learning rate's multiplier from the gate's holds of candidates trained from the head (restore()).
+        self.lr_scale = 1.0
         self.rehearsal = RehearsalBuffer(settings.rehearsal_capacity)
         # Desirable answers trained since the newest committed version: they enter the rehearsal buffer once
         # that version is committed and passed (continual/rehearsal.py).
@@ -330,7 +332,7 @@ class ContinualTrainer:
         params = self.weights.parameters()
         if self.settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
-        lr = self.settings.learning_rate * lr_factor(self.settings, self.step_count)
+        lr = self.settings.learning_rate * lr_factor(self.settings, self.step_count) * self.lr_scale
         for group_ in self.optimizer.param_groups:
             group_["lr"] = lr
             group_["weight_decay"] = self.settings.weight_decay
@@ -457,6 +459,7 @@ class ContinualTrainer:
         evaluation gate let it through (or there is no gate), so its answers may be rehearsed."""
         self.head_version = version
         self.lineage.add(version)
+        self.lr_scale = 1.0  # nothing trained from it was held yet
         self._admit(passed)
         for record_id in self.used_records:
             self.store.pop(record_id)
@@ -473,12 +476,14 @@ class ContinualTrainer:
         tensors: dict[str, torch.Tensor],
         state: dict[str, Any] | None,
         passed: bool = True,
+        lr_scale: float = 1.0,
     ) -> None:
         """Continues from a committed version: its weights, and its optimizer state when it has one.
 
         Used at start (resume from the newest version), on rollback (continue from an older one: the lineage
         becomes that version's, so records of the abandoned branch are no longer reused) and when the gate held
-        the head (continue from its parent). `passed`: the version's own answers may be rehearsed.
+        the head (continue from its parent). `passed`: the version's own answers may be rehearsed. `lr_scale`
+        multiplies the learning rate of the steps trained from it (evaluation/settings.py: `held_backoff`).
         """
         if self._cursor is not None:
             raise RuntimeError("cannot restore while a step is in progress; cancel it first")
@@ -492,5 +497,6 @@ class ContinualTrainer:
             self.unadmitted = []
         self._admit(passed)
         self.head_version = version
+        self.lr_scale = lr_scale
         if state is None or int(state.get("head_version", -1)) != version:
             self.lineage = {version}

@@ -45,6 +45,7 @@ class AppliedRound:
 
     step: int  # the optimizer step it applied (optimizer steps so far)
     contributions: list[Contribution]
+    lr: float = 0.0  # the learning rate of that step
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def round_draft(
         training={
             **training,
             "steps": [r.step for r in rounds],
+            "learning_rates": [r.lr for r in rounds],
             "reused": sum(path == "reused" for path, _ in outcomes),
             "recomputed": sum(path == "recomputed" for path, _ in outcomes),
             "rehearsed": sum(c.rehearsed for c in contributions),

@@ -335,7 +335,7 @@ class RoundLoop:
         gathered_at = time.perf_counter()
         contributions: list[Contribution] = self.comm.all_gather_object(mine)
         comm_s += time.perf_counter() - gathered_at
-        applied_round = AppliedRound(applied.step, contributions)
+        applied_round = AppliedRound(applied.step, contributions, applied.lr)
         commit_s = 0.0
         outcome: RoundOutcome | None = None
         if leader:

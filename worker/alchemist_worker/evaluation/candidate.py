@@ -29,6 +29,7 @@ class CandidateEvaluation:
         bounds: GateBounds,
         metrics: GateMetrics | None = None,
         on_held: OnHeld = OnHeld.REVERT,
+        held_backoff: float = 0.5,
     ) -> None:
         if not items:
             raise ValueError("an evaluation needs at least one item")
@@ -37,6 +38,7 @@ class CandidateEvaluation:
         self.bounds = bounds
         self.metrics = metrics
         self.on_held = on_held
+        self.held_backoff = held_backoff
         self.base: EvaluationScores | None = None  # version 0's scores, once computed
 
     @classmethod
@@ -53,7 +55,14 @@ class CandidateEvaluation:
             return None
         eval_set = load_eval_set(settings.path)
         items = encode_eval_set(eval_set, encode_text, encode_chat, min(settings.max_tokens, max_model_len))
-        return cls(items, eval_set.digest, settings.bounds, metrics, settings.on_held)
+        return cls(items, eval_set.digest, settings.bounds, metrics, settings.on_held, settings.held_backoff)
+
+    def lr_scale(self, holds: int) -> float:
+        """The learning-rate multiplier after `holds` held candidates in a row from the same version (1 when
+        held versions are not reverted: training then moves on from them anyway)."""
+        if self.on_held is not OnHeld.REVERT:
+            return 1.0
+        return self.held_backoff**holds
 
     def score(self, model: Any, device: torch.device) -> EvaluationScores:
         return score_items(model, device, self.items)

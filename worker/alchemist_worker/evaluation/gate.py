@@ -113,3 +113,18 @@ def newest_passed(version: int, info_of: Callable[[int], VersionInfo | None]) ->
         assert info is not None
         version = info.parent
     return version
+
+
+def consecutive_holds(head: int, latest: int, info_of: Callable[[int], VersionInfo | None]) -> int:
+    """How many candidates trained from `head` the gate held since the last one it passed (or since `head`
+    was published): the newest versions first, stopping at a passed child of `head`. Versions trained from
+    elsewhere (a branch a rollback abandoned, another parent) are not counted."""
+    holds = 0
+    for version in range(latest, head, -1):
+        info = info_of(version)
+        if info is None or info.parent != head:
+            continue
+        if not is_held(info):
+            break
+        holds += 1
+    return holds

@@ -8,6 +8,14 @@ from the held version's parent, so the next candidate does not build on what the
 corrections stays out of every later version; the held version's feedback is not trained again). `continue`:
 training goes on from the held version, as if it had passed; later versions are still judged against the base,
 so a drift is held, but a harm that stays within the bounds against the base is kept.
+
+`held_backoff` (under `revert`): the learning rate of the steps trained from a version is multiplied by this
+factor once per candidate the gate held in a row from that version. Without it the replica keeps serving the
+parent, the application sends the same feedback again, and retraining it from the same weights at the same rate
+makes the same held candidate every time: learning stops at the first held version for good. A smaller step
+moves the model less, so a retrain eventually passes and learning goes on from there. The count is read from the
+published versions (evaluation/gate.py: `consecutive_holds`), so a restarted trainer and every data-parallel
+member use the same rate. 1 turns it off.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ ENV = {
     "max_exact_match_drop": "ALCHEMIST_EVALUATION_MAX_EXACT_MATCH_DROP",
     "max_tokens": "ALCHEMIST_EVALUATION_MAX_TOKENS",
     "on_held": "ALCHEMIST_EVALUATION_ON_HELD",
+    "held_backoff": "ALCHEMIST_EVALUATION_HELD_BACKOFF",
 }
 
 
@@ -41,10 +50,13 @@ class EvaluationSettings:
     bounds: GateBounds = field(default_factory=GateBounds)
     max_tokens: int = 512  # the longest sequence scored at once; longer text is scored in windows
     on_held: OnHeld = OnHeld.REVERT
+    held_backoff: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_tokens < 2:
             raise ValueError(f"{ENV['max_tokens']} must be at least 2, got {self.max_tokens}")
+        if not 0 < self.held_backoff <= 1:
+            raise ValueError(f"{ENV['held_backoff']} must be in (0, 1], got {self.held_backoff}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EvaluationSettings:
@@ -53,6 +65,7 @@ class EvaluationSettings:
         bounds: dict[str, float] = {}
         max_tokens = 512
         on_held = OnHeld.REVERT
+        held_backoff = 0.5
         for name, var in ENV.items():
             raw = env.get(var, "").strip()
             if not raw or name == "path":
@@ -62,6 +75,8 @@ class EvaluationSettings:
                     max_tokens = int(raw)
                 elif name == "on_held":
                     on_held = OnHeld(raw.lower())
+                elif name == "held_backoff":
+                    held_backoff = float(raw)
                 else:
                     bounds[name] = float(raw)
             except ValueError as exc:
@@ -71,5 +86,9 @@ class EvaluationSettings:
         except ValueError as exc:
             raise ValueError(f"ALCHEMIST_EVALUATION_*: {exc}") from None
         return cls(
-            path=Path(raw_path) if raw_path else None, bounds=gate, max_tokens=max_tokens, on_held=on_held
+            path=Path(raw_path) if raw_path else None,
+            bounds=gate,
+            max_tokens=max_tokens,
+            on_held=on_held,
+            held_backoff=held_backoff,
         )
