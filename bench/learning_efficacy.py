@@ -103,6 +103,27 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "rehearsal_samples": 8,
         "rounds": 8,
     },
+    "supervised+guard+rehearsal (12 rounds) (backoff)": {
+        "kl_weight": 0.5,
+        "rehearsal_samples": 8,
+        "rounds": 12,
+    },
+    "supervised+guard(kl 2)+rehearsal (8 rounds) (backoff)": {
+        "kl_weight": 2.0,
+        "rehearsal_samples": 8,
+        "rounds": 8,
+    },
+    "supervised+guard(kl 2)+rehearsal (16 rounds) (backoff)": {
+        "kl_weight": 2.0,
+        "rehearsal_samples": 8,
+        "rounds": 16,
+    },
+    "supervised+guard+rehearsal (lr 5e-4) (8 rounds) (backoff)": {
+        "kl_weight": 0.5,
+        "rehearsal_samples": 8,
+        "learning_rate": 5e-4,
+        "rounds": 8,
+    },
 }
 # The gate's bounds. Ordinary versions of an earlier run moved the eight reference answers' NLL by up to +6.9%
 # against their parent (and one answer in eight flips exact match): the bounds sit above that noise.
@@ -509,6 +530,9 @@ def main() -> None:
         help="replace only these configurations in the written results, keeping the others (one re-run)",
     )
     args = parser.parse_args()
+    unknown = [name for name in args.configs.split(",") if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configurations {unknown}; known: {', '.join(CONFIGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:

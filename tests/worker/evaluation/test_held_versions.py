@@ -108,6 +108,8 @@ def test_each_hold_in_a_row_scales_the_retrain_learning_rate(
     for version, holds_before in ((2, 1), (3, 2)):
         assert hold(worker, version).parent == 0
         assert learning_rates(worker, version) == [pytest.approx(lr * 0.25**holds_before)]
+    gauge = worker.runtime.metrics.registry.get_sample_value("alchemist_training_learning_rate")
+    assert gauge == pytest.approx(lr * 0.25**2)
     worker.stop()
     # A new process reads the three holds from the published versions; a passed version starts afresh.
     second = make_worker(learning_rate=lr, evaluation=gate(tmp_path, PASS_ALL, held_backoff=0.25))

@@ -434,6 +434,7 @@ class TrainingControl:
         self.metrics.step_finished(
             tokens=result.tokens,
             loss=result.loss,
+            lr=result.lr,
             wall_s=result.wall_s,
             busy_s=result.busy_s,
             outcomes=[(r.path, r.reason) for r in result.results],

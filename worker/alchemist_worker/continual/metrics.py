@@ -29,6 +29,11 @@ class TrainingMetrics:
             registry=r,
         )
         self.loss = Gauge("alchemist_training_loss", "Mean response-token loss of the last step", registry=r)
+        self.learning_rate = Gauge(
+            "alchemist_training_learning_rate",
+            "Learning rate of the last step (schedule, and the gate's backoff after held versions, applied)",
+            registry=r,
+        )
         self.step_seconds = Histogram(
             "alchemist_training_step_seconds",
             "Wall time of a training step, first slice to commit (sliced between engine iterations)",
@@ -113,6 +118,7 @@ class TrainingMetrics:
         *,
         tokens: int,
         loss: float,
+        lr: float,
         wall_s: float,
         busy_s: float,
         outcomes: Iterable[tuple[str, str]],
@@ -122,6 +128,7 @@ class TrainingMetrics:
         now = time.monotonic()
         self.tokens.inc(tokens)
         self.loss.set(loss)
+        self.learning_rate.set(lr)
         self.step_seconds.observe(wall_s)
         self.step_busy_seconds.observe(busy_s)
         for path, reason in outcomes:
