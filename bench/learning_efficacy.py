@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -60,7 +61,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 # `on_held` is the gate's policy after a held version (evaluation/settings.py), `revert` unless named;
 # `held_backoff` its learning-rate backoff after holds in a row (the settings' default, 0.5, unless named; the
 # configurations measured before the backoff existed name 1, which is how they ran); `rounds` replaces --rounds
-# for the configuration (ordinary rounds before the adversarial one).
+# for the configuration (ordinary rounds before the adversarial one), `adversarial_repeats` --adversarial-repeats.
 BEFORE_BACKOFF = {"held_backoff": 1.0}
 CONFIGS: dict[str, dict[str, Any]] = {
     "supervised": {**BEFORE_BACKOFF},
@@ -75,7 +76,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "rehearsal_samples": 8,
         "on_held": "continue",
     },
-    # The sweep of issue 13: supervised+guard+rehearsal (or kto+guard) with what the name says changed.
+    # The sweep: supervised+guard+rehearsal (or kto+guard) with what the name says changed.
     "supervised+guard(kl 2)+rehearsal": {**BEFORE_BACKOFF, "kl_weight": 2.0, "rehearsal_samples": 8},
     "supervised+guard+rehearsal (lr 5e-4)": {
         **BEFORE_BACKOFF,
@@ -117,6 +118,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "kl_weight": 2.0,
         "rehearsal_samples": 8,
         "rounds": 16,
+    },
+    # A run of wrong corrections long enough to teach them (eight per question instead of three).
+    "supervised+guard+rehearsal (backoff) (adversarial x8)": {
+        "kl_weight": 0.5,
+        "rehearsal_samples": 8,
+        "adversarial_repeats": 8,
     },
     "supervised+guard+rehearsal (lr 5e-4) (8 rounds) (backoff)": {
         "kl_weight": 0.5,
@@ -302,6 +309,7 @@ def run_config(
     on_held = OnHeld(overrides.pop("on_held", OnHeld.REVERT))
     held_backoff = float(overrides.pop("held_backoff", EvaluationSettings.held_backoff))
     rounds = int(overrides.pop("rounds", args.rounds))
+    repeats = int(overrides.pop("adversarial_repeats", args.adversarial_repeats))
     known = {f.name for f in dataclasses.fields(TrainerSettings)}
     missing = sorted(set(overrides) - known)
     if missing:
@@ -340,7 +348,7 @@ def run_config(
             counts = {"corrections": 0, "accepted": 0, "rejected": 0, "adversarial": 0}
             first_new = worker.store.latest_version() + 1
             if adversarial:
-                asked = [q for q, _ in ADVERSARIAL] * args.adversarial_repeats
+                asked = [q for q, _ in ADVERSARIAL] * repeats
                 for (response_id, _), question in zip(worker.ask_all(asked), asked, strict=True):
                     worker.feedback.correct(response_id, dict(ADVERSARIAL)[question])
                     counts["adversarial"] += 1
@@ -384,7 +392,13 @@ def run_config(
         worker.stop()
     return {
         "name": name,
-        "settings": {**overrides, "on_held": on_held.value, "held_backoff": held_backoff, "rounds": rounds},
+        "settings": {
+            **overrides,
+            "on_held": on_held.value,
+            "held_backoff": held_backoff,
+            "rounds": rounds,
+            "adversarial_repeats": repeats,
+        },
         "rows": rows,
         "learned_after_corrections": learned_after,
         "seconds": round(time.monotonic() - started, 1),
@@ -473,42 +487,64 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Facts and perplexity over versions, one row per group of configurations (the page's, the sweep's, the
+    backoff's: the names from `supervised+guard(kl 2)+rehearsal`, and from the first `(backoff)` on), so that
+    none crowds the others."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (facts_ax, ppl_ax) = plt.subplots(1, 2, figsize=(12, 5))
-    for n, result in enumerate(results):
-        if "skipped" in result:
-            continue
-        rows = result["rows"]
-        versions = [r["version"] for r in rows]
-        style = "-" if n < 10 else "--"  # the colour cycle has ten colours
-        (line,) = facts_ax.plot(
-            versions, [r["facts_accuracy"] for r in rows], marker="o", linestyle=style, label=result["name"]
+    names = list(CONFIGS)
+    cuts = [
+        0,
+        names.index("supervised+guard(kl 2)+rehearsal"),
+        names.index("supervised+guard+rehearsal (8 rounds) (backoff)"),
+    ]
+    cuts.append(len(names))
+    titles = ("", " (sweep)", " (backoff)")
+    groups = [[r for r in results if r["name"] in names[a:b]] for a, b in itertools.pairwise(cuts)]
+    figure, axes = plt.subplots(len(groups), 2, figsize=(13, 5 * len(groups)), squeeze=False)
+    for (facts_ax, ppl_ax), group, title in zip(axes, groups, titles, strict=True):
+        for n, result in enumerate(group):
+            if "skipped" in result:
+                continue
+            rows = result["rows"]
+            versions = [r["version"] for r in rows]
+            style = "-" if n < 10 else "--"  # the colour cycle has ten colours
+            (line,) = facts_ax.plot(
+                versions,
+                [r["facts_accuracy"] for r in rows],
+                marker="o",
+                linestyle=style,
+                label=result["name"],
+            )
+            ppl_ax.plot(
+                versions,
+                [100 * r["perplexity_change"] for r in rows],
+                marker="o",
+                linestyle=style,
+                color=line.get_color(),
+            )
+            held = [r for r in rows if r["decision"] == "held"]
+            ppl_ax.scatter(
+                [r["version"] for r in held], [100 * r["perplexity_change"] for r in held],
+                marker="x", s=120, color="red", zorder=3, label="held by the gate" if n == 0 else None,
+            )  # fmt: skip
+        facts_ax.set(
+            xlabel="version",
+            ylabel="taught facts answered right",
+            title="Taught facts" + title,
+            ylim=(-0.05, 1.05),
         )
-        ppl_ax.plot(
-            versions,
-            [100 * r["perplexity_change"] for r in rows],
-            marker="o",
-            linestyle=style,
-            color=line.get_color(),
+        ppl_ax.axhline(2.0, color="grey", linestyle="--", linewidth=1)
+        ppl_ax.set(
+            xlabel="version", ylabel="perplexity change vs base (%)", title="General held-out text" + title
         )
-        held = [r for r in rows if r["decision"] == "held"]
-        ppl_ax.scatter(
-            [r["version"] for r in held], [100 * r["perplexity_change"] for r in held],
-            marker="x", s=120, color="red", zorder=3, label="held by the gate" if result is results[0] else None,
-        )  # fmt: skip
-    facts_ax.set(
-        xlabel="version", ylabel="taught facts answered right", title="Taught facts", ylim=(-0.05, 1.05)
-    )
-    ppl_ax.axhline(2.0, color="grey", linestyle="--", linewidth=1)
-    ppl_ax.set(xlabel="version", ylabel="perplexity change vs base (%)", title="General held-out text")
-    facts_ax.legend(fontsize=7)
-    ppl_ax.legend(fontsize=8)
+        facts_ax.legend(fontsize=7, loc="upper left")
+        ppl_ax.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -529,7 +565,16 @@ def main() -> None:
         action="store_true",
         help="replace only these configurations in the written results, keeping the others (one re-run)",
     )
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the plot from the written results; run nothing"
+    )
     args = parser.parse_args()
+    if args.plot_only:
+        plot(
+            json.loads((DOCS / "results" / "learning-efficacy.json").read_text()),
+            DOCS / "learning-efficacy.png",
+        )
+        return
     unknown = [name for name in args.configs.split(",") if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown configurations {unknown}; known: {', '.join(CONFIGS)}")
