@@ -12,7 +12,7 @@ from alchemist_worker.continual.rehearsal import RehearsalBuffer, RehearsalEntry
 from alchemist_worker.continual.settings import TrainerSettings
 
 from tests.worker.continual.conftest import InProcessWorker, wait_until
-from tests.worker.evaluation.test_held_versions import HOLD_ALL, gate, hold_first_version
+from tests.worker.evaluation.test_held_versions import HOLD_ALL, gate, hold
 
 PROMPT = [1, 5, 9, 13, 17]
 
@@ -84,7 +84,7 @@ def test_answers_of_a_held_version_are_never_rehearsed(
     make_worker: Callable[..., InProcessWorker], tmp_path: Path
 ) -> None:
     worker = make_worker(rehearsal_samples=2, learning_rate=5e-2, evaluation=gate(tmp_path, HOLD_ALL))
-    hold_first_version(worker)
+    hold(worker)
     second = worker.accept_until(2, PROMPT)
     assert second.training["rehearsed"] == 0  # the buffer was empty: version 1's answer never entered
     # Only version 2's own answer, and only if the gate passed it.
