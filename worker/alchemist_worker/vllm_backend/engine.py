@@ -168,6 +168,9 @@ class VllmEngine:
             # (vLLM's class or ours, adapter shape, weight layout) could load each other's graphs: one root each.
             cache = compile_cache_dir(overrides or "stock")
             os.environ["VLLM_CACHE_ROOT"] = str(cache)
+            # vLLM 0.32's AOT artifacts do not load back with this torch ("'function' object has no attribute
+            # 'finalize_loading'"), so every start compiled again; without AOT, Inductor's graph cache loads.
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
             options["compilation_config"] = {"cache_dir": str(cache / "torch_compile_cache")}
         self.llm = VllmLLMEngine.from_engine_args(EngineArgs(**options))
         client: Any = self.llm.engine_core  # in-process client: it holds the EngineCore itself
