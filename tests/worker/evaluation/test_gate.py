@@ -122,5 +122,6 @@ def test_consecutive_holds_count_the_head_s_children_back_to_the_last_one_passed
     assert consecutive_holds(4, 7, infos.get) == 2
     assert consecutive_holds(7, 7, infos.get) == 0
     assert consecutive_holds(0, 7, infos.get) == 0  # v1 passed
+    assert consecutive_holds(1, 3, infos.get, window=1) == 1  # v3 only
     del infos[6]  # metadata pruned: skipped
     assert consecutive_holds(1, 7, infos.get) == 0

@@ -115,12 +115,15 @@ def newest_passed(version: int, info_of: Callable[[int], VersionInfo | None]) ->
     return version
 
 
-def consecutive_holds(head: int, latest: int, info_of: Callable[[int], VersionInfo | None]) -> int:
+def consecutive_holds(
+    head: int, latest: int, info_of: Callable[[int], VersionInfo | None], window: int = 64
+) -> int:
     """How many candidates trained from `head` the gate held since the last one it passed (or since `head`
     was published): the newest versions first, stopping at a passed child of `head`. Versions trained from
-    elsewhere (a branch a rollback abandoned, another parent) are not counted."""
+    elsewhere (a branch a rollback abandoned, another parent) are not counted. Only the newest `window`
+    versions are read (a rollback far back would otherwise read the whole history; 0.5 ** 64 is no step)."""
     holds = 0
-    for version in range(latest, head, -1):
+    for version in range(latest, max(head, latest - window), -1):
         info = info_of(version)
         if info is None or info.parent != head:
             continue
