@@ -130,6 +130,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "rounds": 12,
         "lora_target_modules": ("gate_proj", "up_proj", "down_proj"),
     },
+    "supervised+guard+rehearsal (MLP adapters) (16 rounds) (backoff)": {
+        "kl_weight": 0.5,
+        "rehearsal_samples": 8,
+        "rounds": 16,
+        "lora_target_modules": ("gate_proj", "up_proj", "down_proj"),
+    },
     # A run of wrong corrections long enough to teach them (eight per question instead of three).
     "supervised+guard+rehearsal (backoff) (adversarial x8)": {
         "kl_weight": 0.5,
