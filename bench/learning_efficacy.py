@@ -558,7 +558,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ppl_ax.set(
             xlabel="version", ylabel="perplexity change vs base (%)", title="General held-out text" + title
         )
-        facts_ax.legend(fontsize=7, loc="upper left")
+        facts_ax.legend(fontsize=7, loc="best")
         ppl_ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
