@@ -51,6 +51,9 @@ def test_rehearsal_and_the_held_version_policy_reach_the_worker_environment() ->
         ({"evaluation": {"path": "/e.jsonl", "onHeld": "rewind"}}, "spec.evaluation.onHeld"),
         ({"evaluation": {"path": "/e.jsonl", "heldBackoff": 0}}, "spec.evaluation.heldBackoff"),
         ({"evaluation": {"path": "/e.jsonl", "heldBackoff": 1.5}}, "spec.evaluation.heldBackoff"),
+        ({"evaluation": {"path": "/e.jsonl", "heldBackoff": float("nan")}}, "spec.evaluation.heldBackoff"),
+        ({"evaluation": {"path": "/e.jsonl", "heldBackoff": -1e308}}, "spec.evaluation.heldBackoff"),
+        ({"evaluation": {"path": "/e.jsonl", "heldBackoff": "half"}}, "spec.evaluation.heldBackoff"),
     ],
 )
 def test_bad_rehearsal_and_held_policy_name_their_field(spec: dict[str, object], field: str) -> None:

@@ -140,7 +140,7 @@ def test_an_unknown_policy_names_the_variable() -> None:
         EvaluationSettings.from_env({"ALCHEMIST_EVALUATION_ON_HELD": "rewind"})
 
 
-@pytest.mark.parametrize("raw", ["0", "1.5", "-0.5", "half"])
+@pytest.mark.parametrize("raw", ["0", "1.5", "-0.5", "half", "nan", "inf", "1e400", "\x00"])
 def test_a_backoff_outside_0_to_1_names_the_variable(raw: str) -> None:
     with pytest.raises(ValueError, match="ALCHEMIST_EVALUATION_HELD_BACKOFF"):
         EvaluationSettings.from_env({"ALCHEMIST_EVALUATION_HELD_BACKOFF": raw})

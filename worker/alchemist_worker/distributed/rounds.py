@@ -355,10 +355,8 @@ class RoundLoop:
         if outcome.error:
             raise Regroup(f"the round was not committed: {outcome.error}")
         self.kept.append(applied_round)
-        if result is not None:
-            result.lr = (
-                applied.lr
-            )  # the local step only computed a gradient; the round applied it at this rate
+        if result is not None:  # the local step only computed a gradient; the round applied it at this rate
+            result.lr = applied.lr
         control.round_applied(batch, result)
         answers = [a for c in contributions for a in c.answers]
         self._engine(lambda: self.trainer.trained(answers))

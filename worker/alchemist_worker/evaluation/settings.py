@@ -63,9 +63,7 @@ class EvaluationSettings:
         env = os.environ if environ is None else environ
         raw_path = env.get(ENV["path"], "").strip()
         bounds: dict[str, float] = {}
-        max_tokens = 512
-        on_held = OnHeld.REVERT
-        held_backoff = 0.5
+        max_tokens, on_held, held_backoff = cls.max_tokens, cls.on_held, cls.held_backoff
         for name, var in ENV.items():
             raw = env.get(var, "").strip()
             if not raw or name == "path":
