@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 
@@ -17,3 +18,18 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def add_length_arguments(parser: argparse.ArgumentParser) -> None:
+    """--prompt-median/-max and --output-median/-max, read by `sharegpt_request`."""
+    parser.add_argument("--prompt-median", type=int, default=64)
+    parser.add_argument("--prompt-max", type=int, default=384)
+    parser.add_argument("--output-median", type=int, default=24)
+    parser.add_argument("--output-max", type=int, default=96)
+
+
+def sharegpt_request(rng: random.Random, args: argparse.Namespace) -> tuple[list[int], int]:
+    """(prompt token ids, output tokens): prompts log-normal (sigma 0.9), outputs log-normal (sigma 0.6)."""
+    prompt_len = lognormal_length(rng, args.prompt_median, 0.9, 8, args.prompt_max)
+    output_len = lognormal_length(rng, args.output_median, 0.6, 4, args.output_max)
+    return [rng.randrange(1000, 30000) for _ in range(prompt_len)], output_len

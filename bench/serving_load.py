@@ -46,7 +46,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: `bench` importable
-from bench.load_trace import lognormal_length, percentile
+from bench.load_trace import add_length_arguments, percentile, sharegpt_request
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("off", "kv", "selective", "full")
@@ -75,9 +75,7 @@ def make_trace(args: argparse.Namespace) -> list[Arrival]:
     trace, clock = [], 0.0
     for _ in range(args.requests):
         clock += rng.expovariate(args.rate)
-        prompt_len = lognormal_length(rng, args.prompt_median, 0.9, 8, args.prompt_max)
-        output_len = lognormal_length(rng, args.output_median, 0.6, 4, args.output_max)
-        prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
+        prompt, output_len = sharegpt_request(rng, args)
         trace.append(Arrival(clock, prompt, output_len))
     return trace
 
@@ -316,10 +314,7 @@ def main() -> int:
     parser.add_argument("--configs", default="off,kv,selective,full,vllm")
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--rate", type=float, default=0.3, help="mean arrivals per second")
-    parser.add_argument("--prompt-median", type=int, default=64)
-    parser.add_argument("--prompt-max", type=int, default=384)
-    parser.add_argument("--output-median", type=int, default=24)
-    parser.add_argument("--output-max", type=int, default=96)
+    add_length_arguments(parser)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--kv-cache-mib", type=int, default=256)
     parser.add_argument(

@@ -34,7 +34,7 @@ from alchemist_worker.engine.sampling_params import SamplingParams
 from alchemist_worker.engine.serving_engine import GenerationRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: `bench` importable
-from bench.load_trace import lognormal_length
+from bench.load_trace import add_length_arguments, sharegpt_request
 
 # engine name -> (our model class, weights kept plain for the trainer)
 ENGINES = {
@@ -48,12 +48,7 @@ PAIRS = (("ours", "stock"), ("ours-shared", "stock"), ("ours-shared", "ours"), (
 
 def make_burst(rng: random.Random, args: argparse.Namespace) -> list[tuple[list[int], int]]:
     """(prompt, output tokens) per request, lengths as serving_load.py's trace."""
-    burst = []
-    for _ in range(args.burst):
-        prompt_len = lognormal_length(rng, args.prompt_median, 0.9, 8, args.prompt_max)
-        output_len = lognormal_length(rng, args.output_median, 0.6, 4, args.output_max)
-        burst.append(([rng.randrange(1000, 30000) for _ in range(prompt_len)], output_len))
-    return burst
+    return [sharegpt_request(rng, args) for _ in range(args.burst)]
 
 
 def run_burst(engine: Any, burst: list[tuple[list[int], int]], tag: str) -> tuple[float, int, int]:
@@ -79,10 +74,7 @@ def main() -> int:
     parser.add_argument("--engines", default="stock,ours,ours-shared", help=f"from {','.join(ENGINES)}")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--burst", type=int, default=16, help="requests per burst")
-    parser.add_argument("--prompt-median", type=int, default=64)
-    parser.add_argument("--prompt-max", type=int, default=384)
-    parser.add_argument("--output-median", type=int, default=24)
-    parser.add_argument("--output-max", type=int, default=96)
+    add_length_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eager", action="store_true", help="no compilation")
     parser.add_argument("--profile", type=int, default=0, help="then profile one burst per engine: top N ops")
