@@ -62,7 +62,7 @@ def test_records_equal_the_native_engines(
     outputs = run_all(engine)
     assert all(outputs[r][-1].finished for r in ("short", "long", "other"))
 
-    long_steps = [s for s in steps if any(p.response_id == "long" for *_, p in s._segments)]
+    long_steps = [s for s in steps if any(seg.prompt.response_id == "long" for seg in s._segments)]
     assert len(long_steps) >= 3, "the long prompt was not prefilled in chunks"
     assert any(len(s._segments) < len(s.layout.req_ids) for s in long_steps), "no step mixed in other rows"
 

@@ -78,6 +78,19 @@ def runner_layout(runner: Any) -> BatchLayout:
     )
 
 
+@dataclass
+class _Segment:
+    """One recorded prompt chunk of the step: its rows [begin, end) of the flat batch, from prompt position
+    `start`; its tokens (int64, on the CPU) and the copies of every layer handed over so far."""
+
+    begin: int
+    end: int
+    start: int
+    prompt: PromptRecording
+    token_ids: Tensor
+    layers: list[LayerTensors] = field(default_factory=list)
+
+
 class StepRecording:
     """The recording of one vLLM step: `start` when the forward begins, `take` from the record op, `finish` after."""
 
@@ -98,11 +111,7 @@ class StepRecording:
         self.on_complete = on_complete  # (response id, record) of each prompt whose record is complete
         self.fields = frozenset(f for f in policy.fields(config.qk_norm) if f != "lse")  # lse: deferred
         self.layout: BatchLayout | None = None
-        self._segments: list[
-            tuple[int, int, int, PromptRecording]
-        ] = []  # recorded rows [begin, end), position
-        self._token_ids: list[Tensor] = []  # per segment: its tokens (int64, on the CPU)
-        self._layers: list[list[LayerTensors]] = []  # per segment: the copies of every layer so far
+        self._segments: list[_Segment] = []
 
     def start(self, input_ids: Tensor) -> None:
         """Called by the model before the step's forward, when the runner has laid the batch out."""
@@ -114,53 +123,53 @@ class StepRecording:
             if prompt is None or not prompt.wants(start):
                 continue
             rows = min(end - begin, prompt.prompt_len - start)
-            self._segments.append((begin, begin + rows, start, prompt))
             with torch.inference_mode(False):  # the runner reuses its input buffer; training reads the copy
-                self._token_ids.append(input_ids[begin : begin + rows].to("cpu", torch.int64, copy=True))
-            self._layers.append([])
-        versions = {p.version for *_, p in self._segments}
+                token_ids = input_ids[begin : begin + rows].to("cpu", torch.int64, copy=True)
+            self._segments.append(_Segment(begin, begin + rows, start, prompt, token_ids))
+        versions = {segment.prompt.version for segment in self._segments}
         if len(versions) > 1:
             raise RuntimeError(f"one step holds prompts of weight versions {sorted(versions)}")
 
     def take(self, layer: int, part: int, tensors: Sequence[Tensor]) -> None:
         """From the record op: copies the kept fields of `PARTS[part]` ([T, ...] over the flat batch)."""
         if part == 0:
-            for layers in self._layers:
-                if len(layers) != layer:
-                    raise RuntimeError(f"layer {layer} handed over after {len(layers)} complete layers")
-                layers.append({})
+            for segment in self._segments:
+                if len(segment.layers) != layer:
+                    raise RuntimeError(
+                        f"layer {layer} handed over after {len(segment.layers)} complete layers"
+                    )
+                segment.layers.append({})
         with torch.inference_mode(False), torch.no_grad():
             for name, tensor in zip(PARTS[part], tensors, strict=True):
                 if name not in self.fields:
                     continue
                 dtype = self.record_dtype or tensor.dtype
-                for (begin, end, *_), layers in zip(self._segments, self._layers, strict=True):
-                    layers[layer][name] = tensor[begin:end].to(
+                for segment in self._segments:
+                    segment.layers[layer][name] = tensor[segment.begin : segment.end].to(
                         dtype, memory_format=torch.contiguous_format, copy=True
                     )
         if part != len(PARTS) - 1:
             return
-        for layers in self._layers:
-            missing = self.fields - layers[layer].keys()
+        for segment in self._segments:
+            missing = self.fields - segment.layers[layer].keys()
             if missing:
                 raise RuntimeError(f"layer {layer} handed over no {sorted(missing)}")
 
     def finish(self) -> None:
         """After the forward: appends this step's chunks to their prompts and hands over completed records."""
-        for (_, _, start, prompt), token_ids, layers in zip(
-            self._segments, self._token_ids, self._layers, strict=True
-        ):
-            if len(layers) != self.config.num_layers:
+        for segment in self._segments:
+            prompt = segment.prompt
+            if len(segment.layers) != self.config.num_layers:
                 raise RuntimeError(
-                    f"{len(layers)} of {self.config.num_layers} layers were recorded; did the forward run?"
+                    f"{len(segment.layers)} of {self.config.num_layers} layers were recorded; did the forward run?"
                 )
             prompt.chunks.append(
                 SequenceRecord(
                     policy=self.policy,
                     version=prompt.version,
-                    token_ids=token_ids,
-                    layers=layers,
-                    start_position=start,
+                    token_ids=segment.token_ids,
+                    layers=segment.layers,
+                    start_position=segment.start,
                     qk_norm=self.config.qk_norm,
                 )
             )
