@@ -83,15 +83,16 @@ class _GivenLinears(torch.autograd.Function):
         adapted = [i for i in range(n) if lora_a[i] is not None and lora_b[i] is not None]
         if adapted:
             a_cat = torch.cat([lora_a[i] for i in adapted])  # [k r, in]
+            ranks = [lora_a[i].shape[0] for i in adapted]
             grad_r = torch.cat([grads[i] @ lora_b[i] for i in adapted], dim=1)  # [T, k r]
             if dx is not None:
                 dx = torch.addmm(dx, grad_r, a_cat, alpha=scaling)
             if any(needs_a[i] for i in adapted):
                 da_cat = scaling * (grad_r.t() @ x)
-                for i, part in zip(adapted, da_cat.split([lora_a[i].shape[0] for i in adapted]), strict=True):
+                for i, part in zip(adapted, da_cat.split(ranks), strict=True):
                     da[i] = part if needs_a[i] else None
             if any(needs_lb[i] for i in adapted):
-                xa = (x @ a_cat.t()).split([lora_a[i].shape[0] for i in adapted], dim=1)  # x A_i^T
+                xa = (x @ a_cat.t()).split(ranks, dim=1)  # x A_i^T
                 for i, part in zip(adapted, xa, strict=True):
                     db[i] = scaling * (grads[i].t() @ part) if needs_lb[i] else None
         return (dx, None, None, *([None] * n), *dweights, *dbiases, *da, *db)
