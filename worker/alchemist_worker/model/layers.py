@@ -99,8 +99,32 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tup
     return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [T, heads, head_dim] rotated by each token's angles (half-split pairs, as HF Llama does)."""
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, known: Tensor | None = None) -> Tensor:
+    """x: [T, heads, head_dim] rotated by each token's angles (half-split pairs, as HF Llama does).
+
+    `known`: the rotation's value where it is already known (the trainer's replay of a recorded layer); it is
+    returned as is, and only the backward runs."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RopeFunction.apply(x, cos, sin, known)
+    return _rotate(x, cos, sin) if known is None else known
+
+
+class _RopeFunction(torch.autograd.Function):
+    """`apply_rope` whose backward is the inverse rotation: autograd's would scatter the gradients of the two
+    halves into zero-filled tensors and add them, twice the passes over x."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor, known: Tensor | None) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin) if known is None else known.view_as(known)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        cos, sin = ctx.saved_tensors
+        return unapply_rope(grad, cos, sin), None, None, None
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

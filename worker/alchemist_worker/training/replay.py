@@ -32,7 +32,7 @@ from torch import Tensor
 
 from alchemist_worker.activations.records import LayerTensors
 from alchemist_worker.model.attention import varlen_attention, varlen_attention_backward
-from alchemist_worker.model.layers import LoRALinear, unapply_rope
+from alchemist_worker.model.layers import LoRALinear, apply_rope
 from alchemist_worker.model.transformer import Block
 
 
@@ -118,20 +118,6 @@ def given_linear(layer: LoRALinear, x: Tensor, output: Tensor | None) -> Tensor:
     return given_linears([layer], x, [output])[0]
 
 
-class _GivenRope(torch.autograd.Function):
-    """apply_rope(x) whose value is known: RoPE is a rotation, so its backward is the inverse rotation."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, output: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        ctx.save_for_backward(cos, sin)
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        cos, sin = ctx.saved_tensors
-        return unapply_rope(grad, cos, sin), None, None, None
-
-
 class _GivenAttention(torch.autograd.Function):
     """Varlen causal attention whose output and log-sum-exp are known: backward from them directly."""
 
@@ -209,7 +195,7 @@ def replay_layer_backward(
         v = projected[0].view_as(keys["v"])
         k_lin = projected[1] if k_given else attn.k_proj(xn)
         if attn.k_norm is None:
-            k = _GivenRope.apply(k_lin.view_as(keys["k"]), keys["k"], rows.cos, rows.sin)
+            k = apply_rope(k_lin.view_as(keys["k"]), rows.cos, rows.sin, known=keys["k"])
         else:  # QK norm: rebuild the norm (and RoPE) from the projection's output, recorded or recomputed
             k = attn.shape_k(k_lin, rows.cos, rows.sin)
         if rows.query_rows is None:
