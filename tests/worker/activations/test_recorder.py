@@ -8,6 +8,7 @@ import torch
 from alchemist_worker.activations.policy import RecordingPolicy, parse_policy
 from alchemist_worker.activations.recorder import PrefillRecorder
 from alchemist_worker.activations.records import SequenceRecord, concat_records
+from alchemist_worker.activations.store import ActivationStore, StoreConfig
 from alchemist_worker.model import DenseCausalAttention, LayerActivations, load_model
 from alchemist_worker.model.attention import varlen_attention
 
@@ -158,25 +159,51 @@ class Both:
         self.recorder.record_layer(layer, activations)
 
 
-def test_a_prompt_prefilled_alone_is_kept_without_copies(tiny_checkpoints: dict[str, Path]) -> None:
-    """The forward's own tensors become the record (no copy); with two prompts in the batch each is copied."""
+@pytest.mark.parametrize(
+    ("lengths", "keep", "shared"),
+    [
+        ([7], [True], True),  # a prompt alone: the forward's own tensors become the record
+        ([7, 5], [True, True], True),  # every prompt of the step kept: each record is a view of the buffers
+        ([7, 5], [True, False], False),  # 7 of 12 rows kept: a view would hold the other prompt's rows
+    ],
+)
+def test_kept_prompts_owning_the_steps_buffers_are_kept_without_copies(
+    tiny_checkpoints: dict[str, Path], lengths: list[int], keep: list[bool], shared: bool
+) -> None:
     model = load_model(tiny_checkpoints["qwen3"])
-    for lengths, shared in (([7], True), ([7, 5], False)):
-        capture = Capture()
-        ids = torch.arange(sum(lengths))
-        cu = [0, 7] if len(lengths) == 1 else [0, 7, 12]
-        recorder = PrefillRecorder(RecordingPolicy.FULL, cu, ids, num_layers=2, version=0, qk_norm=True)
-        prefill(model, lengths, Both(capture, recorder))
-        record = recorder.records()[0]
-        assert record is not None
+    capture = Capture()
+    cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    ids = torch.arange(sum(lengths))
+    recorder = PrefillRecorder(
+        RecordingPolicy.FULL, cu, ids, num_layers=2, version=0, qk_norm=True, keep=keep
+    )
+    prefill(model, lengths, Both(capture, recorder))
+    records = recorder.records()
+    for seq, record in enumerate(records):
+        assert (record is not None) == keep[seq]
+        if record is None:
+            continue
+        start, end = cu[seq], cu[seq + 1]
         for layer in range(2):
             for name, tensor in record.layers[layer].items():
                 source = getattr(capture.layers[layer], name)
                 same = tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
-                assert same is shared, (lengths, name)
-                assert not tensor.is_inference() and torch.equal(tensor, source[:7])
-        # what the store counts is what the record holds: the forward's buffers, each once
-        assert record.nbytes() == sum(t.nbytes for layer in record.layers for t in layer.values())
+                assert same is shared, (lengths, keep, name)
+                assert not tensor.is_inference() and torch.equal(tensor, source[start:end])
+        # what the store counts is what the record holds: the forward's buffers, each once, or its copies
+        held = record.nbytes()
+        if shared:
+            assert held == sum(
+                getattr(capture.layers[i], n).nbytes for i in range(2) for n in record.layers[i]
+            )
+        else:
+            assert held == sum(t.nbytes for layer in record.layers for t in layer.values())
+    if shared and len(lengths) > 1:  # two records, one copy of the buffers in a store
+        store = ActivationStore(StoreConfig(device_budget_bytes=0, host_budget_bytes=1 << 30))
+        kept = [r for r in records if r is not None]
+        for i, record in enumerate(kept):
+            store.put(str(i), record)
+        assert store.host_bytes == kept[0].nbytes() == kept[1].nbytes()
 
 
 def test_a_prompt_beside_a_few_other_rows_is_kept_as_views_and_counted_whole() -> None:

@@ -134,3 +134,64 @@ def test_a_record_leaving_the_store_keeps_its_bytes_while_a_step_references_them
     for held, expected in zip((held_evicted, held_popped), want, strict=True):
         for layer, layer_want in zip(held, expected, strict=True):
             assert all(torch.equal(layer[n], layer_want[n]) for n in layer)
+
+
+def siblings(tokens: int = 10, layers: int = 2, width: int = 8) -> list[SequenceRecord]:
+    """Two records of one prefill step holding views of the same buffers (each prompt's half of the rows)."""
+    buffers = [
+        {n: torch.randn(2 * tokens, *s) for n, s in (("x", (width,)), ("k", (1, width)), ("v", (1, width)))}
+    ]
+    buffers += [{n: torch.randn_like(t) for n, t in buffers[0].items()} for _ in range(layers - 1)]
+    return [
+        SequenceRecord(
+            policy=RecordingPolicy.KV,
+            version=0,
+            token_ids=torch.arange(tokens),
+            layers=[
+                {n: t[half * tokens : (half + 1) * tokens] for n, t in layer.items()} for layer in buffers
+            ],
+        )
+        for half in (0, 1)
+    ]
+
+
+def test_records_sharing_buffers_are_counted_once_and_freed_with_the_last() -> None:
+    whole = 2 * SIZE_10  # the buffers both records are views of
+    store = ActivationStore(StoreConfig(device_budget_bytes=0, host_budget_bytes=10 * SIZE_10))
+    a, b = siblings()
+    assert a.nbytes() == b.nbytes() == whole
+    store.put("a", a)
+    store.put("b", b)
+    assert store.host_bytes == whole
+    store.pop("a")
+    assert store.host_bytes == whole  # b still holds all of it
+    store.move_layer("b", 0, Tier.DEVICE)
+    assert (store.device_bytes, store.host_bytes) == (whole // 2, whole // 2)
+    store.pop("b")
+    assert (store.device_bytes, store.host_bytes) == (0, 0)
+
+
+def test_eviction_frees_a_shared_buffer_only_with_its_last_holder_and_stays_in_budget() -> None:
+    budget = 3 * SIZE_10
+    store = ActivationStore(StoreConfig(device_budget_bytes=0, host_budget_bytes=budget))
+    store.put("old", record(10))
+    a, b = siblings()
+    store.put("a", a)
+    store.put("b", b)  # adds nothing: its sibling holds its buffers, so nothing is evicted for it
+    assert set(store._records) == {"old", "a", "b"} and store.host_bytes == 3 * SIZE_10
+    store.put("c", record(10))  # the oldest goes
+    assert set(store._records) == {"a", "b", "c"} and store.host_bytes == 3 * SIZE_10
+    store.put("d", record(10))  # a alone frees nothing: b goes with it
+    assert set(store._records) == {"c", "d"} and store.host_bytes == 2 * SIZE_10
+    for i in range(4):  # siblings through a full store: never over budget, counted exactly
+        for j, r in enumerate(siblings()):
+            store.put(f"s{i}{j}", r)
+            assert store.host_bytes <= budget
+            buffers = {
+                t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for rid in store._records
+                for layer in store.peek(rid).layers
+                for t in layer.values()
+            }
+            assert store.host_bytes == sum(buffers.values())
+        assert f"s{i}0" in store and f"s{i}1" in store

@@ -63,6 +63,17 @@ def record_prompts(
     return [r for r in records if r is not None]
 
 
+def held_bytes(records: list[SequenceRecord]) -> int:
+    """Bytes of the distinct buffers the records hold (the prompts of one prefill share its buffers)."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for r in records
+        for layer in r.layers
+        for t in layer.values()
+    }
+    return sum(storages.values())
+
+
 def big_store(**kwargs) -> ActivationStore:
     return ActivationStore(StoreConfig(device_budget_bytes=1 << 30, host_budget_bytes=1 << 30, **kwargs))
 

@@ -34,7 +34,8 @@ def test_each_unusable_record_is_recomputed_with_its_reason(tiny_checkpoints: di
     model, params = trainable_model(tiny_checkpoints["qwen2"], "lora")
     samples = make_samples(model.config.vocab_size, SHAPES)
     current = 3
-    records = record_prompts(model, samples, RecordingPolicy.FULL, version=current)
+    # each prompt prefilled alone: records of one step would share its buffers, and evicting one alone frees none
+    records = [record_prompts(model, [s], RecordingPolicy.FULL, version=current)[0] for s in samples]
     size = max(r.nbytes() for r in records)
     clock = Clock()
     store = ActivationStore(

@@ -17,6 +17,7 @@ from tests.worker.training.conftest import (
     big_store,
     global_relative_error,
     grads,
+    held_bytes,
     make_samples,
     record_prompts,
     relative_error,
@@ -69,7 +70,7 @@ def test_offload_moves_every_layer_back_to_the_host(tmp_path: Path) -> None:
     model, params = trainable_model(build_checkpoint(tmp_path / "deep", "qwen2", num_layers=4), "lora")
     samples = make_samples(model.config.vocab_size)
     records = record_prompts(model, samples, RecordingPolicy.SELECTIVE)
-    total_bytes = sum(r.nbytes() for r in records)
+    total_bytes = held_bytes(records)
     _, _, ours, ref, store = reuse_and_recompute(
         model, params, samples, records, offload=True, device_budget=0
     )

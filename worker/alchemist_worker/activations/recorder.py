@@ -11,10 +11,11 @@ passes it as `recorder=` to `Transformer.forward`, then collects `records()`:
 
 Only the sequences marked in `keep` are kept (recording is sampled), and only the fields the policy keeps.
 Copying is the whole cost of recording, everything else was computed by the forward anyway, so a recorder
-copies as little as it can: when one kept sequence owns (nearly) all rows of the tensors the forward handed
-over (`LayerActivations.handed_over`), the record keeps views of them instead of copies. Kept tensors are never
-inference tensors, so that autograd can later save them for backward even if the engine's forward ran under
-`torch.inference_mode()`.
+copies as little as it can: when the kept sequences together own (nearly) all rows of the tensors the forward
+handed over (`LayerActivations.handed_over`), each record keeps views of them instead of copies. The records of
+one step then share its buffers; the store counts each buffer once and frees it with its last record. Kept
+tensors are never inference tensors, so that autograd can later save them for backward even if the engine's
+forward ran under `torch.inference_mode()`.
 
 Two options trade exactness or serving work for less: `defer_lse` leaves the softmax log-sum-exp out of the
 record (the trainer computes it when a record is used, which most never are), for engines whose attention
@@ -34,8 +35,9 @@ from alchemist_worker.activations.records import LayerTensors, SequenceRecord
 from alchemist_worker.model.attention import CuSeqlens, as_offsets
 from alchemist_worker.model.layer_activations import LayerActivations
 
-# A kept sequence whose rows are at least this share of a handed-over buffer is kept as a view of it: the
-# other rows' bytes (a few decode rows beside a prompt) are held too, and counted, but not copied.
+# Kept sequences whose rows are at least this share of a handed-over buffer are kept as views of it: the
+# other rows' bytes (a few decode rows beside a prompt, a prompt not sampled) are held too, and counted, but
+# not copied.
 MIN_VIEW_SHARE = 0.875
 
 
@@ -98,9 +100,10 @@ class PrefillRecorder:
         viewed = self._viewable(tensors, activations.handed_over)
         copied = {name: t for name, t in tensors.items() if name not in viewed}
         with torch.inference_mode(False), torch.no_grad():
+            aliases = {name: _alias(tensors[name]) for name in viewed}
             for seq, layers in self._layers.items():
                 start, end = self.offsets[seq], self.offsets[seq + 1]
-                layers[layer] = {name: _alias(tensors[name])[start:end] for name in viewed}
+                layers[layer] = {name: alias[start:end] for name, alias in aliases.items()}
         stream = self.copy_stream
         if not copied:
             return
@@ -115,11 +118,10 @@ class PrefillRecorder:
                 tensor.record_stream(stream)
 
     def _viewable(self, tensors: LayerTensors, handed_over: frozenset[str]) -> set[str]:
-        """Fields kept as views: handed over, in the record's dtype, and mostly the one kept sequence's rows."""
-        if len(self._layers) != 1:
+        """Fields kept as views: handed over, in the record's dtype, and mostly the kept sequences' rows."""
+        rows = sum(self.offsets[seq + 1] - self.offsets[seq] for seq in self._layers)
+        if rows == 0:
             return set()
-        (seq,) = self._layers
-        rows = self.offsets[seq + 1] - self.offsets[seq]
         by_storage: dict[int, list[str]] = {}
         for name, t in tensors.items():
             if name in handed_over and t.dtype == self._dtype_of(name, t):

@@ -7,9 +7,11 @@ has a byte budget. A new record goes to the device if it fits there after spilli
 to the host; otherwise to the host, after dropping the oldest host records; otherwise it is dropped. Records
 older than the TTL are dropped when next touched (or by `expire()`). Oldest means first put.
 
-Accounting is exact to the byte (the sum of `Tensor.nbytes` of every stored tensor per tier, updated on every
-move) and exposed as plain numbers (`device_bytes`, `host_bytes`, `stats()`), ready for a Prometheus gauge
-(`Gauge.set_function(lambda: store.device_bytes)`).
+Accounting is exact to the byte: per tier, the bytes of every distinct buffer a stored tensor is part of, each
+counted once however many records hold views of it (the prompts of one prefill step can share the step's
+buffers, see recorder.py), updated on every move. It is exposed as plain numbers (`device_bytes`, `host_bytes`,
+`stats()`), ready for a Prometheus gauge (`Gauge.set_function(lambda: store.device_bytes)`). Room is made for a
+new record as if it shared nothing, so a budget is never exceeded; a buffer is freed once its last record leaves.
 
 Placement is per layer, so a training step can move one layer of a record at a time (`move_layer`) and the
 accounting follows. On a CPU-only machine both tiers live in the same memory: moves are relabelings (torch's
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -77,6 +79,16 @@ class StoreStats:
     dropped: dict[str, int] = field(default_factory=dict)  # DropReason -> count
 
 
+_BufferKey = tuple[str, int]  # device, address of the storage
+
+
+def _buffers(layer: LayerTensors) -> dict[_BufferKey, int]:
+    """The distinct storages a layer's tensors are views of, with their sizes in bytes."""
+    return {
+        (str(t.device), t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in layer.values()
+    }
+
+
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A host copy, pinned when CUDA exists so later reloads can be asynchronous."""
     if tensor.device.type == "cpu":
@@ -96,6 +108,8 @@ class ActivationStore:
         self._tombstones: OrderedDict[str, DropReason] = OrderedDict()
         self._in_use: set[str] = set()
         self._bytes = {Tier.DEVICE: 0, Tier.HOST: 0}
+        # per tier: buffer -> [how many stored record layers hold it, its bytes]
+        self._held: dict[Tier, dict[_BufferKey, list[int]]] = {Tier.DEVICE: {}, Tier.HOST: {}}
         self._device_peak = 0
         self._puts = 0
         self._spilled = 0
@@ -148,18 +162,23 @@ class ActivationStore:
         self._tombstones.pop(record_id, None)
         self._puts += 1
         record.created_at = self.clock()
-        size = record.nbytes()
-        if size <= self.config.device_budget_bytes and self._make_room(Tier.DEVICE, size):
-            tier = Tier.DEVICE
-        elif size <= self.config.host_budget_bytes and self._make_room(Tier.HOST, size):
-            tier = Tier.HOST
+        buffers: dict[_BufferKey, int] = {}
+        for layer in record.layers:
+            buffers.update(_buffers(layer))
+        for tier in (Tier.DEVICE, Tier.HOST):
+            size = sum(
+                nbytes for key, nbytes in buffers.items() if key not in self._held[tier]
+            )  # not yet held
+            if size <= self._budget(tier) and self._make_room(tier, size, spare=buffers.keys()):
+                break
         else:
             self._tombstone(record_id, DropReason.TOO_LARGE)
             return Tier.DROPPED
         record.layers = [self._place(layer, tier) for layer in record.layers]
         self._records[record_id] = record
         self._tiers[record_id] = [tier] * record.num_layers
-        self._add_bytes(tier, record.nbytes())  # after placing: a host copy of a view holds only its rows
+        for layer in record.layers:  # after placing: a host copy of a view holds only its rows
+            self._hold(tier, layer)
         return tier
 
     def lookup(self, record_id: str) -> Lookup:
@@ -214,10 +233,10 @@ class ActivationStore:
         current = self._tiers[record_id][layer]
         if current is tier and tensors is None:
             return
-        self._add_bytes(current, -record.layer_nbytes(layer))
+        self._unhold(current, record.layers[layer])
         record.layers[layer] = tensors if tensors is not None else self._place(record.layers[layer], tier)
         self._tiers[record_id][layer] = tier
-        self._add_bytes(tier, record.layer_nbytes(layer))  # a copy may be smaller than a view it replaced
+        self._hold(tier, record.layers[layer])  # a copy may be smaller than a view it replaced
 
     def hold_working_bytes(self, delta: int) -> None:
         """Counts bytes a training step holds on the device outside records (its own response activations,
@@ -247,18 +266,26 @@ class ActivationStore:
     def _budget(self, tier: Tier) -> int:
         return self.config.device_budget_bytes if tier is Tier.DEVICE else self.config.host_budget_bytes
 
-    def _make_room(self, tier: Tier, size: int) -> bool:
-        """Frees `tier` oldest first until `size` more bytes fit; False (nothing moved) if it cannot."""
+    def _make_room(self, tier: Tier, size: int, spare: Collection[_BufferKey] = ()) -> bool:
+        """Frees `tier` oldest first until `size` more bytes fit, sparing records that hold a buffer in `spare`
+        (the incoming record's, whose size assumed them held); False (nothing moved) if it cannot."""
         budget = self._budget(tier)
         victims: list[str] = []
+        released: dict[_BufferKey, int] = {}  # the victims' holds on each buffer
         freed = 0
         for rid in self._records:
             if self._bytes[tier] - freed + size <= budget:
                 break
             if rid in self._in_use or tier not in self._tiers[rid]:
                 continue
+            holds = [key for layer in self._layers_in(rid, tier) for key in _buffers(layer)]
+            if any(key in spare for key in holds):
+                continue
             victims.append(rid)
-            freed += self._bytes_in(rid, tier)
+            for key in holds:
+                released[key] = released.get(key, 0) + 1
+                count, nbytes = self._held[tier][key]
+                freed += nbytes if released[key] == count else 0  # its last holder goes
         if self._bytes[tier] - freed + size > budget:
             return False
         for rid in victims:
@@ -283,8 +310,31 @@ class ActivationStore:
         self._spilled += 1
 
     def _bytes_in(self, record_id: str, tier: Tier) -> int:
+        """What the record's layers in `tier` hold, shared or not."""
+        buffers: dict[_BufferKey, int] = {}
+        for layer in self._layers_in(record_id, tier):
+            buffers.update(_buffers(layer))
+        return sum(buffers.values())
+
+    def _layers_in(self, record_id: str, tier: Tier) -> list[LayerTensors]:
         record = self._records[record_id]
-        return sum(record.layer_nbytes(i) for i, t in enumerate(self._tiers[record_id]) if t is tier)
+        return [layer for layer, t in zip(record.layers, self._tiers[record_id], strict=True) if t is tier]
+
+    def _hold(self, tier: Tier, layer: LayerTensors) -> None:
+        held = self._held[tier]
+        for key, nbytes in _buffers(layer).items():
+            if key in held:
+                held[key][0] += 1
+            else:
+                held[key] = [1, nbytes]
+                self._add_bytes(tier, nbytes)
+
+    def _unhold(self, tier: Tier, layer: LayerTensors) -> None:
+        held = self._held[tier]
+        for key in _buffers(layer):
+            held[key][0] -= 1
+            if held[key][0] == 0:
+                self._add_bytes(tier, -held.pop(key)[1])
 
     def _place(self, layer: LayerTensors, tier: Tier) -> LayerTensors:
         if tier is Tier.DEVICE:
@@ -303,8 +353,8 @@ class ActivationStore:
 
     def _remove(self, record_id: str) -> None:
         record = self._records.pop(record_id)
-        for layer, tier in enumerate(self._tiers.pop(record_id)):
-            self._add_bytes(tier, -record.layer_nbytes(layer))
+        for layer, tier in zip(record.layers, self._tiers.pop(record_id), strict=True):
+            self._unhold(tier, layer)
         self._in_use.discard(record_id)
 
     def _add_bytes(self, tier: Tier, delta: int) -> None:
