@@ -113,10 +113,14 @@ class RoundTimes:
     decode_s: float  # mean wall seconds of a decode step of the batch
 
 
-def time_round(engine: LLMEngine, prompt: list[int], batch: list[list[int]], decode_steps: int) -> RoundTimes:
-    """Times one recorded (unless off) prefill and a few decode steps of `batch`; the engine ends idle."""
+def time_round(
+    engine: LLMEngine, prompts: list[list[int]], batch: list[list[int]], decode_steps: int
+) -> RoundTimes:
+    """Times one step prefilling `prompts` together (recorded unless off) and a few decode steps of `batch`;
+    the engine ends idle."""
     params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
-    engine.add_request(GenerationRequest(f"p{time.monotonic_ns()}", prompt, params))
+    for i, prompt in enumerate(prompts):
+        engine.add_request(GenerationRequest(f"p{i}-{time.monotonic_ns()}", prompt, params))
     prefill = measure_step(engine.step)
     while engine.has_unfinished():
         engine.step()
@@ -143,6 +147,12 @@ def main() -> int:
     )
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens of the timed prefill")
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=1,
+        help="prompts prefilled together in the timed step, each --prompt long",
+    )
     parser.add_argument("--batch", type=int, default=4, help="sequences in the timed decode steps")
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
@@ -175,13 +185,13 @@ def main() -> int:
     rounds: dict[str, list[RoundTimes]] = {p: [] for p in POLICIES}
     share: dict[str, list[float]] = {p: [] for p in POLICIES}
     for round_index in range(args.rounds + 1):  # round 0 warms up and is discarded
-        prompt = [rng.randrange(1000, 30000) for _ in range(args.prompt)]
+        prompts = [[rng.randrange(1000, 30000) for _ in range(args.prompt)] for _ in range(args.prompts)]
         batch = [[rng.randrange(1000, 30000) for _ in range(16)] for _ in range(args.batch)]
         order = POLICIES[round_index % 4 :] + POLICIES[: round_index % 4]
         for policy in order:
             recording = engines[policy].recording
             before = recording.seconds[0] if isinstance(recording, TimedRecording) else 0.0
-            times = time_round(engines[policy], prompt, batch, args.decode_steps)
+            times = time_round(engines[policy], prompts, batch, args.decode_steps)
             spent = (recording.seconds[0] if isinstance(recording, TimedRecording) else 0.0) - before
             if round_index:
                 rounds[policy].append(times)
@@ -190,7 +200,7 @@ def main() -> int:
     def median(policy: str, name: str) -> float:
         return statistics.median(getattr(r, name) for r in rounds[policy])
 
-    print(f"Command: `python bench/recording_overhead.py --prompt {args.prompt} --batch {args.batch} "
+    print(f"Command: `python bench/recording_overhead.py --prompt {args.prompt} --prompts {args.prompts} --batch {args.batch} "
           f"--decode-steps {args.decode_steps} --rounds {args.rounds} --cpu-threads {args.cpu_threads} "
           f"--store-mib {args.store_mib}`; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")  # fmt: skip
     print(

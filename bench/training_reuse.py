@@ -9,7 +9,8 @@ bench/training_reuse_workloads.py), on the same samples and weights, one trainin
   (hf) HF transformers + peft on the same shapes, to check that (a) is an honest baseline,
   reuse with each recording policy (kv, selective, full), records streamed from the host tier (offload on).
 Methods run round-robin, repetition by repetition, so load from other users of the machine hits them alike;
-the table reports medians. Ideal speedups come from FLOP counts (bench/training_reuse_flops.py). Prefill
+the table reports medians of step times, and speedups as medians of per-repetition ratios (each repetition
+starts with (a) and reuse `full` back to back, see `timing_order`). Ideal speedups come from FLOP counts (bench/training_reuse_flops.py). Prefill
 latency is measured without a recorder and with each policy's recorder.
 
 Memory: on CUDA, the allocator's peak during the step. On a CPU there is no allocator peak: it is the peak of
@@ -68,6 +69,15 @@ def load_hf(
     hf = get_peft_model(hf, config)
     hf.train()
     return hf, [p for p in hf.parameters() if p.requires_grad]
+
+
+def timing_order(names: list[str], rep: int) -> list[str]:
+    """(a) and reuse `full`, the pair the targets compare, back to back at the start of every repetition, in
+    alternating order (whichever runs second may find warmer caches), then the rest: their per-repetition
+    ratio sees the same machine even when other users' load drifts within the run."""
+    pair = ["(a) full fwd+bwd", "reuse full"]
+    pair = pair if rep % 2 else pair[::-1]
+    return [*pair, *(n for n in names if n not in pair)]
 
 
 def time_prefill(model, samples, policy, device) -> tuple[float, float]:
@@ -134,8 +144,8 @@ def run_benchmark(args: argparse.Namespace) -> str:
         for w, samples, methods in plans:
             if (rep == 0) != (w is warmup):
                 continue
-            for name, fn in methods.items():
-                seconds, wall, peak = fn()
+            for name in timing_order(list(methods), rep):
+                seconds, wall, peak = methods[name]()
                 if rep > 0:
                     times[(w.name, name)].append(seconds)
                     walls[(w.name, name)].append(wall)

@@ -55,7 +55,8 @@ def render(
         "",
         "## Training step",
         "",
-        f"Times are {clock} seconds per step (median); the wall-clock speedup is shown for reference.",
+        f"Times are {clock} seconds per step (median). Speedups are medians of per-repetition ratios against (a) "
+        "(a method's time against (a)'s in the same repetition); the wall-clock speedup is shown for reference.",
         "",
         f"| workload | samples p/r | method | step {unit} s | train tok/{unit} s | speedup vs (a) | ideal (FLOPs) "
         "| achieved/ideal | wall speedup | peak act. MiB | memory vs (a) |",
@@ -67,9 +68,13 @@ def render(
         shapes = [(s.prompt_len, s.response_len) for s in samples]
         tokens = sum(p + r for p, r in shapes)
         fa = baseline_flops(c, shapes, costs, full_ft=False, checkpointing=False)
-        t_a = median(times[(w.name, "(a) full fwd+bwd")])
-        wall_a = median(walls[(w.name, "(a) full fwd+bwd")])
         m_a = median(memory[(w.name, "(a) full fwd+bwd")])
+
+        def paired(clock: dict[tuple[str, str], list[float]], name: str, w: Any = w) -> float:
+            """Median over repetitions of (a)'s time over this method's, measured in the same repetition."""
+            base, mine = clock[(w.name, "(a) full fwd+bwd")], clock[(w.name, name)]
+            return median([b / m for b, m in zip(base, mine, strict=True)])
+
         for name in methods:
             t = median(times[(w.name, name)])
             m = median(memory[(w.name, name)])
@@ -82,11 +87,11 @@ def render(
             else:
                 fm = fa
             ideal = fa / fm
-            speedup = t_a / t
+            speedup = paired(times, name)
             mem_note = " (est.)" if name.startswith("(b)") else ""
             lines.append(
                 f"| {w.name} | {' '.join(f'{p}/{r}' for p, r in shapes)} | {name} | {t:.2f} | {tokens / t:.0f} | "
-                f"{speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.0%} | {wall_a / median(walls[(w.name, name)]):.2f}x | "
+                f"{speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.0%} | {paired(walls, name):.2f}x | "
                 f"{m / MiB:.0f}{mem_note} | "
                 f"{m / m_a - 1:+.0%} |"
             )
@@ -94,8 +99,7 @@ def render(
                 summary.append((w.name, speedup, ideal, 1 - m / m_a))
             if name in ("(a) full fwd+bwd", "(b) + checkpointing") or name.startswith("reuse"):
                 per_token[(w.name, name)] = m / tokens
-        t_hf = median(times[(w.name, "hf transformers+peft")])
-        summary_hf = t_hf / t_a
+        summary_hf = 1 / paired(times, "hf transformers+peft")
         lines.append(
             f"| {w.name} | | (a) vs hf: hf takes {summary_hf:.2f}x the time of (a) | | | | | | | | |"
         )
