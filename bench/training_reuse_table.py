@@ -10,6 +10,7 @@ from typing import Any
 from alchemist_worker.model import Transformer
 
 MiB = 1024 * 1024
+RECORDING_TARGET = 0.02  # of a prefill step on CPU, for every policy
 
 
 def render(
@@ -164,10 +165,12 @@ def render(
         )
     worst = max(overheads, key=lambda o: o[2])
     worst_hook = max(overheads, key=lambda o: o[3])
+    target = RECORDING_TARGET
     lines.append(
         f"- prefill recording overhead, difference of medians: worst {worst[2]:+.1%} ({worst[0]}, {worst[1]}) "
-        f"({'met' if worst[2] <= 0.05 else 'missed'}: <= 5%); time inside the recorder hook: worst "
-        f"{worst_hook[3]:.1%} ({worst_hook[0]}, {worst_hook[1]}) ({'met' if worst_hook[3] <= 0.05 else 'missed'})"
+        f"({'met' if worst[2] <= target else 'missed'}: <= {target:.0%}); time inside the recorder hook: worst "
+        f"{worst_hook[3]:.1%} ({worst_hook[0]}, {worst_hook[1]}) "
+        f"({'met' if worst_hook[3] <= target else 'missed'}: <= {target:.0%})"
     )
     return "\n".join(lines) + "\n"
 
