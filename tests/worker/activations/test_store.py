@@ -195,3 +195,18 @@ def test_eviction_frees_a_shared_buffer_only_with_its_last_holder_and_stays_in_b
             }
             assert store.host_bytes == sum(buffers.values())
         assert f"s{i}0" in store and f"s{i}1" in store
+
+
+def test_views_of_buffers_too_large_to_keep_whole_are_stored_as_copies_of_their_rows() -> None:
+    """A tier smaller than the step's buffers but large enough for one prompt's rows still takes the prompt."""
+    store = ActivationStore(StoreConfig(device_budget_bytes=0, host_budget_bytes=SIZE_10 * 3 // 2))
+    a, b = siblings()
+    want = [[{n: t.clone() for n, t in layer.items()} for layer in r.layers] for r in (a, b)]
+    with torch.inference_mode():  # as an engine's step may run
+        assert store.put("a", a) is Tier.HOST
+        assert store.put("b", b) is Tier.HOST  # a goes: the tier holds one prompt's rows
+    assert "a" not in store and store.host_bytes == SIZE_10 == b.nbytes()
+    for layer, expected in zip(b.layers, want[1], strict=True):
+        for name, t in layer.items():
+            assert torch.equal(t, expected[name]) and not t.is_inference()
+            assert t.untyped_storage().nbytes() == t.nbytes  # its own rows, nothing else

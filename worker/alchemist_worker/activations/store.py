@@ -89,6 +89,19 @@ def _buffers(layer: LayerTensors) -> dict[_BufferKey, int]:
     }
 
 
+def _compact(record: SequenceRecord) -> bool:
+    """Replaces each tensor that is a view of a larger buffer by a copy of its own elements; True if any was."""
+    changed = False
+    with torch.inference_mode(False):  # autograd may save the copies later, as it may the views
+        for i, layer in enumerate(record.layers):
+            if any(t.untyped_storage().nbytes() > t.nbytes for t in layer.values()):
+                record.layers[i] = {
+                    n: t.clone(memory_format=torch.contiguous_format) for n, t in layer.items()
+                }
+                changed = True
+    return changed
+
+
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A host copy, pinned when CUDA exists so later reloads can be asynchronous."""
     if tensor.device.type == "cpu":
@@ -162,16 +175,10 @@ class ActivationStore:
         self._tombstones.pop(record_id, None)
         self._puts += 1
         record.created_at = self.clock()
-        buffers: dict[_BufferKey, int] = {}
-        for layer in record.layers:
-            buffers.update(_buffers(layer))
-        for tier in (Tier.DEVICE, Tier.HOST):
-            size = sum(
-                nbytes for key, nbytes in buffers.items() if key not in self._held[tier]
-            )  # not yet held
-            if size <= self._budget(tier) and self._make_room(tier, size, spare=buffers.keys()):
-                break
-        else:
+        tier = self._room_for(record)
+        if tier is None and _compact(record):  # views of buffers too large to keep whole: keep the rows only
+            tier = self._room_for(record)
+        if tier is None:
             self._tombstone(record_id, DropReason.TOO_LARGE)
             return Tier.DROPPED
         record.layers = [self._place(layer, tier) for layer in record.layers]
@@ -262,6 +269,17 @@ class ActivationStore:
     def _expire_one(self, record_id: str) -> None:
         if record_id in self._records and self._is_expired(record_id):
             self._drop(record_id, DropReason.EXPIRED)
+
+    def _room_for(self, record: SequenceRecord) -> Tier | None:
+        """The first tier with room for what the record holds beyond the buffers already there (room made)."""
+        buffers: dict[_BufferKey, int] = {}
+        for layer in record.layers:
+            buffers.update(_buffers(layer))
+        for tier in (Tier.DEVICE, Tier.HOST):
+            size = sum(nbytes for key, nbytes in buffers.items() if key not in self._held[tier])
+            if size <= self._budget(tier) and self._make_room(tier, size, spare=buffers.keys()):
+                return tier
+        return None
 
     def _budget(self, tier: Tier) -> int:
         return self.config.device_budget_bytes if tier is Tier.DEVICE else self.config.host_budget_bytes
