@@ -10,8 +10,9 @@ older than the TTL are dropped when next touched (or by `expire()`). Oldest mean
 Accounting is exact to the byte: per tier, the bytes of every distinct buffer a stored tensor is part of, each
 counted once however many records hold views of it (the prompts of one prefill step can share the step's
 buffers, see recorder.py), updated on every move. It is exposed as plain numbers (`device_bytes`, `host_bytes`,
-`stats()`), ready for a Prometheus gauge (`Gauge.set_function(lambda: store.device_bytes)`). Room is made for a
-new record as if it shared nothing, so a budget is never exceeded; a buffer is freed once its last record leaves.
+`stats()`), ready for a Prometheus gauge (`Gauge.set_function(lambda: store.device_bytes)`). Room is made for the
+buffers a new record adds, sparing the records that hold the rest, so a budget is never exceeded; a buffer is
+freed once its last record leaves. A record whose buffers fit no tier whole is kept as a copy of its own rows.
 
 Placement is per layer, so a training step can move one layer of a record at a time (`move_layer`) and the
 accounting follows. On a CPU-only machine both tiers live in the same memory: moves are relabelings (torch's
