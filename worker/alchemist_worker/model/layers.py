@@ -45,9 +45,8 @@ def _normalized(x: Tensor, inverse_rms: Tensor) -> Tensor:
 
 class _RMSNormFunction(torch.autograd.Function):
     """`rms_norm` with a hand-derived backward: dx = r (g - x r^2 mean(g x)), with g = dy w and r the inverse
-    RMS, in four passes over x where autograd's chain of elementwise nodes takes about eight. Elementwise passes
-    are what a replayed layer spends beyond its matmuls, so this shows in the trainer's step. The forward is the
-    plain one (the same numerics as HF's)."""
+    RMS, in four passes over x where autograd's chain of elementwise nodes takes about eight (elementwise passes
+    are what a replayed layer spends beyond its matmuls). The forward is the plain one (HF's numerics)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
