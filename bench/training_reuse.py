@@ -10,8 +10,8 @@ bench/training_reuse_workloads.py), on the same samples and weights, one trainin
   reuse with each recording policy (kv, selective, full), records streamed from the host tier (offload on).
 Methods run round-robin, repetition by repetition, so load from other users of the machine hits them alike;
 the table reports medians of step times, and speedups as medians of per-repetition ratios (each repetition
-starts with (a) and reuse `full` back to back, see `timing_order`). Ideal speedups come from FLOP counts (bench/training_reuse_flops.py). Prefill
-latency is measured without a recorder and with each policy's recorder.
+starts with (a) and reuse `full` back to back, see `timing_order`). Ideal speedups come from FLOP counts
+(bench/training_reuse_flops.py). Prefill latency is measured without a recorder and with each policy's recorder.
 
 Memory: on CUDA, the allocator's peak during the step. On a CPU there is no allocator peak: it is the peak of
 tensors autograd saved for backward (unique storages, weights excluded), plus for reuse the store's device-tier

@@ -90,6 +90,14 @@ def _buffers(layer: LayerTensors) -> dict[_BufferKey, int]:
     }
 
 
+def _buffers_of(layers: list[LayerTensors]) -> dict[_BufferKey, int]:
+    """The distinct storages of several layers, each once."""
+    buffers: dict[_BufferKey, int] = {}
+    for layer in layers:
+        buffers.update(_buffers(layer))
+    return buffers
+
+
 def _compact(record: SequenceRecord) -> bool:
     """Replaces each tensor that is a view of a larger buffer by a copy of its own elements; True if any was."""
     changed = False
@@ -273,9 +281,7 @@ class ActivationStore:
 
     def _room_for(self, record: SequenceRecord) -> Tier | None:
         """The first tier with room for what the record holds beyond the buffers already there (room made)."""
-        buffers: dict[_BufferKey, int] = {}
-        for layer in record.layers:
-            buffers.update(_buffers(layer))
+        buffers = _buffers_of(record.layers)
         for tier in (Tier.DEVICE, Tier.HOST):
             size = sum(nbytes for key, nbytes in buffers.items() if key not in self._held[tier])
             if size <= self._budget(tier) and self._make_room(tier, size, spare=buffers.keys()):
@@ -330,10 +336,7 @@ class ActivationStore:
 
     def _bytes_in(self, record_id: str, tier: Tier) -> int:
         """What the record's layers in `tier` hold, shared or not."""
-        buffers: dict[_BufferKey, int] = {}
-        for layer in self._layers_in(record_id, tier):
-            buffers.update(_buffers(layer))
-        return sum(buffers.values())
+        return sum(_buffers_of(self._layers_in(record_id, tier)).values())
 
     def _layers_in(self, record_id: str, tier: Tier) -> list[LayerTensors]:
         record = self._records[record_id]
