@@ -4,7 +4,8 @@ The load generator (serving_load.py) measures end to end but runs each configura
 after the other, so on a shared machine its differences mix recording cost with load drift. Here four engines
 (recording off, kv, selective, full) share one model in one process; each round times, for every policy in a
 rotating order, one engine step that prefills a prompt (recorded unless off) and a few decode steps of a
-small batch. Medians over rounds are reported side by side. Between-run noise on a shared machine can exceed
+small batch. Medians over rounds are reported side by side; each "vs off" is the median over rounds of the
+ratio to off's step in the same round. Between-run noise on a shared machine can exceed
 the cost itself, so the recording work is also timed inside each recorded step (every `record_layer` copy and
 the store commit): its share of the same step is the direct measure of what recording adds to a prefill.
 
@@ -13,6 +14,11 @@ until it evicts, so the timed prefills run in the steady state of a serving proc
 an old one out, and its memory is memory the process has touched before. `--store-mib 0` gives the stores
 room for every record of the run instead (the state while a store fills up for the first time): then each
 record is fresh memory, and first-touching its pages is part of what the step costs.
+
+`--sampled K` records only the first K of the `--prompts` prefilled together (the others are served and not
+recorded, as with a sample rate below 1): the recorded prompt's rows are then copied out of the step's buffers.
+Those copies run on the recording's copy thread; `--copies-in-step` adds, for each policy, an engine whose
+recording copies inside the step instead (`<policy>/in-step`), to measure what the thread moves off the step.
 
     .venv/bin/python bench/recording_overhead.py --prompt 256 --rounds 7
 """
@@ -44,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: `
 from bench.store_steady_state import UNBOUNDED_BYTES, evictions, fill_store, measure_step
 
 POLICIES = ("off", "kv", "selective", "full")
+IN_STEP = "/in-step"  # suffix of a configuration whose recorder copies inside the step (no copy thread)
 
 
 class TimedRecorder:
@@ -88,9 +95,13 @@ def build(
     model_path: Path, model: torch.nn.Module, tokenizer: ServingTokenizer, policy: str, store_bytes: int
 ) -> LLMEngine:
     recording = None
+    in_step = policy.endswith(IN_STEP)
+    policy = policy.removesuffix(IN_STEP)
     if policy != "off":
         store = ActivationStore(StoreConfig(device_budget_bytes=store_bytes, host_budget_bytes=store_bytes))
         recording = TimedRecording(store, RecordingPolicy(policy), model.config)
+        if in_step:
+            recording.copy_thread = None
     config = EngineConfig(
         model=model_path, dtype="float32", device="cpu", max_model_len=2048, kv_cache_bytes=128 << 20,
         recording=RecordingConfig(policy=policy, rate=1.0),
@@ -109,18 +120,21 @@ def build(
 class RoundTimes:
     prefill_s: float  # wall seconds of the prefill step
     prefill_cpu_s: float  # CPU seconds the engine's thread spent in it (waiting for a core not counted)
+    prefill_process_cpu_s: float  # CPU seconds of the whole process in it (the copy thread's included)
     prefill_new_mib: float  # memory the process touched for the first time during it (minor page faults)
     decode_s: float  # mean wall seconds of a decode step of the batch
 
 
 def time_round(
-    engine: LLMEngine, prompts: list[list[int]], batch: list[list[int]], decode_steps: int
+    engine: LLMEngine, prompts: list[list[int]], batch: list[list[int]], decode_steps: int, sampled: int
 ) -> RoundTimes:
-    """Times one step prefilling `prompts` together (recorded unless off) and a few decode steps of `batch`;
-    the engine ends idle."""
+    """Times one step prefilling `prompts` together (the first `sampled` recorded, unless off) and a few decode
+    steps of `batch`; the engine ends idle."""
     params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
-        engine.add_request(GenerationRequest(f"p{i}-{time.monotonic_ns()}", prompt, params))
+        engine.add_request(
+            GenerationRequest(f"p{i}-{time.monotonic_ns()}", prompt, params, record=i < sampled)
+        )
     prefill = measure_step(engine.step)
     while engine.has_unfinished():
         engine.step()
@@ -133,7 +147,7 @@ def time_round(
     decode = (time.perf_counter() - started) / decode_steps
     while engine.has_unfinished():
         engine.step()
-    return RoundTimes(prefill.wall_s, prefill.cpu_s, prefill.new_mib, decode)
+    return RoundTimes(prefill.wall_s, prefill.cpu_s, prefill.process_cpu_s, prefill.new_mib, decode)
 
 
 def store_of(engine: LLMEngine) -> ActivationStore | None:
@@ -153,6 +167,14 @@ def main() -> int:
         default=1,
         help="prompts prefilled together in the timed step, each --prompt long",
     )
+    parser.add_argument(
+        "--sampled", type=int, default=None,
+        help="how many of the --prompts are recorded (the first ones; default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--copies-in-step", action="store_true",
+        help="also run each policy with its copies made inside the step, not on the copy thread",
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, default=4, help="sequences in the timed decode steps")
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
@@ -172,26 +194,30 @@ def main() -> int:
     model = load_model(args.model, dtype=torch.float32)
     tokenizer = ServingTokenizer.from_pretrained(args.model, model.config.eos_token_ids)
     store_bytes = args.store_mib << 20 if args.store_mib else UNBOUNDED_BYTES
-    engines = {policy: build(args.model, model, tokenizer, policy, store_bytes) for policy in POLICIES}
+    sampled = args.prompts if args.sampled is None else args.sampled
+    configs = list(POLICIES)
+    if args.copies_in_step:
+        configs += [policy + IN_STEP for policy in POLICIES if policy != "off"]
+    engines = {config: build(args.model, model, tokenizer, config, store_bytes) for config in configs}
     rng = random.Random(args.seed)
     fill_rng = random.Random(args.seed + 1)  # the timed prompts do not depend on the fill
     filled = {
         p: fill_store(engines[p], store, fill_rng, args.prompt)
         if args.store_mib and (store := store_of(engines[p])) is not None
         else 0
-        for p in POLICIES
+        for p in configs
     }
-    evicted_before = {p: evictions(store_of(engines[p])) for p in POLICIES}
-    rounds: dict[str, list[RoundTimes]] = {p: [] for p in POLICIES}
-    share: dict[str, list[float]] = {p: [] for p in POLICIES}
+    evicted_before = {p: evictions(store_of(engines[p])) for p in configs}
+    rounds: dict[str, list[RoundTimes]] = {p: [] for p in configs}
+    share: dict[str, list[float]] = {p: [] for p in configs}
     for round_index in range(args.rounds + 1):  # round 0 warms up and is discarded
         prompts = [[rng.randrange(1000, 30000) for _ in range(args.prompt)] for _ in range(args.prompts)]
         batch = [[rng.randrange(1000, 30000) for _ in range(16)] for _ in range(args.batch)]
-        order = POLICIES[round_index % 4 :] + POLICIES[: round_index % 4]
-        for policy in order:
+        turn = round_index % len(configs)
+        for policy in configs[turn:] + configs[:turn]:
             recording = engines[policy].recording
             before = recording.seconds[0] if isinstance(recording, TimedRecording) else 0.0
-            times = time_round(engines[policy], prompts, batch, args.decode_steps)
+            times = time_round(engines[policy], prompts, batch, args.decode_steps, sampled)
             spent = (recording.seconds[0] if isinstance(recording, TimedRecording) else 0.0) - before
             if round_index:
                 rounds[policy].append(times)
@@ -200,27 +226,41 @@ def main() -> int:
     def median(policy: str, name: str) -> float:
         return statistics.median(getattr(r, name) for r in rounds[policy])
 
-    print(f"Command: `python bench/recording_overhead.py --prompt {args.prompt} --prompts {args.prompts} --batch {args.batch} "
-          f"--decode-steps {args.decode_steps} --rounds {args.rounds} --cpu-threads {args.cpu_threads} "
-          f"--store-mib {args.store_mib}`; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")  # fmt: skip
+    def paired(policy: str, name: str) -> float:
+        """Median over rounds of the step against off's step of the same round, minus 1."""
+        ratios = [
+            getattr(r, name) / getattr(o, name) for r, o in zip(rounds[policy], rounds["off"], strict=True)
+        ]
+        return statistics.median(ratios) - 1
+
+    options = f" --sampled {sampled}" if sampled != args.prompts else ""
+    options += " --copies-in-step" if args.copies_in_step else ""
+    print(f"Command: `python bench/recording_overhead.py --prompt {args.prompt} --prompts {args.prompts}{options} "
+          f"--batch {args.batch} --decode-steps {args.decode_steps} --rounds {args.rounds} "
+          f"--cpu-threads {args.cpu_threads} --store-mib {args.store_mib}`; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")  # fmt: skip
     print(
-        "| recording | prefill step, median (ms) | vs off | prefill CPU time, median (ms) | vs off | "
+        "| recording | prefill step, median (ms) | vs off | engine thread's CPU time in the prefill, median "
+        "(ms) | vs off | process CPU time in the prefill, median (ms) | vs off | "
         "memory first touched in the prefill (MiB) | recording work inside the step, median | "
         "decode step, median (ms) | vs off | MiB per record | fill prefills | evicted while timed |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    base = {name: median("off", name) for name in ("prefill_s", "prefill_cpu_s", "decode_s")}
-    for policy in POLICIES:
-        p, c, d = (median(policy, name) for name in ("prefill_s", "prefill_cpu_s", "decode_s"))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for policy in configs:
+        p, c, pc, d = (
+            median(policy, name)
+            for name in ("prefill_s", "prefill_cpu_s", "prefill_process_cpu_s", "decode_s")
+        )
         recording = engines[policy].recording
         size = 0.0
         if isinstance(recording, StoreRecording) and len(recording.store):
             stored = recording.store.device_bytes + recording.store.host_bytes
             size = stored / len(recording.store) / 2**20
         print(
-            f"| {policy} | {1000 * p:.0f} | {p / base['prefill_s'] - 1:+.1%} | {1000 * c:.0f} "
-            f"| {c / base['prefill_cpu_s'] - 1:+.1%} | {median(policy, 'prefill_new_mib'):.1f} "
-            f"| {statistics.median(share[policy]):.1%} | {1000 * d:.1f} | {d / base['decode_s'] - 1:+.1%} "
+            f"| {policy} | {1000 * p:.0f} | {paired(policy, 'prefill_s'):+.1%} | {1000 * c:.0f} "
+            f"| {paired(policy, 'prefill_cpu_s'):+.1%} | {1000 * pc:.0f} "
+            f"| {paired(policy, 'prefill_process_cpu_s'):+.1%} | {median(policy, 'prefill_new_mib'):.1f} "
+            f"| {statistics.median(share[policy]):.1%} | {1000 * d:.1f} | {paired(policy, 'decode_s'):+.1%} "
             f"| {size:.1f} | {filled[policy]} | {evictions(store_of(engines[policy])) - evicted_before[policy]} |"
         )
     return 0

@@ -51,16 +51,17 @@ def fill_store(engine: ServingEngine, store: ActivationStore, rng: random.Random
 class StepCost:
     wall_s: float  # wall seconds of the step
     cpu_s: float  # CPU seconds the calling thread spent in it (waiting for a core not counted)
+    process_cpu_s: float  # CPU seconds of every thread of the process during it (a copy thread's too)
     new_mib: float  # memory the process touched for the first time during it (minor page faults)
 
 
 def measure_step(step: Callable[[], object]) -> StepCost:
     """Runs `step()` once and says what it cost."""
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    cpu = time.thread_time()
+    cpu, process_cpu = time.thread_time(), time.process_time()
     started = time.perf_counter()
     step()
     wall = time.perf_counter() - started
-    cpu = time.thread_time() - cpu
+    cpu, process_cpu = time.thread_time() - cpu, time.process_time() - process_cpu
     new_pages = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return StepCost(wall, cpu, new_pages * resource.getpagesize() / 2**20)
+    return StepCost(wall, cpu, process_cpu, new_pages * resource.getpagesize() / 2**20)

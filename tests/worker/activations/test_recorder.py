@@ -1,12 +1,14 @@
 """Prefill recording: what each policy keeps, per sequence, and that the forward itself is unchanged."""
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from alchemist_worker.activations import recorder as recorder_module
 from alchemist_worker.activations.policy import RecordingPolicy, parse_policy
-from alchemist_worker.activations.recorder import PrefillRecorder
+from alchemist_worker.activations.recorder import CopyThread, PrefillRecorder
 from alchemist_worker.activations.records import SequenceRecord, concat_records
 from alchemist_worker.activations.store import ActivationStore, StoreConfig
 from alchemist_worker.model import DenseCausalAttention, LayerActivations, load_model
@@ -37,17 +39,20 @@ def prefill(model, lengths, recorder=None, keep=None):
     return ids, cu, positions, hidden
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["copies-in-step", "copy-thread"])
 @pytest.mark.parametrize("policy", list(RecordingPolicy))
 def test_records_hold_each_sequences_slice_of_the_policys_fields(
-    tiny_checkpoints: dict[str, Path], policy: RecordingPolicy
+    tiny_checkpoints: dict[str, Path], policy: RecordingPolicy, background: bool
 ) -> None:
     model = load_model(tiny_checkpoints["qwen3"])
     lengths = [5, 9, 3]
     capture = Capture()
     ids, cu, _, plain = prefill(model, lengths, capture)
+    copy_thread = CopyThread() if background else None
     recorder = PrefillRecorder(
-        policy, cu, ids, num_layers=2, version=7, qk_norm=True, keep=[True, False, True]
-    )
+        policy, cu, ids, num_layers=2, version=7, qk_norm=True, keep=[True, False, True],
+        copy_thread=copy_thread,
+    )  # fmt: skip
     _, _, _, recorded = prefill(model, lengths, recorder)
     assert torch.equal(plain, recorded)  # recording does not change the forward
     records = recorder.records()
@@ -62,6 +67,10 @@ def test_records_hold_each_sequences_slice_of_the_policys_fields(
                 full = getattr(capture.layers[layer], name)
                 assert torch.equal(tensor, full[cu[seq] : cu[seq + 1]]), name
                 assert not tensor.is_inference()  # autograd may save it later
+                assert tensor.is_contiguous()
+                assert tensor.untyped_storage().data_ptr() != full.untyped_storage().data_ptr()
+    if copy_thread is not None:
+        copy_thread.close()
 
 
 def test_policies_grow_and_kv_skips_the_softmax_statistics() -> None:
@@ -254,3 +263,66 @@ def test_bfloat16_records_copy_into_bfloat16_and_keep_the_statistics_in_fp32(
             assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
     fp32 = sum(getattr(capture.layers[0], n).nbytes for n in record.layers[0])
     assert record.layer_nbytes(0) < 0.6 * fp32
+
+
+def test_the_copy_thread_copies_what_the_forward_no_longer_writes_and_the_rest_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fields handed over are copied on the copy thread; a field the forward may still write is copied
+    during the hook, before the write; a bfloat16 model's fields go through the byte copy unchanged."""
+    threads: set[str] = set()
+    plain_copy = recorder_module._plain_copy
+    released = threading.Event()  # background copies wait until the forward has written x
+
+    def watched(source: torch.Tensor, into: torch.Tensor) -> None:
+        threads.add(threading.current_thread().name)
+        assert released.wait(timeout=30)
+        plain_copy(source, into)
+
+    monkeypatch.setattr(recorder_module, "_plain_copy", watched)
+    copy_thread = CopyThread()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(20, 8).to(dtype)
+        gate_up = torch.randn(20, 12).to(dtype)
+        acts = LayerActivations(
+            x=x, q_lin=x, k_lin=x, k=x.view(20, 2, 4), v=x.view(20, 2, 4), attn=x.view(20, 2, 4),
+            lse=torch.randn(20, 2), o=x, gate=gate_up[:, :6], up=gate_up[:, 6:],
+            handed_over=frozenset({"gate", "up", "lse"}),
+        )  # fmt: skip
+        before = {name: getattr(acts, name)[4:].clone() for name in ("x", "gate", "up", "lse")}
+        recorder = PrefillRecorder(
+            RecordingPolicy.FULL, [0, 4, 20], torch.arange(20), num_layers=1, version=0,
+            keep=[False, True], copy_thread=copy_thread,
+        )  # fmt: skip
+        released.clear()
+        recorder.record_layer(0, acts)
+        x.zero_()  # the forward writes what it did not hand over: the record has the value of the hook call
+        released.set()
+        (record,) = [r for r in recorder.records() if r is not None]
+        (layer,) = record.layers
+        for name, value in before.items():
+            assert layer[name].dtype == value.dtype and torch.equal(layer[name], value), (dtype, name)
+            assert layer[name].is_contiguous() and not layer[name].is_inference()
+    copy_thread.close()
+    assert threads == {t for t in threads if t.startswith("record-copies")} and threads
+
+
+def test_a_failed_background_copy_fails_the_records_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(source: torch.Tensor, into: torch.Tensor) -> None:
+        raise MemoryError("no room for the copy")
+
+    monkeypatch.setattr(recorder_module, "_plain_copy", broken)
+    copy_thread = CopyThread()
+    x = torch.randn(20, 8)
+    acts = LayerActivations(
+        x=x, q_lin=x, k_lin=x, k=x.view(20, 2, 4), v=x.view(20, 2, 4), attn=x.view(20, 2, 4),
+        lse=None, o=x, gate=x, up=x, handed_over=frozenset({"x"}),
+    )  # fmt: skip
+    recorder = PrefillRecorder(
+        RecordingPolicy.KV, [0, 4, 20], torch.arange(20), num_layers=1, version=0, keep=[False, True],
+        copy_thread=copy_thread,
+    )  # fmt: skip
+    recorder.record_layer(0, acts)
+    with pytest.raises(MemoryError, match="no room"):
+        recorder.records()
+    copy_thread.close()

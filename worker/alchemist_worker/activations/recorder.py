@@ -17,6 +17,11 @@ one step then share its buffers; the store counts each buffer once and frees it 
 tensors are never inference tensors, so that autograd can later save them for backward even if the engine's
 forward ran under `torch.inference_mode()`.
 
+The copies that remain (a sampled prompt beside unsampled ones) leave the forward's critical path: on CUDA
+they run on a side stream (`copy_stream`); on a CPU a `CopyThread` makes them while the forward goes on to the
+next layers, one single-threaded copy at a time (the forward keeps its cores' threads), and `records()` waits
+for both.
+
 Two options trade exactness or serving work for less: `defer_lse` leaves the softmax log-sum-exp out of the
 record (the trainer computes it when a record is used, which most never are), for engines whose attention
 does not return it; `record_dtype` stores records in another dtype (e.g. bfloat16, half the bytes; the
@@ -26,7 +31,9 @@ log-sum-exp stays fp32), which makes gradients from them approximate.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,6 +46,46 @@ from alchemist_worker.model.layer_activations import LayerActivations
 # other rows' bytes (a few decode rows beside a prompt, a prompt not sampled) are held too, and counted, but
 # not copied.
 MIN_VIEW_SHARE = 0.875
+
+
+class CopyThread:
+    """A background thread for a CPU recorder's copies. Each copy runs on one thread, outside torch's
+    intra-op pool, so it does not oversubscribe the cores the forward's threads hold (setting torch's thread
+    count from another thread would change the process's default for threads started later)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="record-copies")
+
+    def submit(self, rows: dict[int, LayerTensors]) -> Future[dict[int, LayerTensors]]:
+        """Contiguous copies of each sequence's rows (views of tensors the forward no longer writes), made in
+        the background: {sequence: {field: copy}}. The copies' memory is allocated here, on the calling thread:
+        memory a thread frees goes back to the allocator's pool of the thread that allocated it, so records
+        allocated on the engine's thread reuse the memory of the records the store evicted there, where the
+        copy thread's own allocations would be new pages (page faults) every time."""
+        with torch.inference_mode(False):
+            pairs = {
+                seq: {name: (t, torch.empty(t.shape, dtype=t.dtype)) for name, t in tensors.items()}
+                for seq, tensors in rows.items()
+            }
+        return self._pool.submit(_copy_all, pairs)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _copy_all(pairs: dict[int, dict[str, tuple[Tensor, Tensor]]]) -> dict[int, LayerTensors]:
+    for tensors in pairs.values():
+        for source, copy in tensors.values():
+            _plain_copy(source, copy)
+    return {seq: {name: copy for name, (_, copy) in tensors.items()} for seq, tensors in pairs.items()}
+
+
+def _plain_copy(source: Tensor, into: Tensor) -> None:
+    """Copies by numpy, which runs on the calling thread alone and releases the GIL; the bytes are copied as
+    integers of the element's size, so any dtype (bfloat16 too) goes through."""
+    raw = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[source.element_size()]
+    with torch.inference_mode(False):
+        np.copyto(into.view(raw).numpy(), source.view(raw).numpy())
 
 
 def _alias(tensor: Tensor) -> Tensor:
@@ -62,12 +109,16 @@ class PrefillRecorder:
         keep: Sequence[bool] | None = None,
         start_positions: Sequence[int] | None = None,
         copy_stream: torch.cuda.Stream | None = None,
+        copy_thread: CopyThread | None = None,
         defer_lse: bool = False,
         record_dtype: torch.dtype | None = None,
     ) -> None:
-        """`copy_stream` (CUDA): the copies run there, beside the forward's next layers; `records()` waits."""
+        """`copy_stream` (CUDA) or `copy_thread` (CPU): the copies run there, beside the forward's next layers;
+        `records()` waits for them."""
         self.policy = policy
         self.copy_stream = copy_stream
+        self.copy_thread = copy_thread
+        self._background: list[tuple[int, Future[dict[int, LayerTensors]]]] = []  # (layer, copies)
         self.record_dtype = record_dtype
         self.offsets = as_offsets(cu_seqlens)
         num_seqs = len(self.offsets) - 1
@@ -104,9 +155,11 @@ class PrefillRecorder:
             for seq, layers in self._layers.items():
                 start, end = self.offsets[seq], self.offsets[seq + 1]
                 layers[layer] = {name: alias[start:end] for name, alias in aliases.items()}
-        stream = self.copy_stream
+        if copied and self.copy_thread is not None:
+            copied = self._copy_in_background(layer, copied, activations.handed_over)
         if not copied:
             return
+        stream = self.copy_stream
         if stream is None:
             self._copy(layer, copied)
             return
@@ -116,6 +169,25 @@ class PrefillRecorder:
         for tensor in copied.values():  # their memory is not reused before the side stream has read it
             if tensor.is_cuda:
                 tensor.record_stream(stream)
+
+    def _copy_in_background(
+        self, layer: int, tensors: LayerTensors, handed_over: frozenset[str]
+    ) -> LayerTensors:
+        """Hands the copies the copy thread can make to it; returns the rest (to copy now): fields the forward
+        may still write, and fields whose dtype changes (a converting copy would need torch's threads)."""
+        assert self.copy_thread is not None
+        later = {
+            name: t
+            for name, t in tensors.items()
+            if name in handed_over and t.device.type == "cpu" and t.dtype == self._dtype_of(name, t)
+        }
+        if later:
+            rows = {
+                seq: {name: t[self.offsets[seq] : self.offsets[seq + 1]] for name, t in later.items()}
+                for seq in self._layers
+            }
+            self._background.append((layer, self.copy_thread.submit(rows)))
+        return {name: t for name, t in tensors.items() if name not in later}
 
     def _viewable(self, tensors: LayerTensors, handed_over: frozenset[str]) -> set[str]:
         """Fields kept as views: handed over, in the record's dtype, and mostly the kept sequences' rows."""
@@ -155,6 +227,11 @@ class PrefillRecorder:
         """Per sequence of the batch: its record, or None where `keep` said not to record it."""
         if self.copy_stream is not None:
             torch.cuda.current_stream(self.copy_stream.device).wait_stream(self.copy_stream)
+        background, self._background = self._background, []
+        for layer, copies in background:
+            for seq, tensors in copies.result().items():
+                kept = self._layers[seq][layer]
+                self._layers[seq][layer] = tensors if kept is None else {**kept, **tensors}
         out: list[SequenceRecord | None] = []
         for seq in range(len(self.offsets) - 1):
             layers = self._layers.get(seq)

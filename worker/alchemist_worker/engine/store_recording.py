@@ -2,8 +2,8 @@
 
 One recorder per recorded prefill batch keeps only the sequences chosen for recording, under the configured
 policy; after the forward pass each record goes into the store under its request id (the response id the
-API returned), where the store's byte budgets decide its tier (device, host) or drop it. On CUDA the copies a
-recorder still makes run on a side stream, beside the forward's next layers.
+API returned), where the store's byte budgets decide its tier (device, host) or drop it. The copies a recorder
+still makes run beside the forward's next layers: on a side stream on CUDA, on a copy thread on a CPU.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import torch
 
 from alchemist_worker.activations.policy import RecordingPolicy, parse_policy
-from alchemist_worker.activations.recorder import PrefillRecorder
+from alchemist_worker.activations.recorder import CopyThread, PrefillRecorder
 from alchemist_worker.activations.store import ActivationStore, DropReason, StoreConfig, Tier
 from alchemist_worker.engine.config import RecordingConfig
 from alchemist_worker.engine.recording import RecordingStats
@@ -40,6 +40,7 @@ class StoreRecording:
         self.record_dtype = record_dtype  # None: the model's dtype
         cuda = store.device.type == "cuda" and torch.cuda.is_available()
         self.copy_stream = torch.cuda.Stream(store.device) if cuda else None
+        self.copy_thread = CopyThread() if store.device.type == "cpu" else None  # started at its first copy
         self._pending: tuple[PrefillRecorder, list[str | None]] | None = None
         self.recorded = 0
         self._evicted = 0
@@ -75,6 +76,7 @@ class StoreRecording:
             qk_norm=self.model_config.qk_norm,
             keep=[rid is not None for rid in record_ids],
             copy_stream=self.copy_stream,
+            copy_thread=self.copy_thread,
             record_dtype=self.record_dtype,
         )
         self._pending = (recorder, list(record_ids))
