@@ -6,10 +6,12 @@ such a seed up front, so the tests put it into already-validated parameters to r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alchemist_worker.activations import recorder as recorder_module
 from alchemist_worker.activations.policy import RecordingPolicy
 from alchemist_worker.activations.store import ActivationStore, StoreConfig
 from alchemist_worker.engine.config import RecordingConfig
@@ -137,6 +139,33 @@ def test_a_recorded_prefill_after_a_failed_forward_pass_records(
     second = run_to_completion(engine, [GenerationRequest("second", [3, 4, 5], GREEDY, record=True)])
     assert second["second"][-1].error is None and second["second"][-1].recorded
     assert "second" in store
+
+
+def test_a_failed_record_copy_loses_the_record_not_the_request(
+    tiny_checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prompt sampled beside one that is not is copied on the copy thread; if that copy fails, the step
+    has served its tokens anyway: the requests finish as without recording, and only the record is lost."""
+    path = tiny_checkpoints["llama"]
+    requests = [
+        GenerationRequest("a", [5, 9, 13, 2, 7], GREEDY, record=True),
+        GenerationRequest("b", [8, 8, 30, 2, 4, 4, 9], GREEDY, record=False),
+    ]
+    reference = run_to_completion(build_engine(path), requests)
+
+    def broken(source: Any, into: Any) -> None:
+        raise MemoryError("no room for the copy")
+
+    monkeypatch.setattr(recorder_module, "_plain_copy", broken)
+    engine, store = recording_engine(path)
+    with caplog.at_level(logging.WARNING):
+        outputs = run_to_completion(engine, requests)
+    for rid in "ab":
+        assert outputs[rid][-1].error is None and tokens_of(outputs[rid]) == tokens_of(reference[rid])
+    assert "a" not in store and "recording of ['a'] failed" in caplog.text
+    monkeypatch.undo()
+    later = run_to_completion(engine, [GenerationRequest("c", [7, 7, 7], GREEDY, record=True)])
+    assert later["c"][-1].error is None and "c" in store
 
 
 def test_a_request_failing_mid_decode_leaves_the_batch_decoding(

@@ -8,6 +8,7 @@ still makes run beside the forward's next layers: on a side stream on CUDA, on a
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -23,6 +24,8 @@ from alchemist_worker.model.layer_activations import Recorder
 # The eviction count comes from the store's full statistics, which walk every record: refreshed at most this
 # often, since the engine reports statistics after every iteration. Byte counts are always current.
 EVICTIONS_REFRESH_S = 0.5
+
+log = logging.getLogger(__name__)
 
 
 class StoreRecording:
@@ -87,7 +90,12 @@ class StoreRecording:
             raise RuntimeError("commit() must follow begin() with the recorder it returned")
         pending, record_ids = self._pending
         self._pending = None
-        for record_id, record in zip(record_ids, pending.records(), strict=True):
+        try:
+            records = pending.records()
+        except Exception:  # a copy made beside the forward failed: the step has served, its records are lost
+            log.warning("recording of %s failed", [r for r in record_ids if r is not None], exc_info=True)
+            return
+        for record_id, record in zip(record_ids, records, strict=True):
             if record_id is not None and record is not None:
                 self.store.put(record_id, record)
                 self.recorded += 1
