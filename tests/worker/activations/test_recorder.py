@@ -39,6 +39,18 @@ def prefill(model, lengths, recorder=None, keep=None):
     return ids, cu, positions, hidden
 
 
+def synthetic_layer(
+    x: torch.Tensor, gate_up: torch.Tensor, *, lse: torch.Tensor | None, handed_over: set[str]
+) -> LayerActivations:
+    """A layer of 2 heads of 4 over x [T, 8], every attention field a view of x, gate/up halves of one fused
+    [T, 12] buffer."""
+    heads = x.view(x.shape[0], 2, 4)
+    return LayerActivations(
+        x=x, q_lin=x, k_lin=x, k=heads, v=heads, attn=heads, lse=lse, o=x,
+        gate=gate_up[:, :6], up=gate_up[:, 6:], handed_over=frozenset(handed_over),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("background", [False, True], ids=["copies-in-step", "copy-thread"])
 @pytest.mark.parametrize("policy", list(RecordingPolicy))
 def test_records_hold_each_sequences_slice_of_the_policys_fields(
@@ -219,10 +231,7 @@ def test_a_prompt_beside_a_few_other_rows_is_kept_as_views_and_counted_whole() -
     """vLLM puts decode rows beside a prompt: a view of the buffer holds them too, and the bytes say so."""
     x = torch.randn(34, 8)
     gate_up = torch.randn(34, 12)
-    acts = LayerActivations(
-        x=x, q_lin=x, k_lin=x, k=x.view(34, 2, 4), v=x.view(34, 2, 4), attn=x.view(34, 2, 4), lse=None,
-        o=x, gate=gate_up[:, :6], up=gate_up[:, 6:], handed_over=frozenset({"x", "gate", "up"}),
-    )  # fmt: skip
+    acts = synthetic_layer(x, gate_up, lse=None, handed_over={"x", "gate", "up"})
     recorder = PrefillRecorder(
         RecordingPolicy.KV, [0, 2, 34], torch.arange(34), num_layers=1, version=0, keep=[False, True]
     )
@@ -284,11 +293,7 @@ def test_the_copy_thread_copies_what_the_forward_no_longer_writes_and_the_rest_a
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(20, 8).to(dtype)
         gate_up = torch.randn(20, 12).to(dtype)
-        acts = LayerActivations(
-            x=x, q_lin=x, k_lin=x, k=x.view(20, 2, 4), v=x.view(20, 2, 4), attn=x.view(20, 2, 4),
-            lse=torch.randn(20, 2), o=x, gate=gate_up[:, :6], up=gate_up[:, 6:],
-            handed_over=frozenset({"gate", "up", "lse"}),
-        )  # fmt: skip
+        acts = synthetic_layer(x, gate_up, lse=torch.randn(20, 2), handed_over={"gate", "up", "lse"})
         before = {name: getattr(acts, name)[4:].clone() for name in ("x", "gate", "up", "lse")}
         recorder = PrefillRecorder(
             RecordingPolicy.FULL, [0, 4, 20], torch.arange(20), num_layers=1, version=0,
@@ -314,10 +319,7 @@ def test_a_failed_background_copy_fails_the_records_call(monkeypatch: pytest.Mon
     monkeypatch.setattr(recorder_module, "_plain_copy", broken)
     copy_thread = CopyThread()
     x = torch.randn(20, 8)
-    acts = LayerActivations(
-        x=x, q_lin=x, k_lin=x, k=x.view(20, 2, 4), v=x.view(20, 2, 4), attn=x.view(20, 2, 4),
-        lse=None, o=x, gate=x, up=x, handed_over=frozenset({"x"}),
-    )  # fmt: skip
+    acts = synthetic_layer(x, torch.randn(20, 12), lse=None, handed_over={"x"})
     recorder = PrefillRecorder(
         RecordingPolicy.KV, [0, 4, 20], torch.arange(20), num_layers=1, version=0, keep=[False, True],
         copy_thread=copy_thread,

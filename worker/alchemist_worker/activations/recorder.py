@@ -74,9 +74,10 @@ class CopyThread:
 
 
 def _copy_all(pairs: dict[int, dict[str, tuple[Tensor, Tensor]]]) -> dict[int, LayerTensors]:
-    for tensors in pairs.values():
-        for source, copy in tensors.values():
-            _plain_copy(source, copy)
+    with torch.inference_mode(False):
+        for tensors in pairs.values():
+            for source, copy in tensors.values():
+                _plain_copy(source, copy)
     return {seq: {name: copy for name, (_, copy) in tensors.items()} for seq, tensors in pairs.items()}
 
 
@@ -84,8 +85,7 @@ def _plain_copy(source: Tensor, into: Tensor) -> None:
     """Copies by numpy, which runs on the calling thread alone and releases the GIL; the bytes are copied as
     integers of the element's size, so any dtype (bfloat16 too) goes through."""
     raw = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[source.element_size()]
-    with torch.inference_mode(False):
-        np.copyto(into.view(raw).numpy(), source.view(raw).numpy())
+    np.copyto(into.view(raw).numpy(), source.view(raw).numpy())
 
 
 def _alias(tensor: Tensor) -> Tensor:
@@ -153,8 +153,7 @@ class PrefillRecorder:
         with torch.inference_mode(False), torch.no_grad():
             aliases = {name: _alias(tensors[name]) for name in viewed}
             for seq, layers in self._layers.items():
-                start, end = self.offsets[seq], self.offsets[seq + 1]
-                layers[layer] = {name: alias[start:end] for name, alias in aliases.items()}
+                layers[layer] = {name: alias[self._rows(seq)] for name, alias in aliases.items()}
         if copied and self.copy_thread is not None:
             copied = self._copy_in_background(layer, copied, activations.handed_over)
         if not copied:
@@ -179,13 +178,10 @@ class PrefillRecorder:
         later = {
             name: t
             for name, t in tensors.items()
-            if name in handed_over and t.device.type == "cpu" and t.dtype == self._dtype_of(name, t)
+            if self._usable_as_is(name, t, handed_over) and t.device.type == "cpu"
         }
         if later:
-            rows = {
-                seq: {name: t[self.offsets[seq] : self.offsets[seq + 1]] for name, t in later.items()}
-                for seq in self._layers
-            }
+            rows = {seq: {name: t[self._rows(seq)] for name, t in later.items()} for seq in self._layers}
             self._background.append((layer, self.copy_thread.submit(rows)))
         return {name: t for name, t in tensors.items() if name not in later}
 
@@ -196,7 +192,7 @@ class PrefillRecorder:
             return set()
         by_storage: dict[int, list[str]] = {}
         for name, t in tensors.items():
-            if name in handed_over and t.dtype == self._dtype_of(name, t):
+            if self._usable_as_is(name, t, handed_over):
                 by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(name)
         viewed: set[str] = set()
         for names in by_storage.values():
@@ -206,6 +202,14 @@ class PrefillRecorder:
                 viewed.update(names)
         return viewed
 
+    def _rows(self, seq: int) -> slice:
+        return slice(self.offsets[seq], self.offsets[seq + 1])
+
+    def _usable_as_is(self, name: str, tensor: Tensor, handed_over: frozenset[str]) -> bool:
+        """The forward writes the field no more and it is in the record's dtype: its memory may be read later
+        (kept as a view, or copied off the critical path)."""
+        return name in handed_over and tensor.dtype == self._dtype_of(name, tensor)
+
     def _dtype_of(self, name: str, tensor: Tensor) -> torch.dtype:
         if self.record_dtype is None or name == "lse" or not tensor.is_floating_point():
             return tensor.dtype
@@ -214,11 +218,10 @@ class PrefillRecorder:
     def _copy(self, layer: int, tensors: LayerTensors) -> None:
         with torch.inference_mode(False), torch.no_grad():
             for seq, layers in self._layers.items():
-                start, end = self.offsets[seq], self.offsets[seq + 1]
                 kept = layers[layer] if layers[layer] is not None else {}
                 assert kept is not None
                 for name, tensor in tensors.items():
-                    kept[name] = tensor[start:end].to(
+                    kept[name] = tensor[self._rows(seq)].to(
                         self._dtype_of(name, tensor), memory_format=torch.contiguous_format, copy=True
                     )
                 layers[layer] = kept
@@ -247,7 +250,7 @@ class PrefillRecorder:
                 SequenceRecord(
                     policy=self.policy,
                     version=self.version,
-                    token_ids=self.token_ids[self.offsets[seq] : self.offsets[seq + 1]].clone(),
+                    token_ids=self.token_ids[self._rows(seq)].clone(),
                     layers=[layer for layer in layers if layer is not None],
                     start_position=self.start_positions[seq],
                     qk_norm=self.qk_norm,
