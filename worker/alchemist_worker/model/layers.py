@@ -179,8 +179,9 @@ class LoRALinear(nn.Module):
             return y
         if x.ndim != 2:
             return y + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
-        # y + s (x A^T) B^T in one GEMM call: no separate passes over y to scale and add
-        return torch.addmm(y, F.linear(x, self.lora_A), self.lora_B.t(), alpha=self.scaling)
+        # y + s (x A^T) B^T in one GEMM call into y, which nothing else holds: no pass over y to copy, scale or
+        # add (autograd saves the linear's input, not its output)
+        return y.addmm_(F.linear(x, self.lora_A), self.lora_B.t(), alpha=self.scaling)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]

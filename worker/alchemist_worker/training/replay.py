@@ -73,7 +73,7 @@ class _GivenLinears(torch.autograd.Function):
         dbiases: list[Tensor | None] = [None] * n
         for i, (grad, weight) in enumerate(zip(grads, weights, strict=True)):
             if needs[0]:
-                dx = grad @ weight if dx is None else torch.addmm(dx, grad, weight)
+                dx = grad @ weight if dx is None else dx.addmm_(grad, weight)
             if needs_w[i]:
                 dweights[i] = grad.t() @ x
             if ctx.has_bias[i] and needs_b[i]:
@@ -86,7 +86,7 @@ class _GivenLinears(torch.autograd.Function):
             ranks = [lora_a[i].shape[0] for i in adapted]
             grad_r = torch.cat([grads[i] @ lora_b[i] for i in adapted], dim=1)  # [T, k r]
             if dx is not None:
-                dx = torch.addmm(dx, grad_r, a_cat, alpha=scaling)
+                dx = dx.addmm_(grad_r, a_cat, alpha=scaling)
             if any(needs_a[i] for i in adapted):
                 da_cat = scaling * (grad_r.t() @ x)
                 for i, part in zip(adapted, da_cat.split(ranks), strict=True):
@@ -94,7 +94,7 @@ class _GivenLinears(torch.autograd.Function):
             if any(needs_lb[i] for i in adapted):
                 xa = (x @ a_cat.t()).split(ranks, dim=1)  # x A_i^T
                 for i, part in zip(adapted, xa, strict=True):
-                    db[i] = scaling * (grads[i].t() @ part) if needs_lb[i] else None
+                    db[i] = scaling * (part.t() @ grads[i]).t() if needs_lb[i] else None
         return (dx, None, None, *([None] * n), *dweights, *dbiases, *da, *db)
 
 
