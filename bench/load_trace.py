@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
+from pathlib import Path
 
 
 def lognormal_length(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
@@ -28,8 +30,20 @@ def add_length_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-max", type=int, default=96)
 
 
-def sharegpt_request(rng: random.Random, args: argparse.Namespace) -> tuple[list[int], int]:
+def vocab_size_of(model: Path) -> int:
+    """The vocabulary size in a checkpoint's config.json."""
+    return int(json.loads((model / "config.json").read_text())["vocab_size"])
+
+
+def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
+    """Token ids of ordinary words: 1000-30000 in a large vocabulary (SmolLM2's 49,152), clear of the special
+    tokens at its start; the upper nine tenths of a small one (random test checkpoints)."""
+    low, high = (1000, 30000) if vocab_size > 30000 else (vocab_size // 10, vocab_size)
+    return [rng.randrange(low, high) for _ in range(length)]
+
+
+def sharegpt_request(rng: random.Random, args: argparse.Namespace, vocab_size: int) -> tuple[list[int], int]:
     """(prompt token ids, output tokens): prompts log-normal (sigma 0.9), outputs log-normal (sigma 0.6)."""
     prompt_len = lognormal_length(rng, args.prompt_median, 0.9, 8, args.prompt_max)
     output_len = lognormal_length(rng, args.output_median, 0.6, 4, args.output_max)
-    return [rng.randrange(1000, 30000) for _ in range(prompt_len)], output_len
+    return random_prompt(rng, prompt_len, vocab_size), output_len

@@ -46,7 +46,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: `bench` importable
-from bench.load_trace import add_length_arguments, percentile, sharegpt_request
+from bench.load_trace import add_length_arguments, percentile, random_prompt, sharegpt_request, vocab_size_of
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("off", "kv", "selective", "full")
@@ -75,7 +75,7 @@ def make_trace(args: argparse.Namespace) -> list[Arrival]:
     trace, clock = [], 0.0
     for _ in range(args.requests):
         clock += rng.expovariate(args.rate)
-        prompt, output_len = sharegpt_request(rng, args)
+        prompt, output_len = sharegpt_request(rng, args, vocab_size_of(args.model))
         trace.append(Arrival(clock, prompt, output_len))
     return trace
 
@@ -177,8 +177,20 @@ def vllm_command(args: argparse.Namespace, port: int) -> tuple[list[str], dict[s
     return command, env
 
 
+def burst_of(trace: list[Arrival], vocab_size: int) -> list[Arrival]:
+    """Every request of `trace` at once, with fresh prompts of the same lengths: a prefix cache must not serve
+    the burst from the trace's run."""
+    rng = random.Random(len(trace))
+    return [Arrival(0.0, random_prompt(rng, len(a.prompt), vocab_size), a.max_tokens) for a in trace]
+
+
 def measure(
-    name: str, command: list[str], env: dict[str, str], url: str, trace: list[Arrival], burst: bool
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    url: str,
+    trace: list[Arrival],
+    burst: list[Arrival] | None,
 ) -> dict[str, object]:
     log = open(ROOT / ".cache" / f"bench-{name}.log", "wb")  # noqa: SIM115 - owned by the child
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -188,12 +200,7 @@ def measure(
         metrics = httpx.get(url + "/metrics", timeout=5).text if name != "vllm" else ""  # the worker's
         capacity = float("nan")
         if burst:  # every request at once: output tokens per second at saturation
-            # fresh prompts of the same lengths: a prefix cache must not serve the burst from the trace's run
-            rng = random.Random(len(trace))
-            together = [
-                Arrival(0.0, [rng.randrange(1000, 30000) for _ in a.prompt], a.max_tokens) for a in trace
-            ]
-            burst_results, burst_span = asyncio.run(run_trace(url, "bench", together))
+            burst_results, burst_span = asyncio.run(run_trace(url, "bench", burst))
             capacity = sum(r.output_tokens for r in burst_results) / burst_span
     finally:
         process.send_signal(signal.SIGTERM)
@@ -337,6 +344,7 @@ def main() -> int:
         args.model = ensure_small_model()
     (ROOT / ".cache").mkdir(exist_ok=True)
     trace = make_trace(args)
+    burst = burst_of(trace, vocab_size_of(args.model))
     rows = []
     url = f"http://127.0.0.1:{args.port}"
     for config in args.configs.split(","):
@@ -358,7 +366,7 @@ def main() -> int:
             env,
             url,
             trace,
-            burst=name in ("native-off", "vllm", "vllm-stock", "vllm-off", "vllm-shared"),
+            burst=burst if name in ("native-off", "vllm", "vllm-stock", "vllm-off", "vllm-shared") else None,
         )
         print(f"{name}: {row} ({time.monotonic() - started:.0f} s)", flush=True)
         rows.append(row)

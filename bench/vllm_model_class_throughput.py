@@ -34,7 +34,7 @@ from alchemist_worker.engine.sampling_params import SamplingParams
 from alchemist_worker.engine.serving_engine import GenerationRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: `bench` importable
-from bench.load_trace import add_length_arguments, sharegpt_request
+from bench.load_trace import add_length_arguments, sharegpt_request, vocab_size_of
 
 # engine name -> (our model class, weights kept plain for the trainer)
 ENGINES = {
@@ -48,7 +48,7 @@ PAIRS = (("ours", "stock"), ("ours-shared", "stock"), ("ours-shared", "ours"), (
 
 def make_burst(rng: random.Random, args: argparse.Namespace) -> list[tuple[list[int], int]]:
     """(prompt, output tokens) per request, lengths as serving_load.py's trace."""
-    return [sharegpt_request(rng, args) for _ in range(args.burst)]
+    return [sharegpt_request(rng, args, vocab_size_of(args.model)) for _ in range(args.burst)]
 
 
 def run_burst(engine: Any, burst: list[tuple[list[int], int]], tag: str) -> tuple[float, int, int]:
