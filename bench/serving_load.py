@@ -72,10 +72,10 @@ class Result:
 def make_trace(args: argparse.Namespace) -> list[Arrival]:
     """ShareGPT-like: prompts log-normal (sigma 0.9), outputs log-normal (sigma 0.6), Poisson arrivals."""
     rng = random.Random(args.seed)
-    trace, clock = [], 0.0
+    trace, clock, vocab_size = [], 0.0, vocab_size_of(args.model)
     for _ in range(args.requests):
         clock += rng.expovariate(args.rate)
-        prompt, output_len = sharegpt_request(rng, args, vocab_size_of(args.model))
+        prompt, output_len = sharegpt_request(rng, args, vocab_size)
         trace.append(Arrival(clock, prompt, output_len))
     return trace
 

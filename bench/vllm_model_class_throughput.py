@@ -48,7 +48,8 @@ PAIRS = (("ours", "stock"), ("ours-shared", "stock"), ("ours-shared", "ours"), (
 
 def make_burst(rng: random.Random, args: argparse.Namespace) -> list[tuple[list[int], int]]:
     """(prompt, output tokens) per request, lengths as serving_load.py's trace."""
-    return [sharegpt_request(rng, args, vocab_size_of(args.model)) for _ in range(args.burst)]
+    vocab_size = vocab_size_of(args.model)
+    return [sharegpt_request(rng, args, vocab_size) for _ in range(args.burst)]
 
 
 def run_burst(engine: Any, burst: list[tuple[list[int], int]], tag: str) -> tuple[float, int, int]:
