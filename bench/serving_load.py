@@ -69,10 +69,10 @@ class Result:
     error: str | None = None
 
 
-def make_trace(args: argparse.Namespace) -> list[Arrival]:
+def make_trace(args: argparse.Namespace, vocab_size: int) -> list[Arrival]:
     """ShareGPT-like: prompts log-normal (sigma 0.9), outputs log-normal (sigma 0.6), Poisson arrivals."""
     rng = random.Random(args.seed)
-    trace, clock, vocab_size = [], 0.0, vocab_size_of(args.model)
+    trace, clock = [], 0.0
     for _ in range(args.requests):
         clock += rng.expovariate(args.rate)
         prompt, output_len = sharegpt_request(rng, args, vocab_size)
@@ -343,8 +343,9 @@ def main() -> int:
 
         args.model = ensure_small_model()
     (ROOT / ".cache").mkdir(exist_ok=True)
-    trace = make_trace(args)
-    burst = burst_of(trace, vocab_size_of(args.model))
+    vocab_size = vocab_size_of(args.model)
+    trace = make_trace(args, vocab_size)
+    burst = burst_of(trace, vocab_size)
     rows = []
     url = f"http://127.0.0.1:{args.port}"
     for config in args.configs.split(","):

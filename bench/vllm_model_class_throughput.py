@@ -46,9 +46,8 @@ ENGINES = {
 PAIRS = (("ours", "stock"), ("ours-shared", "stock"), ("ours-shared", "ours"), ("stock-again", "stock"))
 
 
-def make_burst(rng: random.Random, args: argparse.Namespace) -> list[tuple[list[int], int]]:
+def make_burst(rng: random.Random, args: argparse.Namespace, vocab_size: int) -> list[tuple[list[int], int]]:
     """(prompt, output tokens) per request, lengths as serving_load.py's trace."""
-    vocab_size = vocab_size_of(args.model)
     return [sharegpt_request(rng, args, vocab_size) for _ in range(args.burst)]
 
 
@@ -95,11 +94,13 @@ def main() -> int:
     for name in names:
         own, share = ENGINES[name]
         engines[name] = VllmEngine(config, compile=not args.eager, own_model_class=own, share_weights=share)
-    rng = random.Random(args.seed)
+    rng, vocab_size = random.Random(args.seed), vocab_size_of(args.model)
     rates: dict[str, list[float]] = {name: [] for name in names}
     steps: dict[str, list[float]] = {name: [] for name in names}
     for round_no in range(args.rounds + 1):  # round 0 warms every engine up
-        burst = make_burst(rng, args)  # the same requests for every engine; no engine has seen them
+        burst = make_burst(
+            rng, args, vocab_size
+        )  # the same requests for every engine; no engine has seen them
         order = names[round_no % len(names) :] + names[: round_no % len(names)]
         for name in order:
             seconds, tokens, count = run_burst(engines[name], burst, f"r{round_no}")
@@ -136,7 +137,7 @@ def main() -> int:
                 f"| {' '.join(f'{r:.2f}' for r in ratios)} |"
             )
     if args.profile:
-        burst = make_burst(rng, args)
+        burst = make_burst(rng, args, vocab_size)
         for name in names:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 seconds, tokens, count = run_burst(engines[name], burst, "profiled")
