@@ -1,5 +1,7 @@
 """The CUDA attention kernel with log-sum-exp and its backward, against the plain softmax of test_attention."""
 
+from typing import Any
+
 import pytest
 import torch
 from alchemist_worker.model import cuda_attention
@@ -15,6 +17,73 @@ def test_grouped_heads_expand_and_fold_back() -> None:
     grad = torch.randn(6, 8, 8)
     (expected,) = torch.autograd.grad(expanded, k, grad)
     torch.testing.assert_close(cuda_attention._fold_heads(grad, 2), expected)
+
+
+def _binds(schema: torch.FunctionSchema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Why `args` and `kwargs` do not fit `schema`, argument by argument (empty: they fit)."""
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    named = {a.name: a for a in schema.arguments if a.kwarg_only}
+    problems = [] if len(args) == len(positional) else [f"{len(args)} positional for {len(positional)}"]
+    pairs = list(zip(positional, args, strict=False))
+    for name, value in kwargs.items():
+        if name not in named:
+            problems.append(f"no keyword {name}")
+        else:
+            pairs.append((named[name], value))
+    kinds = {"Tensor": torch.Tensor, "int": int, "SymInt": int, "float": float, "bool": bool}
+    for arg, value in pairs:
+        text = str(arg.type)
+        optional = text.startswith("Optional[")
+        kind = kinds[text.removeprefix("Optional[").removesuffix("]")]
+        wrong_kind = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        if (value is None and not optional) or (value is not None and wrong_kind):
+            problems.append(f"{arg.name}: {type(value).__name__} for {text}")
+    return problems
+
+
+def test_kernel_calls_fit_this_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The private ops' signatures change between PyTorch releases, and the GPU tests find a mismatch only on a
+    GPU. Here, on the CPU: the forward runs on meta tensors (PyTorch's shape functions), and the backward's
+    arguments bind, by position and type, to the installed op's schema (its meta function disagrees with
+    its own schema, so it cannot run), with the log-sum-exp padded as the forward pads it."""
+    if cuda_attention._FORWARD is None or cuda_attention._BACKWARD is None:
+        pytest.skip("this PyTorch has no memory-efficient attention ops")
+    q = torch.empty(5, 16, 64, device="meta")
+    k, v = torch.empty(9, 4, 64, device="meta"), torch.empty(9, 4, 64, device="meta")
+    out, lse = cuda_attention.fused_attention(q, k, v, 0.125)
+    assert out.shape == (5, 16, 64) and lse.shape == (5, 16) and lse.dtype == torch.float32
+    raw_lse = cuda_attention._FORWARD(
+        q.unsqueeze(0), q.unsqueeze(0), q.unsqueeze(0), None, None, None, None, None, 0.0, 2, True
+    )[1]
+    assert raw_lse.shape[-1] % cuda_attention._LSE_ALIGN == 0
+
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def capture(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        calls.append((args, kwargs))
+        return args[1], args[2], args[3], args[1]
+
+    monkeypatch.setattr(cuda_attention, "_BACKWARD", capture)
+    dq, dk, dv = cuda_attention.fused_attention_backward(torch.empty_like(out), q, k, v, out, lse, 0.125)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    ((args, kwargs),) = calls
+    schema = torch.ops.aten._efficient_attention_backward.default._schema
+    assert _binds(schema, args, kwargs) == []
+    names = [a.name for a in schema.arguments]
+    given = dict(zip(names, args, strict=False)) | kwargs
+    assert given["out"] is not None and given["out"].shape == (1, 5, 16, 64)
+    assert given["logsumexp"].shape == raw_lse.shape
+    assert (given["max_seqlen_q"], given["max_seqlen_k"]) == (5, 9)
+
+
+def test_schema_binding_sees_a_shifted_argument() -> None:
+    """The binding check above fails for the mistake it is there to catch: one argument left out."""
+    schema = torch.ops.aten._efficient_attention_backward.default._schema
+    t = torch.empty(0)
+    right = (t, t, t, t, None, t, None, None, 5, 9, t, 0.0, t, t, 2, False)
+    assert _binds(schema, right, {"scale": 0.1}) == []
+    assert _binds(schema, right[:5] + right[6:], {"scale": 0.1})  # `out` missing
+    assert _binds(schema, right, {"softmax_scale": 0.1})
 
 
 @pytest.mark.gpu
