@@ -80,19 +80,22 @@ class StoreStats:
     dropped: dict[str, int] = field(default_factory=dict)  # DropReason -> count
 
 
-_BufferKey = tuple[str, int]  # device, address of the storage
+_BufferKey = tuple[int, int]  # device index (-1: the CPU), address of the storage
+Buffers = dict[_BufferKey, int]  # distinct storages, with their sizes in bytes
 
 
-def _buffers(layer: LayerTensors) -> dict[_BufferKey, int]:
+def _buffers(layer: LayerTensors) -> Buffers:
     """The distinct storages a layer's tensors are views of, with their sizes in bytes."""
-    return {
-        (str(t.device), t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in layer.values()
-    }
+    buffers: Buffers = {}
+    for t in layer.values():
+        storage = t.untyped_storage()
+        buffers[(t.get_device(), storage.data_ptr())] = storage.nbytes()
+    return buffers
 
 
-def _buffers_of(layers: list[LayerTensors]) -> dict[_BufferKey, int]:
+def _buffers_of(layers: list[LayerTensors]) -> Buffers:
     """The distinct storages of several layers, each once."""
-    buffers: dict[_BufferKey, int] = {}
+    buffers: Buffers = {}
     for layer in layers:
         buffers.update(_buffers(layer))
     return buffers
@@ -127,6 +130,8 @@ class ActivationStore:
         self.clock = clock
         self._records: OrderedDict[str, SequenceRecord] = OrderedDict()  # oldest first
         self._tiers: dict[str, list[Tier]] = {}  # record id -> tier of each layer
+        # record id -> buffers of each layer, as placed (kept, not walked again at every put and eviction)
+        self._layer_buffers: dict[str, list[Buffers]] = {}
         self._tombstones: OrderedDict[str, DropReason] = OrderedDict()
         self._in_use: set[str] = set()
         self._bytes = {Tier.DEVICE: 0, Tier.HOST: 0}
@@ -193,8 +198,10 @@ class ActivationStore:
         record.layers = [self._place(layer, tier) for layer in record.layers]
         self._records[record_id] = record
         self._tiers[record_id] = [tier] * record.num_layers
-        for layer in record.layers:  # after placing: a host copy of a view holds only its rows
-            self._hold(tier, layer)
+        # after placing: a host copy of a view holds only its rows
+        self._layer_buffers[record_id] = [_buffers(layer) for layer in record.layers]
+        for buffers in self._layer_buffers[record_id]:
+            self._hold(tier, buffers)
         return tier
 
     def lookup(self, record_id: str) -> Lookup:
@@ -249,10 +256,12 @@ class ActivationStore:
         current = self._tiers[record_id][layer]
         if current is tier and tensors is None:
             return
-        self._unhold(current, record.layers[layer])
+        self._unhold(current, self._layer_buffers[record_id][layer])
         record.layers[layer] = tensors if tensors is not None else self._place(record.layers[layer], tier)
         self._tiers[record_id][layer] = tier
-        self._hold(tier, record.layers[layer])  # a copy may be smaller than a view it replaced
+        buffers = _buffers(record.layers[layer])  # a copy may be smaller than a view it replaced
+        self._layer_buffers[record_id][layer] = buffers
+        self._hold(tier, buffers)
 
     def hold_working_bytes(self, delta: int) -> None:
         """Counts bytes a training step holds on the device outside records (its own response activations,
@@ -303,7 +312,7 @@ class ActivationStore:
                 break
             if rid in self._in_use or tier not in self._tiers[rid]:
                 continue
-            holds = [key for layer in self._layers_in(rid, tier) for key in _buffers(layer)]
+            holds = [key for buffers in self._buffers_in(rid, tier) for key in buffers]
             if any(key in spare for key in holds):
                 continue
             victims.append(rid)
@@ -336,27 +345,35 @@ class ActivationStore:
 
     def _bytes_in(self, record_id: str, tier: Tier) -> int:
         """What the record's layers in `tier` hold, shared or not."""
-        return sum(_buffers_of(self._layers_in(record_id, tier)).values())
+        distinct: Buffers = {}
+        for buffers in self._buffers_in(record_id, tier):
+            distinct.update(buffers)
+        return sum(distinct.values())
 
-    def _layers_in(self, record_id: str, tier: Tier) -> list[LayerTensors]:
-        record = self._records[record_id]
-        return [layer for layer, t in zip(record.layers, self._tiers[record_id], strict=True) if t is tier]
+    def _buffers_in(self, record_id: str, tier: Tier) -> list[Buffers]:
+        """The buffers of each of the record's layers in `tier`."""
+        tiers = self._tiers[record_id]
+        return [b for b, t in zip(self._layer_buffers[record_id], tiers, strict=True) if t is tier]
 
-    def _hold(self, tier: Tier, layer: LayerTensors) -> None:
+    def _hold(self, tier: Tier, buffers: Buffers) -> None:
         held = self._held[tier]
-        for key, nbytes in _buffers(layer).items():
+        added = 0
+        for key, nbytes in buffers.items():
             if key in held:
                 held[key][0] += 1
             else:
                 held[key] = [1, nbytes]
-                self._add_bytes(tier, nbytes)
+                added += nbytes
+        self._add_bytes(tier, added)
 
-    def _unhold(self, tier: Tier, layer: LayerTensors) -> None:
+    def _unhold(self, tier: Tier, buffers: Buffers) -> None:
         held = self._held[tier]
-        for key in _buffers(layer):
+        freed = 0
+        for key in buffers:
             held[key][0] -= 1
             if held[key][0] == 0:
-                self._add_bytes(tier, -held.pop(key)[1])
+                freed += held.pop(key)[1]
+        self._add_bytes(tier, -freed)
 
     def _place(self, layer: LayerTensors, tier: Tier) -> LayerTensors:
         if tier is Tier.DEVICE:
@@ -374,9 +391,9 @@ class ActivationStore:
             self._tombstones.popitem(last=False)
 
     def _remove(self, record_id: str) -> None:
-        record = self._records.pop(record_id)
-        for layer, tier in zip(record.layers, self._tiers.pop(record_id), strict=True):
-            self._unhold(tier, layer)
+        del self._records[record_id]
+        for buffers, tier in zip(self._layer_buffers.pop(record_id), self._tiers.pop(record_id), strict=True):
+            self._unhold(tier, buffers)
         self._in_use.discard(record_id)
 
     def _add_bytes(self, tier: Tier, delta: int) -> None:
