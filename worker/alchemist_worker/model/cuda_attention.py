@@ -12,7 +12,9 @@ gradients summed back); sliding windows are left to the reference implementation
 
 Private ATen ops can change between PyTorch releases, so the first use on each (device, dtype) compares the kernel
 with the reference on a small input; if they disagree or the op is missing, a warning is logged once and callers
-fall back to the reference (correct, but it materializes the scores).
+fall back to the reference (correct, but it materializes the scores). The CPU test suite checks the calls against
+the installed PyTorch's op schemas (tests/worker/model/test_attention_cuda.py), so an upgrade that changes them
+shows before a GPU runs.
 """
 
 from __future__ import annotations
