@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -93,12 +93,17 @@ def _buffers(layer: LayerTensors) -> Buffers:
     return buffers
 
 
+def _merged(parts: Iterable[Buffers]) -> Buffers:
+    """The distinct storages of several layers' buffers, each once."""
+    buffers: Buffers = {}
+    for part in parts:
+        buffers.update(part)
+    return buffers
+
+
 def _buffers_of(layers: list[LayerTensors]) -> Buffers:
     """The distinct storages of several layers, each once."""
-    buffers: Buffers = {}
-    for layer in layers:
-        buffers.update(_buffers(layer))
-    return buffers
+    return _merged(_buffers(layer) for layer in layers)
 
 
 def _compact(record: SequenceRecord) -> bool:
@@ -345,10 +350,7 @@ class ActivationStore:
 
     def _bytes_in(self, record_id: str, tier: Tier) -> int:
         """What the record's layers in `tier` hold, shared or not."""
-        distinct: Buffers = {}
-        for buffers in self._buffers_in(record_id, tier):
-            distinct.update(buffers)
-        return sum(distinct.values())
+        return sum(_merged(self._buffers_in(record_id, tier)).values())
 
     def _buffers_in(self, record_id: str, tier: Tier) -> list[Buffers]:
         """The buffers of each of the record's layers in `tier`."""
